@@ -1,0 +1,155 @@
+"""Stage 2, calibration: load the calibration set and capture each target's input activations.
+
+Activations are captured by running the model in onnxruntime with the wanted tensors added as
+graph outputs, one batch at a time, so memory is bounded by one batch plus what is stored.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .runtime import batches, make_session
+
+LABELS_KEY = "labels"
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT8: np.int8,
+}
+
+
+class CalibrationError(ValueError):
+    """The calibration data does not fit the model."""
+
+
+@dataclass
+class CalibrationData:
+    inputs: dict[str, np.ndarray]  # one array per model input, rows first
+    labels: np.ndarray | None = None  # int64 class ids, one per row
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def subset(self, rows: slice | np.ndarray) -> "CalibrationData":
+        return CalibrationData({k: v[rows] for k, v in self.inputs.items()},
+                               None if self.labels is None else self.labels[rows])
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    init = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in init]
+
+
+def load_calibration(source, model: onnx.ModelProto) -> CalibrationData:
+    """Calibration data from an .npz path or a dict of arrays, checked against the model inputs.
+
+    A single-input model accepts any single key; `labels`, when present, holds class ids.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise CalibrationError(f"calibration file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except ValueError as exc:
+            raise CalibrationError(f"{path}: cannot load without pickle ({exc})") from exc
+        except Exception as exc:
+            raise CalibrationError(f"{path} is not a readable .npz file ({type(exc).__name__})") from exc
+    else:
+        arrays = {k: np.asarray(v) for k, v in dict(source).items()}
+    labels = arrays.pop(LABELS_KEY, None)
+    wanted = _graph_inputs(model)
+    if not arrays:
+        raise CalibrationError("calibration data holds no input arrays")
+    if len(wanted) == 1 and len(arrays) == 1:
+        arrays = {wanted[0].name: next(iter(arrays.values()))}
+    inputs: dict[str, np.ndarray] = {}
+    for vi in wanted:
+        if vi.name not in arrays:
+            raise CalibrationError(
+                f"calibration data has no array for model input '{vi.name}' (keys: {sorted(arrays)})")
+        inputs[vi.name] = _check_input(vi, arrays[vi.name])
+    counts = {len(v) for v in inputs.values()}
+    if len(counts) != 1:
+        raise CalibrationError(f"calibration inputs have different row counts: {sorted(counts)}")
+    n = counts.pop()
+    if labels is not None:
+        if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
+            raise CalibrationError(
+                f"labels must be {n} integer class ids, got dtype {labels.dtype} shape {labels.shape}")
+        labels = labels.astype(np.int64)
+    return CalibrationData(inputs, labels)
+
+
+def _check_input(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
+    elem = vi.type.tensor_type.elem_type
+    dtype = _ONNX_TO_NUMPY.get(elem)
+    if dtype is None:
+        raise CalibrationError(f"model input '{vi.name}' has an unsupported element type {elem}")
+    if arr.dtype.kind not in "fiub":
+        raise CalibrationError(f"calibration array '{vi.name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    if np.issubdtype(dtype, np.floating) != np.issubdtype(arr.dtype, np.floating):
+        raise CalibrationError(f"calibration array '{vi.name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    dims = vi.type.tensor_type.shape.dim
+    if arr.ndim != len(dims):
+        raise CalibrationError(
+            f"calibration array '{vi.name}' has shape {arr.shape}, the model expects rank {len(dims)}")
+    for axis, d in enumerate(dims):
+        if axis > 0 and d.HasField("dim_value") and d.dim_value != arr.shape[axis]:
+            raise CalibrationError(
+                f"calibration array '{vi.name}' has shape {arr.shape}, dimension {axis} must be {d.dim_value}")
+    if len(arr) == 0:
+        raise CalibrationError(f"calibration array '{vi.name}' has no rows")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise CalibrationError(f"calibration array '{vi.name}' holds NaN or Inf values")
+    return arr
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size a model's first input fixes, or None if it is dynamic."""
+    dims = _graph_inputs(model)[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+
+
+def collect_activations(model: onnx.ModelProto, data: CalibrationData, tensor_names: list[str],
+                        batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
+    """Each named tensor's values over the calibration rows, flattened to [rows, last dim].
+
+    `model` may contain LutMatMul nodes (it runs with our kernel registered), which is how
+    the fine-tune pass sees activations produced by already-replaced layers.
+    """
+    wanted = [n for n in dict.fromkeys(tensor_names) if n not in data.inputs]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in wanted:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = make_session(probe)
+    fixed = fixed_batch(model)
+    batch = fixed or batch_size
+    collected: dict[str, list[np.ndarray]] = {n: [] for n in tensor_names}
+    steps = list(batches(data.rows, batch))
+    for rows in (progress(steps) if progress else steps):
+        feeds = {k: v[rows] for k, v in data.inputs.items()}
+        if fixed and rows.stop - rows.start != fixed:
+            continue  # a fixed-batch model cannot run the short tail
+        outs = dict(zip(wanted, session.run(wanted, feeds))) if wanted else {}
+        outs.update({k: feeds[k] for k in tensor_names if k in feeds})
+        for name in tensor_names:
+            value = np.asarray(outs[name], dtype=np.float32)
+            collected[name].append(value.reshape(-1, value.shape[-1]))
+    if tensor_names and not collected[tensor_names[0]]:
+        raise CalibrationError(f"calibration data has {data.rows} rows, fewer than the model's fixed batch {batch}")
+    return {k: np.concatenate(v) for k, v in collected.items()}

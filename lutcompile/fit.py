@@ -1,0 +1,151 @@
+"""Stage 3, fit: learn one node's hash trees and lookup tables (MADDNESS, Blalock & Guttag 2021).
+
+Per codebook, a balanced binary regression tree of depth 4 hashes the row's subvector to one
+of K = 16 leaves. Each level picks ONE split dimension for all its 2**level nodes (that is
+what makes the hash vectorisable) and one threshold per node, greedily, to minimise the
+within-bucket squared error of the subvectors. Tables are then fitted jointly for all
+codebooks by ridge regression of the exact product on the one-hot codes, and quantised to
+8 bits with a per-codebook offset and one shared scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from .lut import DEPTH, K, NODES, LutParams, apply_reference, encode_reference
+from .partition import partition
+
+
+@dataclass
+class FitOptions:
+    codebooks: int = 16
+    partition: str = "contiguous"
+    ridge: float = 1.0  # lambda of the ridge regression that fits the tables
+    split_candidates: int = 4  # split dimensions tried per level, highest within-bucket SSE first
+    max_rows: int = 20000  # rows used for fitting; more are subsampled (seeded)
+    seed: int = 0
+
+
+@dataclass
+class NodeFit:
+    params: LutParams
+    groups: list[np.ndarray]  # the input dimensions of each codebook
+    relative_error: float  # ||Y_lut - Y|| / ||Y|| on the fitting rows, after the activation
+
+
+def _best_split(values: np.ndarray, rows: np.ndarray) -> tuple[float, np.float32]:
+    """(SSE after the best split of `rows` [n, s] on `values` [n], threshold); x > t goes right."""
+    n = len(values)
+    if n == 0:
+        return 0.0, np.float32(0.0)
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    X = rows[order].astype(np.float64)
+    X -= X.mean(axis=0)  # centring keeps the cumulative sums well conditioned
+    total_sse = float(np.sum(X * X))
+    if n < 2 or v[0] == v[-1]:
+        return total_sse, np.float32(v[-1])
+    cs = np.cumsum(X, axis=0)[:-1]  # sums of the first k rows, k = 1..n-1
+    cs2 = np.cumsum(np.sum(X * X, axis=1))[:-1]
+    k = np.arange(1, n, dtype=np.float64)
+    tot = cs[-1] + X[-1]
+    left = cs2 - np.sum(cs * cs, axis=1) / k
+    right = (total_sse - cs2) - np.sum((tot - cs) ** 2, axis=1) / (n - k)
+    loss = left + right
+    loss[v[:-1] == v[1:]] = np.inf  # a threshold cannot separate equal values
+    best = int(np.argmin(loss))
+    lo, hi = v[best], v[best + 1]
+    t = np.float32((np.float64(lo) + np.float64(hi)) / 2)
+    if not lo <= t < hi:
+        t = np.float32(lo)
+    return float(loss[best]), t
+
+
+def learn_tree(X: np.ndarray, dims: np.ndarray, candidates: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(split_dims [4] absolute, thresholds [15] heap-ordered) of one codebook's tree."""
+    sub = X[:, dims]
+    node = np.zeros(len(X), dtype=np.int64)
+    split_dims = np.zeros(DEPTH, dtype=np.int32)
+    thresholds = np.zeros(NODES, dtype=np.float32)
+    for level in range(DEPTH):
+        n_nodes = 1 << level
+        members = [np.flatnonzero(node == i) for i in range(n_nodes)]
+        # rank dimensions by their squared error within the current buckets
+        sse = sum(((sub[m] - sub[m].mean(axis=0)) ** 2).sum(axis=0) for m in members if len(m))
+        ranked = np.argsort(-np.asarray(sse), kind="stable")[:candidates]
+        best = None
+        for j in ranked:
+            splits = [_best_split(sub[m, j], sub[m]) for m in members]
+            loss = sum(s[0] for s in splits)
+            if best is None or loss < best[0]:
+                best = (loss, j, [s[1] for s in splits])
+        _, j, node_thresholds = best
+        split_dims[level] = dims[j]
+        thresholds[n_nodes - 1:2 * n_nodes - 1] = node_thresholds
+        node = 2 * node + (sub[:, j] > thresholds[n_nodes - 1 + node])
+    return split_dims, thresholds
+
+
+def one_hot(codes: np.ndarray) -> np.ndarray:
+    """float64 [N, C*16] indicator of each row's code in each codebook."""
+    N, C = codes.shape
+    G = np.zeros((N, C * K))
+    G[np.arange(N)[:, None], np.arange(C) * K + codes] = 1.0
+    return G
+
+
+def ridge_tables(codes: np.ndarray, target: np.ndarray, ridge: float) -> np.ndarray:
+    """float64 [C, 16, M] tables minimising ||G T - target||^2 + ridge ||T||^2."""
+    G = one_hot(codes)
+    gram = G.T @ G
+    gram[np.diag_indices_from(gram)] += ridge
+    T = scipy.linalg.solve(gram, G.T @ target, assume_a="pos")
+    return T.reshape(codes.shape[1], K, -1)
+
+
+def quantise_tables(T: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """(uint8 [M, C, 16], scale, offsets [C]) with T ~= scale * q + offsets[c]."""
+    offsets = T.min(axis=(1, 2))
+    span = float((T.max(axis=(1, 2)) - offsets).max())
+    scale = np.float32(span / 255.0) if span > 0 else np.float32(1.0)
+    q = np.clip(np.rint((T - offsets[:, None, None]) / np.float64(scale)), 0, 255).astype(np.uint8)
+    return q.transpose(2, 0, 1), float(scale), offsets.astype(np.float32)
+
+
+def activate(y: np.ndarray, activation: str | None) -> np.ndarray:
+    if activation is None:
+        return y
+    if activation == "Relu":
+        return np.maximum(y, 0)
+    raise ValueError(f"unsupported activation {activation}")
+
+
+def relative_error(approx: np.ndarray, exact: np.ndarray) -> float:
+    denom = float(np.linalg.norm(exact))
+    return float(np.linalg.norm(approx - exact)) / (denom if denom > 0 else 1.0)
+
+
+def fit_node(X: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+             activation: str | None = None, options: FitOptions = FitOptions()) -> NodeFit:
+    """Fit the lookup replacement of `activation(X @ weight + bias)` on the rows of X [N, D]."""
+    X = np.asarray(X, dtype=np.float32)
+    D, M = weight.shape
+    if X.ndim != 2 or X.shape[1] != D:
+        raise ValueError(f"activations of shape {X.shape} do not match a weight of shape {weight.shape}")
+    if len(X) > options.max_rows:
+        rng = np.random.default_rng(options.seed)
+        X = X[np.sort(rng.choice(len(X), options.max_rows, replace=False))]
+    groups = partition(X, options.codebooks, options.partition)
+    trees = [learn_tree(X, g, options.split_candidates) for g in groups]
+    split_dims = np.stack([t[0] for t in trees])
+    thresholds = np.stack([t[1] for t in trees])
+    codes = encode_reference(X, split_dims, thresholds)
+    product = X.astype(np.float64) @ weight.astype(np.float64)
+    tables, scale, offsets = quantise_tables(ridge_tables(codes, product, options.ridge))
+    b = np.zeros(M, dtype=np.float32) if bias is None else bias.astype(np.float32)
+    params = LutParams(D=D, split_dims=split_dims, thresholds=thresholds, tables=tables,
+                       scale=scale, offsets=offsets, bias=b, relu=activation == "Relu")
+    exact = activate(product + b, activation)
+    return NodeFit(params, groups, relative_error(apply_reference(X, params), exact))

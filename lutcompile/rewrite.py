@@ -1,0 +1,91 @@
+"""Stage 4, rewrite: replace each fitted product by one LutMatMul node (onnx-graphsurgeon).
+
+The lookup node takes the product's input, produces the tensor the absorbed nodes produced
+(after a folded Add and a fused Relu), and keeps the original node's name. Graph inputs,
+outputs and every other node stay as they were; weights no node uses any more are dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .frontend import TargetNode
+from .lut import DOMAIN, K, OP_TYPE, LutParams
+
+OPSET_VERSION = 1
+
+
+@dataclass
+class Replacement:
+    target: TargetNode
+    params: LutParams
+    info: dict[str, str | int]  # descriptive attributes (partition, table loss, ...)
+
+
+def lut_attributes(params: LutParams, info: dict[str, str | int] | None = None) -> dict:
+    attrs = {
+        "D": params.D,
+        "M": params.M,
+        "C": params.C,
+        "K": K,
+        "split_dims": [int(d) for d in params.split_dims.reshape(-1)],
+        "thresholds": [float(t) for t in params.thresholds.reshape(-1)],
+        "tables": gs.Constant("tables", np.ascontiguousarray(params.tables)),
+        "scale": float(params.scale),
+        "offsets": [float(o) for o in params.offsets],
+        "bias": [float(b) for b in params.bias],
+        "relu": int(params.relu),
+    }
+    attrs.update(info or {})
+    return attrs
+
+
+def params_from_node(node: onnx.NodeProto) -> LutParams:
+    """Read a LutMatMul node's attributes back into LutParams (validated)."""
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    C = int(a["C"])
+    tables = onnx.numpy_helper.to_array(a["tables"])
+    return LutParams(D=int(a["D"]),
+                     split_dims=np.array(a["split_dims"]).reshape(C, -1),
+                     thresholds=np.array(a["thresholds"], dtype=np.float32).reshape(C, -1),
+                     tables=tables, scale=a["scale"], offsets=np.array(a["offsets"]),
+                     bias=np.array(a["bias"]), relu=bool(a.get("relu", 0)))
+
+
+def rewrite(model: onnx.ModelProto, replacements: list[Replacement]) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    nodes = {n.name: n for n in graph.nodes}
+    tensors = graph.tensors()
+    for rep in replacements:
+        t = rep.target
+        absorbed = [nodes[name] for name in t.absorbed]
+        out = tensors[t.output_name]
+        for node in absorbed:
+            node.outputs.clear()
+            node.inputs.clear()
+        graph.nodes.append(gs.Node(op=OP_TYPE, name=t.name, domain=DOMAIN,
+                                   attrs=lut_attributes(rep.params, rep.info),
+                                   inputs=[tensors[t.input_name]], outputs=[out]))
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    result = gs.export_onnx(graph, do_type_check=False)
+    _carry_model_fields(result, model)
+    onnx.checker.check_model(result)
+    return result
+
+
+def _carry_model_fields(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Keep the original's IR version, metadata and opset imports, and add our domain."""
+    result.ir_version = original.ir_version
+    result.model_version = original.model_version
+    result.doc_string = original.doc_string
+    result.domain = original.domain
+    result.metadata_props.extend(original.metadata_props)
+    result.producer_name = "lutcompile"
+    del result.opset_import[:]
+    for op in original.opset_import:
+        if op.domain != DOMAIN:
+            result.opset_import.append(op)
+    result.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
