@@ -18,12 +18,19 @@ from .lut import DEPTH, K, NODES, LutParams, apply_reference, encode_reference
 from .partition import partition
 
 
+TABLE_LOSSES = ("ridge", "mse", "kl")
+
+
 @dataclass
 class FitOptions:
     codebooks: int = 16
     partition: str = "contiguous"
+    table_loss: str = "ridge"  # ridge tables only, or then optimised for MSE / KL after the activation
+    table_reg: float = 1.0  # lambda pulling optimised tables towards the ridge tables (relative)
+    table_steps: int = 60  # L-BFGS iterations of the loss-aware table optimisation
     ridge: float = 1.0  # lambda of the ridge regression that fits the tables
     split_candidates: int = 4  # split dimensions tried per level, highest within-bucket SSE first
+    tree_objective: str = "input"  # buckets homogeneous in the input subvector (MADDNESS) or "output"
     max_rows: int = 20000  # rows used for fitting; more are subsampled (seeded)
     seed: int = 0
 
@@ -63,9 +70,17 @@ def _best_split(values: np.ndarray, rows: np.ndarray) -> tuple[float, np.float32
     return float(loss[best]), t
 
 
-def learn_tree(X: np.ndarray, dims: np.ndarray, candidates: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """(split_dims [4] absolute, thresholds [15] heap-ordered) of one codebook's tree."""
+def learn_tree(X: np.ndarray, dims: np.ndarray, candidates: int = 4,
+               target: np.ndarray | None = None,
+               dim_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(split_dims [4] absolute, thresholds [15] heap-ordered) of one codebook's tree.
+
+    Buckets are made homogeneous in `target` [N, q]: by default the subvector X[:, dims]
+    itself (MADDNESS); the fitter may pass the codebook's contribution to the output instead.
+    Candidate split dimensions are ranked by within-bucket SSE times `dim_weights`.
+    """
     sub = X[:, dims]
+    target = sub if target is None else target
     node = np.zeros(len(X), dtype=np.int64)
     split_dims = np.zeros(DEPTH, dtype=np.int32)
     thresholds = np.zeros(NODES, dtype=np.float32)
@@ -74,10 +89,12 @@ def learn_tree(X: np.ndarray, dims: np.ndarray, candidates: int = 4) -> tuple[np
         members = [np.flatnonzero(node == i) for i in range(n_nodes)]
         # rank dimensions by their squared error within the current buckets
         sse = sum(((sub[m] - sub[m].mean(axis=0)) ** 2).sum(axis=0) for m in members if len(m))
+        if dim_weights is not None:
+            sse = sse * dim_weights
         ranked = np.argsort(-np.asarray(sse), kind="stable")[:candidates]
         best = None
         for j in ranked:
-            splits = [_best_split(sub[m, j], sub[m]) for m in members]
+            splits = [_best_split(sub[m, j], target[m]) for m in members]
             loss = sum(s[0] for s in splits)
             if best is None or loss < best[0]:
                 best = (loss, j, [s[1] for s in splits])
@@ -86,6 +103,17 @@ def learn_tree(X: np.ndarray, dims: np.ndarray, candidates: int = 4) -> tuple[np
         thresholds[n_nodes - 1:2 * n_nodes - 1] = node_thresholds
         node = 2 * node + (sub[:, j] > thresholds[n_nodes - 1 + node])
     return split_dims, thresholds
+
+
+def _learn_codebook_tree(X: np.ndarray, dims: np.ndarray, weight: np.ndarray, options: FitOptions):
+    if options.tree_objective == "input":
+        return learn_tree(X, dims, options.split_candidates)
+    if options.tree_objective != "output":
+        raise ValueError(f"unknown tree objective '{options.tree_objective}'")
+    # the codebook's own contribution to the product: what its 16 table rows must reproduce
+    w = weight[dims].astype(np.float64)
+    contribution = X[:, dims].astype(np.float64) @ w
+    return learn_tree(X, dims, options.split_candidates, contribution, np.sum(w * w, axis=1))
 
 
 def one_hot(codes: np.ndarray) -> np.ndarray:
@@ -137,15 +165,60 @@ def fit_node(X: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     if len(X) > options.max_rows:
         rng = np.random.default_rng(options.seed)
         X = X[np.sort(rng.choice(len(X), options.max_rows, replace=False))]
-    groups = partition(X, options.codebooks, options.partition)
-    trees = [learn_tree(X, g, options.split_candidates) for g in groups]
+    groups = partition(X, options.codebooks, options.partition, options.seed)
+    trees = [_learn_codebook_tree(X, g, weight, options) for g in groups]
     split_dims = np.stack([t[0] for t in trees])
     thresholds = np.stack([t[1] for t in trees])
     codes = encode_reference(X, split_dims, thresholds)
     product = X.astype(np.float64) @ weight.astype(np.float64)
-    tables, scale, offsets = quantise_tables(ridge_tables(codes, product, options.ridge))
     b = np.zeros(M, dtype=np.float32) if bias is None else bias.astype(np.float32)
+    T = ridge_tables(codes, product, options.ridge)
+    if options.table_loss != "ridge":
+        T = optimise_tables(codes, T, product + b, b, activation, options)
+    tables, scale, offsets = quantise_tables(T)
     params = LutParams(D=D, split_dims=split_dims, thresholds=thresholds, tables=tables,
                        scale=scale, offsets=offsets, bias=b, relu=activation == "Relu")
     exact = activate(product + b, activation)
     return NodeFit(params, groups, relative_error(apply_reference(X, params), exact))
+
+
+def optimise_tables(codes: np.ndarray, T0: np.ndarray, exact: np.ndarray, bias: np.ndarray,
+                    activation: str | None, options: FitOptions) -> np.ndarray:
+    """Tables minimising loss(act(exact), act(G T + b)) + reg * ||T - T0||^2 (ITLUMM).
+
+    The loss is taken after the node's activation: relative MSE, or for the logits layer the
+    KL divergence between the softmaxes of the exact and the approximate outputs. Both terms
+    are normalised by the target's scale, so `table_reg` is unit-free.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if options.table_loss not in TABLE_LOSSES:
+        raise ValueError(f"unknown table loss '{options.table_loss}', choose from {', '.join(TABLE_LOSSES)}")
+    C, _, M = T0.shape
+    idx = torch.from_numpy(codes.astype(np.int64) + np.arange(C) * K)
+    T0_t = torch.from_numpy(T0.reshape(C * K, M))
+    b = torch.from_numpy(bias.astype(np.float64))
+    target = torch.from_numpy(activate(exact, activation))
+    act = (lambda y: torch.relu(y)) if activation == "Relu" else (lambda y: y)
+    if options.table_loss == "kl":
+        target = F.log_softmax(target, dim=1)
+    norm_t = float(torch.mean(T0_t ** 2)) or 1.0
+    norm_y = float(torch.mean(target ** 2)) or 1.0
+    T = T0_t.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([T], lr=1, max_iter=options.table_steps, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        y = act(F.embedding_bag(idx, T, mode="sum") + b)
+        if options.table_loss == "kl":
+            loss = F.kl_div(F.log_softmax(y, dim=1), target, log_target=True, reduction="batchmean")
+        else:
+            loss = torch.mean((y - target) ** 2) / norm_y
+        loss = loss + options.table_reg * torch.mean((T - T0_t) ** 2) / norm_t
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return T.detach().numpy().reshape(C, K, M)

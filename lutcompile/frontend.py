@@ -37,6 +37,7 @@ class TargetNode:
     bias: np.ndarray | None  # float32 [M], or None
     absorbed: list[str]  # names of the graph nodes the lookup node replaces
     activation: str | None = None  # a fused activation ("Relu"), part of `absorbed`
+    parameter_names: list[str] = field(default_factory=list)  # the constants it reads (weight, bias)
 
     @property
     def D(self) -> int:
@@ -162,6 +163,7 @@ def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
             skipped.append(SkippedNode(node.name, node.op_type, "weight or bias is not finite"))
             continue
         absorbed = [node.name]
+        parameters = [n for n in node.input[1:] if n]
         out = node.output[0]
         # fold a constant vector added right after a MatMul
         nxt = sole_consumer(out)
@@ -171,6 +173,7 @@ def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
             if vec is not None and vec.size == weight.shape[1] and vec.shape[-1:] == (weight.shape[1],):
                 bias = vec.reshape(-1).astype(np.float32) + (0 if bias is None else bias)
                 absorbed.append(nxt.name)
+                parameters.append(other)
                 out = nxt.output[0]
                 nxt = sole_consumer(out)
         activation = None
@@ -178,8 +181,8 @@ def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
             activation = nxt.op_type
             absorbed.append(nxt.name)
             out = nxt.output[0]
-        targets.append(TargetNode(node.name, node.op_type, x_name, out,
-                                  weight.astype(np.float32), bias, absorbed, activation))
+        targets.append(TargetNode(node.name, node.op_type, x_name, out, weight.astype(np.float32),
+                                  bias, absorbed, activation, parameters))
     return ModelAnalysis(model, targets, skipped,
                          [i.name for i in graph.input if constants.get(i.name) is None],
                          [o.name for o in graph.output])

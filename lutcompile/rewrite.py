@@ -33,7 +33,7 @@ def lut_attributes(params: LutParams, info: dict[str, str | int] | None = None) 
         "K": K,
         "split_dims": [int(d) for d in params.split_dims.reshape(-1)],
         "thresholds": [float(t) for t in params.thresholds.reshape(-1)],
-        "tables": gs.Constant("tables", np.ascontiguousarray(params.tables)),
+        "tables": np.ascontiguousarray(params.tables),
         "scale": float(params.scale),
         "offsets": [float(o) for o in params.offsets],
         "bias": [float(b) for b in params.bias],
@@ -41,6 +41,17 @@ def lut_attributes(params: LutParams, info: dict[str, str | int] | None = None) 
     }
     attrs.update(info or {})
     return attrs
+
+
+def set_lut_attributes(node: onnx.NodeProto, params: LutParams) -> None:
+    """Overwrite a LutMatMul NodeProto's numeric attributes in place (after fine-tuning)."""
+    keep = [a for a in node.attribute if a.name not in lut_attributes(params)]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    for name, value in lut_attributes(params).items():
+        if isinstance(value, np.ndarray):
+            value = onnx.numpy_helper.from_array(value, name)
+        node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
 def params_from_node(node: onnx.NodeProto) -> LutParams:
@@ -67,13 +78,18 @@ def rewrite(model: onnx.ModelProto, replacements: list[Replacement]) -> onnx.Mod
             node.outputs.clear()
             node.inputs.clear()
         graph.nodes.append(gs.Node(op=OP_TYPE, name=t.name, domain=DOMAIN,
-                                   attrs=lut_attributes(rep.params, rep.info),
+                                   attrs=_graphsurgeon_attributes(lut_attributes(rep.params, rep.info)),
                                    inputs=[tensors[t.input_name]], outputs=[out]))
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = gs.export_onnx(graph, do_type_check=False)
     _carry_model_fields(result, model)
     onnx.checker.check_model(result)
     return result
+
+
+def _graphsurgeon_attributes(attrs: dict) -> dict:
+    """graphsurgeon writes TENSOR attributes from gs.Constant values."""
+    return {k: gs.Constant(k, v) if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
 
 
 def _carry_model_fields(result: onnx.ModelProto, original: onnx.ModelProto) -> None:

@@ -1,0 +1,214 @@
+"""The compiler's Python API: model in, model out, in the shape of onnxruntime's quantize_static.
+
+    compile_model("model.onnx", "fast.onnx", "calib.npz", codebooks=16)
+
+runs the stages in data-flow order: frontend -> calibrate -> fit -> rewrite -> export.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from . import calibrate, frontend
+from .export import check_output_path, save_model
+from .finetune import FinetuneOptions, train
+from .fit import TABLE_LOSSES, FitOptions, fit_node
+from .lut import K
+from .partition import PARTITIONS
+from .rewrite import Replacement, rewrite
+from .runtime import accuracy, make_session, run_batched
+
+log = logging.getLogger("lutcompile")
+
+
+@dataclass
+class NodeReport:
+    name: str
+    op_type: str
+    D: int
+    M: int
+    codebooks: int
+    partition: str
+    table_loss: str
+    activation: str | None
+    relative_error: float  # on the calibration rows, after the fused activation
+
+
+@dataclass
+class CompileResult:
+    model: onnx.ModelProto
+    nodes: list[NodeReport]
+    skipped: list[frontend.SkippedNode]
+    calibration_rows: int
+    accuracy_before: float | None = None  # on the calibration data, when it has labels
+    accuracy_after: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    stages: list[tuple[str, float]] = field(default_factory=list)  # calibration accuracy per stage
+
+
+def _progress(enabled: bool, desc: str):
+    def wrap(items):
+        return tqdm(items, desc=desc, leave=False, disable=not enabled)
+    return wrap
+
+
+def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
+                  model_output: str | os.PathLike | None,
+                  calibration_data,
+                  *,
+                  codebooks: int = 16,
+                  partition: str = "contiguous",
+                  table_loss: str = "ridge",
+                  finetune: bool | None = None,
+                  finetune_tables: bool = False,
+                  nodes_to_include: list[str] | None = None,
+                  nodes_to_exclude: list[str] | None = None,
+                  op_types: tuple[str, ...] = frontend.MATMUL_OPS,
+                  fuse_activation: bool = True,
+                  seed: int = 0,
+                  batch_size: int = 256,
+                  finetune_options: FinetuneOptions | None = None,
+                  progress: bool | None = None) -> CompileResult:
+    """Replace the model's constant-weight matrix products by LutMatMul lookups.
+
+    calibration_data: an .npz path or a dict of arrays, one per model input keyed by name
+    (a single-input model accepts any single key), plus optional integer `labels`.
+    table_loss: "ridge" (MADDNESS), "mse" (tables optimised for the error after each node's
+    activation) or "kl" (as mse, but KL between softmaxes for the node producing the logits).
+    finetune: ITLUMM's incremental replacement, fine-tuning the later exact layers after each
+    replacement; on by default when the calibration data has labels.
+    finetune_tables: afterwards, train the tables, lookup biases and remaining exact layers
+    end to end.
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if table_loss not in TABLE_LOSSES:
+        raise ValueError(f"unknown table loss '{table_loss}', choose from {', '.join(TABLE_LOSSES)}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"unknown partition '{partition}', choose from {', '.join(PARTITIONS)}")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    if model_output is not None:
+        check_output_path(model_output, model_input if not isinstance(model_input, onnx.ModelProto) else None)
+    model = model_input if isinstance(model_input, onnx.ModelProto) else frontend.load_model(model_input)
+    analysis = frontend.analyse(model, op_types, fuse_activation)
+    targets = _select(analysis, nodes_to_include, nodes_to_exclude)
+    data = calibrate.load_calibration(calibration_data, analysis.model)
+    if finetune is None:
+        finetune = data.labels is not None
+    tune = finetune_options or FinetuneOptions(seed=seed)
+    options = FitOptions(codebooks=codebooks, partition=partition, seed=seed)
+    seconds["frontend"] = time.perf_counter() - clock
+
+    teacher = None
+    if (finetune or finetune_tables) and data.labels is None:
+        teacher = _first_output(analysis.model, data)
+    current = analysis.model
+    reports: list[NodeReport] = []
+    stages: list[tuple[str, float]] = []
+    fitting = [t.name for t in targets]
+    # one-shot: every node fitted on the original model's activations; incremental: node by
+    # node, on the activations of the model whose earlier nodes are already lookups
+    rounds = [fitting] if not finetune else [[name] for name in fitting]
+    for i, names in enumerate(_progress(progress and len(rounds) > 1, "replace")(rounds)):
+        by_name = {t.name: t for t in frontend.analyse(current, op_types, fuse_activation).targets}
+        now = [by_name[n] for n in names]
+        clock = time.perf_counter()
+        activations = calibrate.collect_activations(current, data, [t.input_name for t in now], batch_size,
+                                                    progress=_progress(progress, "calibrate"))
+        seconds["calibrate"] = seconds.get("calibrate", 0.0) + time.perf_counter() - clock
+        clock = time.perf_counter()
+        replacements = []
+        for target in _progress(progress, "fit")(now):
+            rep, report = _fit_target(target, activations[target.input_name], options, table_loss,
+                                      analysis.output_names)
+            replacements.append(rep)
+            reports.append(report)
+        current = rewrite(current, replacements)
+        seconds["fit"] = seconds.get("fit", 0.0) + time.perf_counter() - clock
+        later = [p for n in fitting[i + 1:] for p in by_name[n].parameter_names] if finetune else []
+        if later:
+            clock = time.perf_counter()
+            current = train(current, data, teacher, set(later), tune,
+                            progress=_progress(progress, f"fine-tune after {names[0]}"))
+            seconds["finetune"] = seconds.get("finetune", 0.0) + time.perf_counter() - clock
+        if data.labels is not None and finetune:
+            stages.append((f"after {names[0]}", evaluate_accuracy(current, data)))
+    if finetune_tables:
+        clock = time.perf_counter()
+        exact_left = {p for t in frontend.analyse(current, op_types, fuse_activation).targets
+                      for p in t.parameter_names}
+        current = train(current, data, teacher, exact_left, tune, train_tables=True,
+                        progress=_progress(progress, "fine-tune tables"))
+        seconds["finetune"] = seconds.get("finetune", 0.0) + time.perf_counter() - clock
+        if data.labels is not None:
+            stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
+
+    result = CompileResult(current, reports, analysis.skipped, data.rows, seconds=seconds, stages=stages)
+    if data.labels is not None:
+        clock = time.perf_counter()
+        result.accuracy_before = evaluate_accuracy(analysis.model, data)
+        result.accuracy_after = evaluate_accuracy(current, data)
+        seconds["evaluate"] = time.perf_counter() - clock
+    if model_output is not None:
+        clock = time.perf_counter()
+        save_model(current, model_output)
+        seconds["export"] = time.perf_counter() - clock
+    return result
+
+
+def _fit_target(target: frontend.TargetNode, X: np.ndarray, options: FitOptions, table_loss: str,
+                graph_outputs: list[str]) -> tuple[Replacement, NodeReport]:
+    C = min(options.codebooks, target.D)
+    if len(X) < 2 * K:
+        raise calibrate.CalibrationError(
+            f"node {target.name} has {len(X)} calibration rows; at least {2 * K} are needed")
+    is_logits = target.output_name in graph_outputs and target.activation is None
+    loss = "mse" if table_loss == "kl" and not is_logits else table_loss
+    fit = fit_node(X, target.weight, target.bias, target.activation,
+                   replace(options, codebooks=C, table_loss=loss))
+    info = {"partition": options.partition, "table_loss": loss, "source_op": target.op_type}
+    report = NodeReport(target.name, target.op_type, target.D, target.M, C, options.partition, loss,
+                        target.activation, fit.relative_error)
+    log.info("fitted %s: %dx%d C=%d %s rel.err %.4f", target.name, target.D, target.M, C, loss,
+             fit.relative_error)
+    return Replacement(target, fit.params, info), report
+
+
+def _first_output(model: onnx.ModelProto, data: calibrate.CalibrationData) -> np.ndarray:
+    session = make_session(model)
+    return np.asarray(run_batched(session, data.inputs, [session.get_outputs()[0].name])[0])
+
+
+def _select(analysis: frontend.ModelAnalysis, include: list[str] | None,
+            exclude: list[str] | None) -> list[frontend.TargetNode]:
+    names = {t.name for t in analysis.targets} | {s.name for s in analysis.skipped}
+    for name in (include or []) + (exclude or []):
+        if name not in names:
+            raise ValueError(f"node '{name}' is not a MatMul, Gemm or Conv node of the model")
+    chosen = []
+    for t in analysis.targets:
+        if include is not None and t.name not in include:
+            analysis.skipped.append(frontend.SkippedNode(t.name, t.op_type, "not in nodes_to_include"))
+        elif exclude and t.name in exclude:
+            analysis.skipped.append(frontend.SkippedNode(t.name, t.op_type, "in nodes_to_exclude"))
+        else:
+            chosen.append(t)
+    return chosen
+
+
+def evaluate_accuracy(model: onnx.ModelProto | str, data: calibrate.CalibrationData,
+                      threads: int | None = None) -> float:
+    """Top-1 accuracy of the model's first output on labelled data, run in onnxruntime."""
+    if data.labels is None:
+        raise ValueError("accuracy needs labels")
+    session = make_session(model, threads)
+    logits = run_batched(session, data.inputs, [session.get_outputs()[0].name])[0]
+    return accuracy(np.asarray(logits), data.labels)

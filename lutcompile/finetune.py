@@ -1,0 +1,71 @@
+"""Stage 5, fine-tune: train what is still trainable around the lookup nodes (torch).
+
+Two uses, both through `TorchProgram` (the ONNX graph run in torch):
+- ITLUMM's incremental pass: after layer l is replaced, the exact layers after it are trained
+  on the calibration data, so they adapt to the lookups' errors before they are replaced;
+- beyond the paper, `train_tables`: with every code fixed by its input, the output is linear
+  in the table entries, so the tables (through a straight-through 8-bit rounding), the lookup
+  biases and any exact layers left are trained end to end.
+The objective is cross-entropy with labels, or without labels distillation (KL) from the
+original model's outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from .calibrate import CalibrationData
+from .torch_program import TorchProgram
+
+
+@dataclass
+class FinetuneOptions:
+    epochs: int = 8
+    lr: float = 1e-3
+    batch_size: int = 64
+    table_epochs: int = 30
+    table_lr: float = 2e-3
+    seed: int = 0
+
+
+def train(model: onnx.ModelProto, data: CalibrationData, teacher_logits: np.ndarray | None,
+          trainable: set[str], options: FinetuneOptions, train_tables: bool = False,
+          progress=None) -> onnx.ModelProto:
+    """Train `trainable` initializers (and the tables, if asked) of `model`; a trained copy."""
+    program = TorchProgram(model, trainable, train_tables)
+    params = [p for p in program.parameters() if p.requires_grad]
+    if not params:
+        return model
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    epochs = options.table_epochs if train_tables else options.epochs
+    lr = options.table_lr if train_tables else options.lr
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    inputs = [torch.from_numpy(data.inputs[name]) for name in program.input_names]
+    labels = None if data.labels is None else torch.from_numpy(data.labels)
+    teacher = None if teacher_logits is None else torch.from_numpy(teacher_logits.astype(np.float32))
+    n = data.rows
+    steps = range(epochs)
+    for _ in (progress(steps) if progress else steps):
+        order = torch.from_numpy(rng.permutation(n))
+        for start in range(0, n, options.batch_size):
+            rows = order[start:start + options.batch_size]
+            logits = program(*(x[rows] for x in inputs))[0].reshape(len(rows), -1)
+            if labels is not None:
+                loss = F.cross_entropy(logits, labels[rows])
+            else:
+                loss = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(teacher[rows], dim=1),
+                                log_target=True, reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    trained = onnx.ModelProto()
+    trained.CopyFrom(model)
+    program.write_back(trained)
+    return trained
