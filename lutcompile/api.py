@@ -74,6 +74,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   fuse_activation: bool = True,
                   seed: int = 0,
                   batch_size: int = 256,
+                  fit_options: FitOptions | None = None,
                   finetune_options: FinetuneOptions | None = None,
                   progress: bool | None = None) -> CompileResult:
     """Replace the model's constant-weight matrix products by LutMatMul lookups.
@@ -86,6 +87,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     replacement; on by default when the calibration data has labels.
     finetune_tables: afterwards, train the tables, lookup biases and remaining exact layers
     end to end.
+    fit_options, finetune_options: the finer settings of those stages (codebooks, partition,
+    table_loss and seed given here take precedence).
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -104,7 +107,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     if finetune is None:
         finetune = data.labels is not None
     tune = finetune_options or FinetuneOptions(seed=seed)
-    options = FitOptions(codebooks=codebooks, partition=partition, seed=seed)
+    options = replace(fit_options or FitOptions(), codebooks=codebooks, partition=partition, seed=seed)
     seconds["frontend"] = time.perf_counter() - clock
 
     teacher = None

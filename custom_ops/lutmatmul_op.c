@@ -1,0 +1,553 @@
+/*
+ * lutmatmul_op.c: the onnxruntime custom op LutMatMul (domain ai.lutcompile, version 1).
+ *
+ * onnxruntime loads the shared library lutcompile/_lutops*.so with
+ * SessionOptions.register_custom_ops_library(path) and calls RegisterCustomOps below.
+ * Kernel creation reads and validates every attribute (docs/lutmatmul.md) into a lut_plan;
+ * compute checks the input (float32, rank >= 1, last dim D), allocates Y = X.shape[:-1] + [M]
+ * and runs lut_apply over row blocks split across onnxruntime's intra-op thread pool.
+ * Rows are independent, so the result does not depend on the thread count.
+ *
+ * Only the C ABI in ort_abi.h is used (API version 17).
+ */
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lutkernel.h"
+#include "ort_abi.h"
+
+#define LUT_EXPORT __attribute__((visibility("default")))
+
+static const char LUT_DOMAIN[] = "ai.lutcompile";
+static const char LUT_OP_NAME[] = "LutMatMul";
+
+/* rows handed to one thread-pool task: about this many table lookups (M*C per row) */
+#define TASK_WORK (1 << 18)
+#define ROW_ALIGN 64
+
+typedef struct LutKernel {
+    const OrtApi *api;
+    lut_plan *plan;
+    int path;
+    int64_t D, M, C;
+    char node[128];
+} LutKernel;
+
+/* ------------------------------------------------------------------------------------ */
+/* status helpers                                                                        */
+
+static OrtStatus *make_status(const OrtApi *api, OrtErrorCode code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static OrtStatus *make_status(const OrtApi *api, OrtErrorCode code, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return api->CreateStatus(code, msg);
+}
+
+/* wrap an onnxruntime error about attribute `name` into our own message */
+static OrtStatus *attr_error(const OrtApi *api, const char *node, const char *name,
+                             const char *kind, OrtStatus *st) {
+    OrtStatus *r = make_status(api, ORT_INVALID_ARGUMENT,
+                               "LutMatMul node '%s': attribute '%s' (%s) is missing or malformed: %s",
+                               node, name, kind, api->GetErrorMessage(st));
+    api->ReleaseStatus(st);
+    return r;
+}
+
+static const char *element_type_name(int t) {
+    static const char *const names[] = {
+        "undefined", "float32", "uint8", "int8", "uint16", "int16", "int32", "int64",
+        "string", "bool", "float16", "float64 (double)", "uint32", "uint64", "complex64",
+        "complex128", "bfloat16", "float8e4m3fn", "float8e4m3fnuz", "float8e5m2",
+        "float8e5m2fnuz"};
+    if (t >= 0 && t < (int)(sizeof names / sizeof names[0])) return names[t];
+    return "an unsupported element type";
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* attribute readers                                                                     */
+
+static OrtStatus *read_int(const OrtApi *api, const OrtKernelInfo *info, const char *node,
+                           const char *name, int64_t *out) {
+    OrtStatus *st = api->KernelInfoGetAttribute_int64(info, name, out); /* [86] */
+    return st ? attr_error(api, node, name, "int", st) : NULL;
+}
+
+static OrtStatus *read_float(const OrtApi *api, const OrtKernelInfo *info, const char *node,
+                             const char *name, float *out) {
+    OrtStatus *st = api->KernelInfoGetAttribute_float(info, name, out); /* [85] */
+    return st ? attr_error(api, node, name, "float", st) : NULL;
+}
+
+static OrtStatus *read_ints(const OrtApi *api, const OrtKernelInfo *info, const char *node,
+                            const char *name, int64_t **out, size_t *count) {
+    size_t n = 0;
+    *out = NULL;
+    *count = 0;
+    OrtStatus *st = api->KernelInfoGetAttributeArray_int64(info, name, NULL, &n); /* [163] */
+    if (st) return attr_error(api, node, name, "ints", st);
+    int64_t *buf = (int64_t *)malloc((n ? n : 1) * sizeof(int64_t));
+    if (!buf) return make_status(api, ORT_FAIL, "LutMatMul node '%s': out of memory reading '%s'", node, name);
+    size_t got = n;
+    if (n) {
+        st = api->KernelInfoGetAttributeArray_int64(info, name, buf, &got);
+        if (st) {
+            free(buf);
+            return attr_error(api, node, name, "ints", st);
+        }
+    }
+    *out = buf;
+    *count = got < n ? got : n;
+    return NULL;
+}
+
+static OrtStatus *read_floats(const OrtApi *api, const OrtKernelInfo *info, const char *node,
+                              const char *name, float **out, size_t *count) {
+    size_t n = 0;
+    *out = NULL;
+    *count = 0;
+    OrtStatus *st = api->KernelInfoGetAttributeArray_float(info, name, NULL, &n); /* [162] */
+    if (st) return attr_error(api, node, name, "floats", st);
+    float *buf = (float *)malloc((n ? n : 1) * sizeof(float));
+    if (!buf) return make_status(api, ORT_FAIL, "LutMatMul node '%s': out of memory reading '%s'", node, name);
+    size_t got = n;
+    if (n) {
+        st = api->KernelInfoGetAttributeArray_float(info, name, buf, &got);
+        if (st) {
+            free(buf);
+            return attr_error(api, node, name, "floats", st);
+        }
+    }
+    *out = buf;
+    *count = got < n ? got : n;
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* kernel creation                                                                       */
+
+static void ORT_API_CALL lut_kernel_destroy(void *op_kernel) {
+    LutKernel *k = (LutKernel *)op_kernel;
+    if (!k) return;
+    lut_plan_destroy(k->plan);
+    free(k);
+}
+
+/* Everything that can fail; on success k->plan is set.  tables are read last. */
+static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
+    const OrtApi *api = k->api;
+    const char *node = k->node;
+    OrtStatus *st = NULL;
+    int64_t D = 0, M = 0, C = 0, K = 0, relu = 0;
+    float scale = 0.0f;
+    int64_t *split = NULL;
+    float *thresholds = NULL, *offsets = NULL, *bias = NULL;
+    size_t n_split = 0, n_thr = 0, n_off = 0, n_bias = 0;
+    OrtAllocator *allocator = NULL;
+    OrtValue *tables = NULL;
+    OrtTensorTypeAndShapeInfo *tinfo = NULL;
+
+    if ((st = read_int(api, info, node, "D", &D))) goto done;
+    if ((st = read_int(api, info, node, "M", &M))) goto done;
+    if ((st = read_int(api, info, node, "C", &C))) goto done;
+    if ((st = read_int(api, info, node, "K", &K))) goto done;
+    if ((st = read_int(api, info, node, "relu", &relu))) goto done;
+    if ((st = read_float(api, info, node, "scale", &scale))) goto done;
+    if ((st = read_ints(api, info, node, "split_dims", &split, &n_split))) goto done;
+    if ((st = read_floats(api, info, node, "thresholds", &thresholds, &n_thr))) goto done;
+    if ((st = read_floats(api, info, node, "offsets", &offsets, &n_off))) goto done;
+    if ((st = read_floats(api, info, node, "bias", &bias, &n_bias))) goto done;
+    /* the sizes are checked before the table shape so the message names the culprit */
+    {
+        const char *bad = NULL;
+        int64_t value = 0;
+        if (D < 1) bad = "'D' must be >= 1", value = D;
+        else if (M < 1) bad = "'M' must be >= 1", value = M;
+        else if (C < 1 || C >= (1 << 24)) bad = "'C' must satisfy 1 <= C < 2^24", value = C;
+        else if (K != LUT_K) bad = "'K' must be 16", value = K;
+        if (bad) {
+            st = make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': attribute %s, got %lld",
+                             node, bad, (long long)value);
+            goto done;
+        }
+    }
+
+    if ((st = api->GetAllocatorWithDefaultOptions(&allocator))) goto done; /* [78] */
+    st = api->KernelInfoGetAttribute_tensor(info, "tables", allocator, &tables); /* [236] */
+    if (st) {
+        st = attr_error(api, node, "tables", "tensor uint8 [M, C, 16]", st);
+        goto done;
+    }
+    if ((st = api->GetTensorTypeAndShape(tables, &tinfo))) goto done; /* [65] */
+    ONNXTensorElementDataType et = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if ((st = api->GetTensorElementType(tinfo, &et))) goto done; /* [60] */
+    if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+        st = make_status(api, ORT_INVALID_ARGUMENT,
+                         "LutMatMul node '%s': attribute 'tables' must be a uint8 tensor, got %s",
+                         node, element_type_name((int)et));
+        goto done;
+    }
+    size_t rank = 0;
+    if ((st = api->GetDimensionsCount(tinfo, &rank))) goto done; /* [61] */
+    int64_t dims[3] = {0, 0, 0};
+    if (rank != 3) {
+        st = make_status(api, ORT_INVALID_ARGUMENT,
+                         "LutMatMul node '%s': attribute 'tables' must have shape [M, C, 16] = "
+                         "[%lld, %lld, 16], got a rank-%zu tensor",
+                         node, (long long)M, (long long)C, rank);
+        goto done;
+    }
+    if ((st = api->GetDimensions(tinfo, dims, 3))) goto done; /* [62] */
+    if (dims[0] != M || dims[1] != C || dims[2] != LUT_K) {
+        st = make_status(api, ORT_INVALID_ARGUMENT,
+                         "LutMatMul node '%s': attribute 'tables' must have shape [M, C, 16] = "
+                         "[%lld, %lld, 16], got [%lld, %lld, %lld]",
+                         node, (long long)M, (long long)C, (long long)dims[0],
+                         (long long)dims[1], (long long)dims[2]);
+        goto done;
+    }
+    void *tdata = NULL;
+    if ((st = api->GetTensorMutableData(tables, &tdata))) goto done; /* [51] */
+
+    char err[512];
+    const int64_t n_tables = dims[0] * dims[1] * dims[2];
+    int rc = lut_plan_create(&k->plan, D, M, C, K, split, (int64_t)n_split, thresholds,
+                             (int64_t)n_thr, (const uint8_t *)tdata, n_tables, scale, offsets,
+                             (int64_t)n_off, bias, (int64_t)n_bias, relu, err, sizeof err);
+    if (rc != LUT_OK) {
+        st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT,
+                         "LutMatMul node '%s': %s", node, err);
+        goto done;
+    }
+    k->D = D;
+    k->M = M;
+    k->C = C;
+
+done:
+    if (tinfo) api->ReleaseTensorTypeAndShapeInfo(tinfo); /* [99] */
+    if (tables) api->ReleaseValue(tables);                /* [96] */
+    free(split);
+    free(thresholds);
+    free(offsets);
+    free(bias);
+    return st;
+}
+
+static OrtStatus *ORT_API_CALL lut_create_kernel(const OrtCustomOp *op, const OrtApi *api,
+                                                 const OrtKernelInfo *info, void **kernel) {
+    (void)op;
+    *kernel = NULL;
+    LutKernel *k = (LutKernel *)calloc(1, sizeof *k);
+    if (!k) return api->CreateStatus(ORT_FAIL, "LutMatMul: out of memory creating the kernel");
+    k->api = api;
+    strcpy(k->node, "?");
+    size_t size = 0;
+    OrtStatus *st = api->KernelInfo_GetNodeName(info, NULL, &size); /* [244] */
+    if (st) {
+        api->ReleaseStatus(st);
+    } else if (size > 0 && size <= sizeof k->node) {
+        st = api->KernelInfo_GetNodeName(info, k->node, &size);
+        if (st) {
+            api->ReleaseStatus(st);
+            strcpy(k->node, "?");
+        }
+    }
+    size_t n_in = 0, n_out = 0;
+    if ((st = api->KernelInfo_GetInputCount(info, &n_in)) ||   /* [230] */
+        (st = api->KernelInfo_GetOutputCount(info, &n_out))) { /* [231] */
+        lut_kernel_destroy(k);
+        return st;
+    }
+    if (n_in != 1 || n_out != 1) {
+        st = make_status(api, ORT_INVALID_ARGUMENT,
+                         "LutMatMul node '%s': expects exactly 1 input (X) and 1 output (Y), got %zu and %zu",
+                         k->node, n_in, n_out);
+        lut_kernel_destroy(k);
+        return st;
+    }
+    char err[256];
+    k->path = lut_resolve_path(LUT_PATH_AUTO, err, sizeof err);
+    if (k->path < 0) {
+        st = make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': %s", k->node, err);
+        lut_kernel_destroy(k);
+        return st;
+    }
+    if ((st = build_plan(k, info))) {
+        lut_kernel_destroy(k);
+        return st;
+    }
+    *kernel = k;
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* compute                                                                               */
+
+typedef struct Job {
+    const lut_plan *plan;
+    const float *X;
+    float *Y;
+    int64_t N, D, M, rows_per_task;
+    int path;
+    int failed;
+    char err[256];
+} Job;
+
+static void run_task(void *arg, size_t index) {
+    Job *job = (Job *)arg;
+    const int64_t r0 = (int64_t)index * job->rows_per_task;
+    if (r0 >= job->N) return;
+    const int64_t rows = job->N - r0 < job->rows_per_task ? job->N - r0 : job->rows_per_task;
+    char err[256];
+    int rc = lut_apply(job->plan, job->X + r0 * job->D, rows, job->Y + r0 * job->M, job->path,
+                       err, sizeof err);
+    if (rc != LUT_OK && __atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0)
+        memcpy(job->err, err, sizeof err);
+}
+
+static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ctx) {
+    LutKernel *k = (LutKernel *)op_kernel;
+    const OrtApi *api = k->api;
+    OrtStatus *st = NULL;
+    OrtTensorTypeAndShapeInfo *tinfo = NULL;
+    int64_t stack_dims[8];
+    int64_t *dims = stack_dims;
+
+    size_t n_in = 0;
+    if ((st = api->KernelContext_GetInputCount(ctx, &n_in))) return st; /* [88] */
+    const OrtValue *x = NULL;
+    if (n_in < 1 || (st = api->KernelContext_GetInput(ctx, 0, &x)) || !x) /* [90] */
+        return st ? st : make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': input X is missing", k->node);
+
+    if ((st = api->GetTensorTypeAndShape(x, &tinfo))) return st; /* [65] */
+    ONNXTensorElementDataType et = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    size_t rank = 0;
+    if ((st = api->GetTensorElementType(tinfo, &et))) goto done; /* [60] */
+    if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        st = make_status(api, ORT_INVALID_ARGUMENT,
+                         "LutMatMul node '%s': input X must be a float32 tensor (tensor(float)), got %s",
+                         k->node, element_type_name((int)et));
+        goto done;
+    }
+    if ((st = api->GetDimensionsCount(tinfo, &rank))) goto done; /* [61] */
+    if (rank < 1) {
+        st = make_status(api, ORT_INVALID_ARGUMENT,
+                         "LutMatMul node '%s': input X must have rank >= 1 (shape [..., D=%lld]), got a scalar",
+                         k->node, (long long)k->D);
+        goto done;
+    }
+    if (rank > sizeof stack_dims / sizeof stack_dims[0]) {
+        dims = (int64_t *)malloc(rank * sizeof(int64_t));
+        if (!dims) {
+            dims = stack_dims;
+            st = make_status(api, ORT_FAIL, "LutMatMul node '%s': out of memory", k->node);
+            goto done;
+        }
+    }
+    if ((st = api->GetDimensions(tinfo, dims, rank))) goto done; /* [62] */
+    if (dims[rank - 1] != k->D) {
+        st = make_status(api, ORT_INVALID_ARGUMENT,
+                         "LutMatMul node '%s': input X has last dimension %lld, expected D=%lld",
+                         k->node, (long long)dims[rank - 1], (long long)k->D);
+        goto done;
+    }
+    int64_t N = 1;
+    for (size_t i = 0; i + 1 < rank; i++) {
+        if (dims[i] < 0 || (dims[i] > 0 && N > INT64_MAX / dims[i])) {
+            st = make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': invalid input shape", k->node);
+            goto done;
+        }
+        N *= dims[i];
+    }
+    if (N > 0 && k->M > INT64_MAX / N) {
+        st = make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': output too large", k->node);
+        goto done;
+    }
+    dims[rank - 1] = k->M; /* output shape: X.shape[:-1] + [M] */
+    OrtValue *y = NULL;
+    if ((st = api->KernelContext_GetOutput(ctx, 0, dims, rank, &y))) goto done; /* [91] */
+    if (N == 0) goto done;
+    void *xdata = NULL, *ydata = NULL;
+    if ((st = api->GetTensorMutableData((OrtValue *)x, &xdata))) goto done; /* [51] */
+    if ((st = api->GetTensorMutableData(y, &ydata))) goto done;
+
+    Job job;
+    memset(&job, 0, sizeof job);
+    job.plan = k->plan;
+    job.X = (const float *)xdata;
+    job.Y = (float *)ydata;
+    job.N = N;
+    job.D = k->D;
+    job.M = k->M;
+    job.path = k->path;
+    {
+        int64_t per_row = k->M * k->C + 4 * k->C;
+        int64_t rows = TASK_WORK / (per_row > 0 ? per_row : 1);
+        rows = rows / ROW_ALIGN * ROW_ALIGN;
+        job.rows_per_task = rows < ROW_ALIGN ? ROW_ALIGN : rows;
+    }
+    const int64_t tasks = (N + job.rows_per_task - 1) / job.rows_per_task;
+    if (tasks <= 1) {
+        run_task(&job, 0);
+    } else {
+        st = api->KernelContext_ParallelFor(ctx, run_task, (size_t)tasks, 0, &job); /* [274] */
+        if (st) goto done;
+    }
+    if (job.failed)
+        st = make_status(api, ORT_FAIL, "LutMatMul node '%s': %s", k->node, job.err);
+
+done:
+    if (dims != stack_dims) free(dims);
+    if (tinfo) api->ReleaseTensorTypeAndShapeInfo(tinfo); /* [99] */
+    return st;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* schema callbacks                                                                      */
+
+static const char *ORT_API_CALL op_get_name(const OrtCustomOp *op) {
+    (void)op;
+    return LUT_OP_NAME;
+}
+static const char *ORT_API_CALL op_get_ep(const OrtCustomOp *op) {
+    (void)op;
+    return NULL; /* CPU execution provider */
+}
+static ONNXTensorElementDataType ORT_API_CALL op_get_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    (void)index;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+static size_t ORT_API_CALL op_get_count(const OrtCustomOp *op) {
+    (void)op;
+    return 1;
+}
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL op_get_characteristic(const OrtCustomOp *op,
+                                                                              size_t index) {
+    (void)op;
+    (void)index;
+    return INPUT_OUTPUT_REQUIRED;
+}
+static OrtMemType ORT_API_CALL op_get_mem_type(const OrtCustomOp *op, size_t index) {
+    (void)op;
+    (void)index;
+    return OrtMemTypeDefault;
+}
+static int ORT_API_CALL op_variadic_min_arity(const OrtCustomOp *op) {
+    (void)op;
+    return 1;
+}
+static int ORT_API_CALL op_variadic_homogeneity(const OrtCustomOp *op) {
+    (void)op;
+    return 1;
+}
+static int ORT_API_CALL op_start_version(const OrtCustomOp *op) {
+    (void)op;
+    return 1;
+}
+static int ORT_API_CALL op_end_version(const OrtCustomOp *op) {
+    (void)op;
+    return INT_MAX;
+}
+
+/* Zero-filled room after the version-17 struct, in case a runtime ever looks past it. */
+static const struct {
+    OrtCustomOp op;
+    void *reserved[8];
+} g_lutmatmul = {
+    .op = {
+        .version = ORT_API_VERSION,
+        .CreateKernel = NULL, /* CreateKernelV2 is used (version >= 16) */
+        .GetName = op_get_name,
+        .GetExecutionProviderType = op_get_ep,
+        .GetInputType = op_get_type,
+        .GetInputTypeCount = op_get_count,
+        .GetOutputType = op_get_type,
+        .GetOutputTypeCount = op_get_count,
+        .KernelCompute = NULL, /* KernelComputeV2 is used */
+        .KernelDestroy = lut_kernel_destroy,
+        .GetInputCharacteristic = op_get_characteristic,
+        .GetOutputCharacteristic = op_get_characteristic,
+        .GetInputMemoryType = op_get_mem_type,
+        .GetVariadicInputMinArity = op_variadic_min_arity,
+        .GetVariadicInputHomogeneity = op_variadic_homogeneity,
+        .GetVariadicOutputMinArity = op_variadic_min_arity,
+        .GetVariadicOutputHomogeneity = op_variadic_homogeneity,
+        .CreateKernelV2 = lut_create_kernel,
+        .KernelComputeV2 = lut_compute,
+        .InferOutputShapeFn = NULL,
+        .GetStartVersion = op_start_version,
+        .GetEndVersion = op_end_version,
+    },
+    .reserved = {0},
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* registration                                                                          */
+
+/* Domains must outlive the sessions using them; release them when the library unloads. */
+typedef struct DomainNode {
+    OrtCustomOpDomain *domain;
+    const OrtApi *api;
+    struct DomainNode *next;
+} DomainNode;
+
+static DomainNode *g_domains = NULL;
+
+__attribute__((destructor)) static void release_domains(void) {
+    DomainNode *n = __atomic_exchange_n(&g_domains, NULL, __ATOMIC_ACQ_REL);
+    while (n) {
+        DomainNode *next = n->next;
+        n->api->ReleaseCustomOpDomain(n->domain); /* [101] */
+        free(n);
+        n = next;
+    }
+}
+
+LUT_EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
+                                                     const OrtApiBase *api_base) {
+    if (!api_base) return NULL;
+    const OrtApi *api = api_base->GetApi(ORT_API_VERSION);
+    if (!api) {
+        fprintf(stderr,
+                "lutcompile: onnxruntime %s does not provide C API version %d; "
+                "LutMatMul is not registered\n",
+                api_base->GetVersionString ? api_base->GetVersionString() : "?", ORT_API_VERSION);
+        return NULL;
+    }
+    /* cheap check that the first slots of the table are where ort_abi.h says */
+    OrtStatus *probe = api->CreateStatus(ORT_INVALID_GRAPH, "lutcompile-abi-probe"); /* [0] */
+    if (!probe || api->GetErrorCode(probe) != ORT_INVALID_GRAPH ||            /* [1] */
+        strcmp(api->GetErrorMessage(probe), "lutcompile-abi-probe") != 0) {   /* [2] */
+        fprintf(stderr, "lutcompile: the onnxruntime C API table does not match ort_abi.h; "
+                        "LutMatMul is not registered\n");
+        return NULL;
+    }
+    api->ReleaseStatus(probe); /* [93] */
+
+    OrtCustomOpDomain *domain = NULL;
+    OrtStatus *st = api->CreateCustomOpDomain(LUT_DOMAIN, &domain); /* [26] */
+    if (st) return st;
+    if ((st = api->CustomOpDomain_Add(domain, &g_lutmatmul.op)) || /* [27] */
+        (st = api->AddCustomOpDomain(options, domain))) {          /* [28] */
+        api->ReleaseCustomOpDomain(domain);
+        return st;
+    }
+    DomainNode *node = (DomainNode *)malloc(sizeof *node);
+    if (node) { /* if this fails the domain is simply never released */
+        node->domain = domain;
+        node->api = api;
+        node->next = __atomic_load_n(&g_domains, __ATOMIC_ACQUIRE);
+        while (!__atomic_compare_exchange_n(&g_domains, &node->next, node, 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_ACQUIRE)) {
+        }
+    }
+    return NULL;
+}
