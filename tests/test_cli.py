@@ -1,0 +1,88 @@
+"""The command line on the shipped model, and its errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import lutcompile
+from lutcompile import cli
+from lutcompile.rewrite import params_from_node
+from lutcompile.lut import apply_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models/mnist_mlp.onnx"
+CALIB = ROOT / "models/mnist_calib.npz"
+TEST = ROOT / "models/mnist_test.npz"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lutcompile", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def compiled_mlp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "fast.onnx"
+    proc = run_cli(MODEL, "--calib", CALIB, "-o", out, "--codebooks", "8", "--eval", TEST, "-q")
+    return proc, out
+
+
+def test_cli_compiles_the_shipped_model(compiled_mlp):
+    proc, out = compiled_mlp
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["node", "op", "D", "x", "M", "C", "partition", "tables", "act", "rel.err"]
+    assert any(l.startswith("/0/Gemm") and "784 x 200" in l for l in lines)
+    assert any(l.startswith("/6/Gemm") and "200 x 10" in l for l in lines)
+    assert any(l.startswith("calibration accuracy: original 99.95%") for l in lines)
+    assert any(l.startswith("held-out accuracy:    original 98.60%") for l in lines)
+    model = onnx.load(str(out))
+    assert [n.op_type for n in model.graph.node] == ["LutMatMul"] * 4
+
+
+def test_cli_output_runs_in_onnxruntime_and_matches_reference(compiled_mlp):
+    _, out = compiled_mlp
+    x = np.load(TEST)["input"][:500]
+    model = onnx.load(str(out))
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(lutcompile.library_path())
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for n in model.graph.node:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(n.input[0]))
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
+    for n in model.graph.node:  # each node, on the input onnxruntime gave it
+        want = apply_reference(values[n.input[0]], params_from_node(n))
+        np.testing.assert_allclose(values[n.output[0]], want, rtol=1e-6, atol=1e-6)
+
+
+def test_cli_reported_accuracy_is_onnxruntime_accuracy(compiled_mlp):
+    proc, out = compiled_mlp
+    test = np.load(TEST)
+    sess = ort.InferenceSession(str(out), lutcompile.session_options(), providers=["CPUExecutionProvider"])
+    acc = np.mean(sess.run(None, {"input": test["input"]})[0].argmax(1) == test["labels"])
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("held-out accuracy"))
+    assert line.endswith(f"compiled {acc:.2%}")
+
+
+@pytest.mark.parametrize("make_args,code,message", [
+    (lambda t: [t / "missing.onnx", "--calib", CALIB, "-o", t / "o.onnx"], cli.EXIT_MODEL, "not found"),
+    (lambda t: [CALIB, "--calib", CALIB, "-o", t / "o.onnx"], cli.EXIT_MODEL, "not an ONNX model"),
+    (lambda t: [MODEL, "--calib", t / "none.npz", "-o", t / "o.onnx"], cli.EXIT_DATA, "not found"),
+    (lambda t: [MODEL, "--calib", CALIB, "-o", t / "no/such/dir/o.onnx"], cli.EXIT_OUTPUT, "does not exist"),
+    (lambda t: [MODEL, "--calib", CALIB, "-o", MODEL], cli.EXIT_OUTPUT, "is the input"),
+])
+def test_cli_errors_are_one_line_with_distinct_status(tmp_path, make_args, code, message):
+    proc = run_cli(*make_args(tmp_path))
+    assert proc.returncode == code, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lutcompile: error:") and message in err[0], err
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
