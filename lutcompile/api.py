@@ -64,8 +64,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   calibration_data,
                   *,
                   codebooks: int = 16,
-                  partition: str = "contiguous",
-                  table_loss: str = "ridge",
+                  partition: str = "opq",
+                  table_loss: str = "kl",
                   finetune: bool | None = None,
                   finetune_tables: bool = False,
                   nodes_to_include: list[str] | None = None,
@@ -139,7 +139,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
         later = [p for n in fitting[i + 1:] for p in by_name[n].parameter_names] if finetune else []
         if later:
             clock = time.perf_counter()
-            current = train(current, data, teacher, set(later), tune,
+            current = train(current, data, teacher, set(later), tune, train_tables=tune.tables_in_pass,
+                            epochs=tune.epochs, lr=tune.lr,
                             progress=_progress(progress, f"fine-tune after {names[0]}"))
             seconds["finetune"] = seconds.get("finetune", 0.0) + time.perf_counter() - clock
         if data.labels is not None and finetune:

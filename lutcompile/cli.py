@@ -29,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output ONNX model")
     p.add_argument("--codebooks", "-C", type=int, default=16,
                    help="codebooks per node, each a 4-bit code (default 16; capped at the node's input width)")
-    p.add_argument("--partition", default="contiguous", choices=PARTITIONS,
+    p.add_argument("--partition", default="opq", choices=PARTITIONS,
                    help="how input dimensions are split among codebooks (r2: ITLUMM's correlation "
                         "clustering; opq: OPQ rotation projected to a permutation)")
-    p.add_argument("--table-loss", default="ridge", choices=TABLE_LOSSES,
+    p.add_argument("--table-loss", default="kl", choices=TABLE_LOSSES,
                    help="ridge tables (MADDNESS), or optimised for the MSE after each node's activation, "
                         "with KL between softmaxes on the logits node (kl)")
     p.add_argument("--no-finetune", dest="finetune", action="store_false", default=None,

@@ -29,8 +29,10 @@ class FitOptions:
     table_reg: float = 1.0  # lambda pulling optimised tables towards the ridge tables (relative)
     table_steps: int = 60  # L-BFGS iterations of the loss-aware table optimisation
     ridge: float = 1.0  # lambda of the ridge regression that fits the tables
-    split_candidates: int = 4  # split dimensions tried per level, highest within-bucket SSE first
-    tree_objective: str = "input"  # buckets homogeneous in the input subvector (MADDNESS) or "output"
+    split_candidates: int = 16  # split dimensions tried per level, highest within-bucket SSE first
+    # buckets homogeneous in the codebook's contribution to the output ("output"), or in its
+    # input subvector as in MADDNESS ("input")
+    tree_objective: str = "output"
     max_rows: int = 20000  # rows used for fitting; more are subsampled (seeded)
     seed: int = 0
 
@@ -156,22 +158,31 @@ def relative_error(approx: np.ndarray, exact: np.ndarray) -> float:
 
 
 def fit_node(X: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-             activation: str | None = None, options: FitOptions = FitOptions()) -> NodeFit:
-    """Fit the lookup replacement of `activation(X @ weight + bias)` on the rows of X [N, D]."""
+             activation: str | None = None, options: FitOptions = FitOptions(),
+             target: np.ndarray | None = None) -> NodeFit:
+    """Fit the lookup replacement of `activation(X @ weight + bias)` on the rows of X [N, D].
+
+    `target` [N, M], when given, is the pre-activation output to reproduce instead of
+    X @ weight + bias: the original network's, when X comes from a network whose earlier
+    layers are already lookups, so each node also corrects the errors of those before it.
+    """
     X = np.asarray(X, dtype=np.float32)
     D, M = weight.shape
     if X.ndim != 2 or X.shape[1] != D:
         raise ValueError(f"activations of shape {X.shape} do not match a weight of shape {weight.shape}")
     if len(X) > options.max_rows:
         rng = np.random.default_rng(options.seed)
-        X = X[np.sort(rng.choice(len(X), options.max_rows, replace=False))]
+        rows = np.sort(rng.choice(len(X), options.max_rows, replace=False))
+        X = X[rows]
+        target = None if target is None else target[rows]
     groups = partition(X, options.codebooks, options.partition, options.seed)
     trees = [_learn_codebook_tree(X, g, weight, options) for g in groups]
     split_dims = np.stack([t[0] for t in trees])
     thresholds = np.stack([t[1] for t in trees])
     codes = encode_reference(X, split_dims, thresholds)
-    product = X.astype(np.float64) @ weight.astype(np.float64)
     b = np.zeros(M, dtype=np.float32) if bias is None else bias.astype(np.float32)
+    product = X.astype(np.float64) @ weight.astype(np.float64) if target is None else \
+        np.asarray(target, dtype=np.float64) - b
     T = ridge_tables(codes, product, options.ridge)
     if options.table_loss != "ridge":
         T = optimise_tables(codes, T, product + b, b, activation, options)

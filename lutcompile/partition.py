@@ -12,6 +12,8 @@ r2 and opq and dealt round-robin to the chunks, so no codebook is wasted on them
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.cluster.hierarchy
 import scipy.cluster.vq
@@ -73,8 +75,10 @@ def opq_rotation(X: np.ndarray, C: int, iterations: int = 8, seed: int = 0) -> n
         for g in groups:
             sub = Z[:, g]
             k = min(16, len(np.unique(sub, axis=0)))
-            centroids, labels = scipy.cluster.vq.kmeans2(sub, k, iter=10, minit="++",
-                                                         seed=int(rng.integers(2**31)))
+            with warnings.catch_warnings():  # an empty cluster just leaves a centroid unused
+                warnings.simplefilter("ignore", UserWarning)
+                centroids, labels = scipy.cluster.vq.kmeans2(sub, k, iter=10, minit="++",
+                                                             seed=int(rng.integers(2**31)))
             recon[:, g] = centroids[labels]
         # orthogonal Procrustes: the rotation taking X closest to its quantised image
         U, _, Vt = np.linalg.svd(X.T @ recon)
