@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -39,6 +39,8 @@ class NodeReport:
     table_loss: str
     activation: str | None
     relative_error: float  # on the calibration rows, after the fused activation
+    bytes_before: int  # weight and bias, as stored (float32)
+    bytes_after: int  # tables, thresholds, split dimensions, offsets and bias
 
 
 @dataclass
@@ -51,6 +53,7 @@ class CompileResult:
     accuracy_after: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     stages: list[tuple[str, float]] = field(default_factory=list)  # calibration accuracy per stage
+    options: dict = field(default_factory=dict)  # the options the model was compiled with
 
 
 def _progress(enabled: bool, desc: str):
@@ -76,6 +79,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   batch_size: int = 256,
                   fit_options: FitOptions | None = None,
                   finetune_options: FinetuneOptions | None = None,
+                  report_dir: str | os.PathLike | None = None,
                   progress: bool | None = None) -> CompileResult:
     """Replace the model's constant-weight matrix products by LutMatMul lookups.
 
@@ -87,6 +91,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     replacement; on by default when the calibration data has labels.
     finetune_tables: afterwards, train the tables, lookup biases and remaining exact layers
     end to end.
+    report_dir: write report.json and report.html there.
     fit_options, finetune_options: the finer settings of those stages (codebooks, partition,
     table_loss and seed given here take precedence).
     """
@@ -124,8 +129,9 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
         by_name = {t.name: t for t in frontend.analyse(current, op_types, fuse_activation).targets}
         now = [by_name[n] for n in names]
         clock = time.perf_counter()
-        activations = calibrate.collect_activations(current, data, [t.input_name for t in now], batch_size,
-                                                    progress=_progress(progress, "calibrate"))
+        activations = calibrate.collect_activations(
+            current, data, [t.input_name for t in now], batch_size, progress=_progress(progress, "calibrate"),
+            transposed={t.input_name for t in now if t.transpose_input})
         seconds["calibrate"] = seconds.get("calibrate", 0.0) + time.perf_counter() - clock
         clock = time.perf_counter()
         replacements = []
@@ -155,7 +161,12 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
         if data.labels is not None:
             stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
 
-    result = CompileResult(current, reports, analysis.skipped, data.rows, seconds=seconds, stages=stages)
+    used = dict(codebooks=codebooks, partition=partition, table_loss=table_loss, finetune=finetune,
+                finetune_tables=finetune_tables, seed=seed, op_types=list(op_types),
+                nodes_to_include=nodes_to_include, nodes_to_exclude=nodes_to_exclude,
+                fit_options=asdict(options), finetune_options=asdict(tune))
+    result = CompileResult(current, reports, analysis.skipped, data.rows, seconds=seconds, stages=stages,
+                           options=used)
     if data.labels is not None:
         clock = time.perf_counter()
         result.accuracy_before = evaluate_accuracy(analysis.model, data)
@@ -165,6 +176,9 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
         clock = time.perf_counter()
         save_model(current, model_output)
         seconds["export"] = time.perf_counter() - clock
+    if report_dir is not None:
+        from .report import write_report
+        write_report(result, report_dir)
     return result
 
 
@@ -179,8 +193,11 @@ def _fit_target(target: frontend.TargetNode, X: np.ndarray, options: FitOptions,
     fit = fit_node(X, target.weight, target.bias, target.activation,
                    replace(options, codebooks=C, table_loss=loss))
     info = {"partition": options.partition, "table_loss": loss, "source_op": target.op_type}
+    p = fit.params
+    bytes_after = p.tables.nbytes + p.thresholds.nbytes + p.split_dims.nbytes + p.offsets.nbytes + p.bias.nbytes
+    bytes_before = 4 * (target.weight.size + (0 if target.bias is None else target.bias.size))
     report = NodeReport(target.name, target.op_type, target.D, target.M, C, options.partition, loss,
-                        target.activation, fit.relative_error)
+                        target.activation, fit.relative_error, bytes_before, bytes_after)
     log.info("fitted %s: %dx%d C=%d %s rel.err %.4f", target.name, target.D, target.M, C, loss,
              fit.relative_error)
     return Replacement(target, fit.params, info), report

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .runtime import batches, make_session
+from .runtime import iter_batches, make_session
 
 LABELS_KEY = "labels"
 
@@ -49,11 +49,27 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in init]
 
 
+def _read_all(reader) -> dict[str, np.ndarray]:
+    """Drain an onnxruntime.quantization CalibrationDataReader (get_next() -> dict | None)."""
+    batches: dict[str, list[np.ndarray]] = {}
+    while (item := reader.get_next()) is not None:
+        for key, value in item.items():
+            batches.setdefault(key, []).append(np.asarray(value))
+    if not batches:
+        raise CalibrationError("the calibration data reader returned no data")
+    return {k: np.concatenate(v) for k, v in batches.items()}
+
+
 def load_calibration(source, model: onnx.ModelProto) -> CalibrationData:
-    """Calibration data from an .npz path or a dict of arrays, checked against the model inputs.
+    """Calibration data, checked against the model inputs, from an .npz path, a dict of arrays,
+    or an object shaped like onnxruntime.quantization's CalibrationDataReader.
 
     A single-input model accepts any single key; `labels`, when present, holds class ids.
     """
+    if isinstance(source, CalibrationData):
+        source = {**source.inputs, **({} if source.labels is None else {LABELS_KEY: source.labels})}
+    if hasattr(source, "get_next"):
+        source = _read_all(source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
@@ -116,15 +132,11 @@ def _check_input(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size a model's first input fixes, or None if it is dynamic."""
-    dims = _graph_inputs(model)[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-
-
 def collect_activations(model: onnx.ModelProto, data: CalibrationData, tensor_names: list[str],
-                        batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
-    """Each named tensor's values over the calibration rows, flattened to [rows, last dim].
+                        batch_size: int = 256, progress=None,
+                        transposed: set[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Each named tensor's values over the calibration rows, flattened to [rows, last dim]
+    (for names in `transposed`, after swapping the last two axes).
 
     `model` may contain LutMatMul nodes (it runs with our kernel registered), which is how
     the fine-tune pass sees activations produced by already-replaced layers.
@@ -137,19 +149,14 @@ def collect_activations(model: onnx.ModelProto, data: CalibrationData, tensor_na
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = make_session(probe)
-    fixed = fixed_batch(model)
-    batch = fixed or batch_size
     collected: dict[str, list[np.ndarray]] = {n: [] for n in tensor_names}
-    steps = list(batches(data.rows, batch))
-    for rows in (progress(steps) if progress else steps):
-        feeds = {k: v[rows] for k, v in data.inputs.items()}
-        if fixed and rows.stop - rows.start != fixed:
-            continue  # a fixed-batch model cannot run the short tail
-        outs = dict(zip(wanted, session.run(wanted, feeds))) if wanted else {}
-        outs.update({k: feeds[k] for k in tensor_names if k in feeds})
+    for rows, outs in iter_batches(session, data.inputs, wanted or [session.get_outputs()[0].name],
+                                   batch_size, progress):
+        values = dict(zip(wanted, outs))
+        values.update({k: v[rows] for k, v in data.inputs.items() if k in collected})
         for name in tensor_names:
-            value = np.asarray(outs[name], dtype=np.float32)
+            value = np.asarray(values[name], dtype=np.float32)
+            if name in transposed:
+                value = np.swapaxes(value, -1, -2)
             collected[name].append(value.reshape(-1, value.shape[-1]))
-    if tensor_names and not collected[tensor_names[0]]:
-        raise CalibrationError(f"calibration data has {data.rows} rows, fewer than the model's fixed batch {batch}")
     return {k: np.concatenate(v) for k, v in collected.items()}

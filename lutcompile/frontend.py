@@ -38,6 +38,8 @@ class TargetNode:
     absorbed: list[str]  # names of the graph nodes the lookup node replaces
     activation: str | None = None  # a fused activation ("Relu"), part of `absorbed`
     parameter_names: list[str] = field(default_factory=list)  # the constants it reads (weight, bias)
+    transpose_input: bool = False  # X is the input with its last two axes swapped
+    transpose_output: bool = False  # the node's output is Y with its last two axes swapped
 
     @property
     def D(self) -> int:
@@ -70,9 +72,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not os.path.isfile(path):
         raise FrontendError(f"model file not found: {path}")
     try:
-        model = onnx.load(path)
+        model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise FrontendError(f"{path} is not an ONNX model ({type(exc).__name__})") from exc
+    _load_external_data(model, os.path.dirname(os.path.abspath(path)))
     if not model.graph.node:
         raise FrontendError(f"{path} is not an ONNX model (no graph nodes)")
     try:
@@ -81,6 +84,36 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise FrontendError(f"{path} fails onnx.checker: {first}") from exc
     return model
+
+
+def _external_tensors(graph: onnx.GraphProto):
+    for t in graph.initializer:
+        yield t
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            for g in list(a.graphs) + ([a.g] if a.type == onnx.AttributeProto.GRAPH else []):
+                yield from _external_tensors(g)
+
+
+def _load_external_data(model: onnx.ModelProto, folder: str) -> None:
+    """Load tensors stored beside the model, refusing any location outside its folder."""
+    from onnx import external_data_helper
+
+    root = os.path.realpath(folder)
+    for t in _external_tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = os.path.realpath(os.path.join(root, location))
+        if os.path.isabs(location) or os.path.commonpath([root, target]) != root:
+            raise FrontendError(f"external data '{location}' of tensor '{t.name}' lies outside the model's folder")
+        if not os.path.isfile(target):
+            raise FrontendError(f"external data file '{location}' of tensor '{t.name}' not found")
+        external_data_helper.load_external_data_for_tensor(t, root)
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -139,6 +172,9 @@ def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
         for name in node.input:
             consumers[name].append(node)
     graph_outputs = {o.name for o in graph.output}
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim)
+             for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
+             if vi.type.tensor_type.HasField("shape")}
 
     def sole_consumer(tensor: str) -> onnx.NodeProto | None:
         users = consumers.get(tensor, [])
@@ -154,20 +190,20 @@ def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
         if node.op_type not in op_types:
             skipped.append(SkippedNode(node.name, node.op_type, "op type not selected"))
             continue
-        found = _normalise(node, constants)
+        found = _normalise(node, constants, ranks)
         if isinstance(found, str):
             skipped.append(SkippedNode(node.name, node.op_type, found))
             continue
-        x_name, weight, bias = found
+        x_name, weight, bias, flip_in, flip_out = found
         if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
             skipped.append(SkippedNode(node.name, node.op_type, "weight or bias is not finite"))
             continue
         absorbed = [node.name]
-        parameters = [n for n in node.input[1:] if n]
+        parameters = [n for n in node.input if n and n != x_name]
         out = node.output[0]
         # fold a constant vector added right after a MatMul
         nxt = sole_consumer(out)
-        if node.op_type == "MatMul" and nxt is not None and nxt.op_type == "Add":
+        if node.op_type == "MatMul" and not flip_out and nxt is not None and nxt.op_type == "Add":
             other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
             vec = constants.get(other)
             if vec is not None and vec.size == weight.shape[1] and vec.shape[-1:] == (weight.shape[1],):
@@ -177,48 +213,67 @@ def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
                 out = nxt.output[0]
                 nxt = sole_consumer(out)
         activation = None
-        if fuse_activation and nxt is not None and nxt.op_type in ACTIVATIONS:
+        if fuse_activation and not flip_out and nxt is not None and nxt.op_type in ACTIVATIONS:
             activation = nxt.op_type
             absorbed.append(nxt.name)
             out = nxt.output[0]
         targets.append(TargetNode(node.name, node.op_type, x_name, out, weight.astype(np.float32),
-                                  bias, absorbed, activation, parameters))
+                                  bias, absorbed, activation, parameters, flip_in, flip_out))
     return ModelAnalysis(model, targets, skipped,
                          [i.name for i in graph.input if constants.get(i.name) is None],
                          [o.name for o in graph.output])
 
 
-def _normalise(node: onnx.NodeProto, constants: _Constants):
-    """(x_name, W [D, M], bias [M] | None) for a replaceable product, or the reason it is not."""
+def _normalise(node: onnx.NodeProto, constants: _Constants, ranks: dict[str, int]):
+    """The product as Y = X @ W + b, or the reason it cannot be replaced.
+
+    Returns (x_name, W [D, M], bias [M] | None, transpose_input, transpose_output): when the
+    constant is the left operand, Y = W' X is computed as (X^T W'^T)^T, so the lookup node
+    sits between two transposes of the last two axes; Gemm's transA on the activation is a
+    transpose of the input.
+    """
     a_name, b_name = node.input[0], node.input[1]
     a_const, b_const = constants.get(a_name), constants.get(b_name)
-    if b_const is None:
-        if a_const is not None:
-            return "constant operand is on the left (not supported yet)"
-        return "no constant weight operand"
-    if a_const is not None:
+    if a_const is not None and b_const is not None:
         return "both operands are constant (nothing to compute at run time)"
-    if not np.issubdtype(b_const.dtype, np.floating):
-        return f"weight dtype {b_const.dtype} is not floating point"
+    if a_const is None and b_const is None:
+        return "no constant weight operand"
+    const = b_const if b_const is not None else a_const
+    if not np.issubdtype(const.dtype, np.floating):
+        return f"weight dtype {const.dtype} is not floating point"
+    if const.ndim != 2:
+        return f"weight has rank {const.ndim}, expected 2"
+    const = const.astype(np.float32)
     if node.op_type == "MatMul":
-        if b_const.ndim != 2:
-            return f"weight has rank {b_const.ndim}, expected 2"
-        return a_name, b_const.astype(np.float32), None
-    # Gemm: Y = alpha * A' @ B' + beta * C
-    if _attr(node, "transA", 0):
-        return "Gemm with transA=1 (not supported yet)"
-    weight = b_const.T if _attr(node, "transB", 0) else b_const
-    if weight.ndim != 2:
-        return f"weight has rank {weight.ndim}, expected 2"
-    weight = np.float32(_attr(node, "alpha", 1.0)) * weight.astype(np.float32)
+        if b_const is not None:
+            return a_name, const, None, False, False
+        rank = ranks.get(b_name)
+        if rank is None:
+            return "constant operand is on the left and the activation's rank is unknown"
+        # A @ X with X [..., D, N]: (X^T @ A^T)^T; a 1-D X needs no transposes
+        return b_name, np.ascontiguousarray(const.T), None, rank >= 2, rank >= 2
+    # Gemm: Y = alpha * A' @ B' + beta * C, with A' = A^T if transA, B' = B^T if transB
+    alpha = np.float32(_attr(node, "alpha", 1.0))
+    trans_a, trans_b = bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0))
+    if b_const is not None:
+        x_name, weight, flip_in, flip_out = a_name, (const.T if trans_b else const), trans_a, False
+    else:  # Y^T = B'^T A'^T: the activation B' transposed is the input
+        x_name, weight, flip_in, flip_out = b_name, (const if trans_a else const.T), not trans_b, True
+    weight = np.ascontiguousarray(alpha * weight, dtype=np.float32)
+    M = weight.shape[1]
     bias = None
     if len(node.input) > 2 and node.input[2]:
         c = constants.get(node.input[2])
         if c is None:
             return "Gemm bias C is not constant"
-        if c.size not in (1, weight.shape[1]) or (c.ndim == 2 and c.shape[0] != 1):
-            return f"Gemm bias C of shape {c.shape} is not a row vector"
-        bias = np.float32(_attr(node, "beta", 1.0)) * np.broadcast_to(
-            c.astype(np.float32).reshape(-1), (weight.shape[1],))
-        bias = np.ascontiguousarray(bias, dtype=np.float32)
-    return a_name, weight, bias
+        c = c.astype(np.float32)
+        # C must be constant along the rows of the (possibly transposed) output
+        along = (1, M) if not flip_out else (M, 1)
+        if c.size == 1:
+            c = np.full(M, c.reshape(()), np.float32)
+        elif c.shape in (along, (M,) if not flip_out else ()):
+            c = c.reshape(-1)
+        else:
+            return f"Gemm bias C of shape {c.shape} is not a vector along the output features"
+        bias = np.ascontiguousarray(np.float32(_attr(node, "beta", 1.0)) * c, dtype=np.float32)
+    return x_name, weight, bias, flip_in, flip_out

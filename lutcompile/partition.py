@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import scipy.cluster.hierarchy
 import scipy.cluster.vq
+import scipy.linalg
 import scipy.optimize
 import scipy.spatial.distance
 
@@ -62,9 +63,16 @@ def _r2_order(X: np.ndarray) -> np.ndarray:
     return scipy.cluster.hierarchy.leaves_list(tree)
 
 
-def opq_rotation(X: np.ndarray, C: int, iterations: int = 8, seed: int = 0) -> np.ndarray:
-    """Orthogonal R [D, D] such that product quantisation of X @ R (C codebooks, K=16) errs least."""
+def opq_rotation(X: np.ndarray, C: int, iterations: int = 8, seed: int = 0,
+                 max_rows: int = 4096) -> np.ndarray:
+    """Orthogonal R [D, D] such that product quantisation of X @ R (C codebooks, K=16) errs least.
+
+    Learned on at most `max_rows` rows (seeded subsample): the rotation needs the data's
+    second-order structure, not every row.
+    """
     rng = np.random.default_rng(seed)
+    if len(X) > max_rows:
+        X = X[np.sort(rng.choice(len(X), max_rows, replace=False))]
     X = X - X.mean(axis=0)
     D = X.shape[1]
     R = np.eye(D)
@@ -81,7 +89,10 @@ def opq_rotation(X: np.ndarray, C: int, iterations: int = 8, seed: int = 0) -> n
                                                              seed=int(rng.integers(2**31)))
             recon[:, g] = centroids[labels]
         # orthogonal Procrustes: the rotation taking X closest to its quantised image
-        U, _, Vt = np.linalg.svd(X.T @ recon)
+        cross = X.T @ recon
+        if not np.all(np.isfinite(cross)):
+            break
+        U, _, Vt = scipy.linalg.svd(cross, lapack_driver="gesvd")  # slower, but always converges
         R = U @ Vt
     return R
 

@@ -77,14 +77,42 @@ def rewrite(model: onnx.ModelProto, replacements: list[Replacement]) -> onnx.Mod
         for node in absorbed:
             node.outputs.clear()
             node.inputs.clear()
+        x = tensors[t.input_name]
+        rank = len(x.shape) if x.shape is not None else 2  # from shape inference
+        if t.transpose_input:
+            x = _swap_last_axes(graph, x, f"{t.name}/lut_input", rank)
+        y = gs.Variable(f"{t.name}/lut_output", dtype=np.float32) if t.transpose_output else out
         graph.nodes.append(gs.Node(op=OP_TYPE, name=t.name, domain=DOMAIN,
                                    attrs=_graphsurgeon_attributes(lut_attributes(rep.params, rep.info)),
-                                   inputs=[tensors[t.input_name]], outputs=[out]))
+                                   inputs=[x], outputs=[y]))
+        if t.transpose_output:
+            _swap_last_axes(graph, y, f"{t.name}/lut_output_T", rank, out)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = gs.export_onnx(graph, do_type_check=False)
     _carry_model_fields(result, model)
+    _drop_unused_weight_inputs(result, model)
     onnx.checker.check_model(result)
     return result
+
+
+def _swap_last_axes(graph: gs.Graph, x: gs.Tensor, name: str, rank: int,
+                    out: gs.Tensor | None = None) -> gs.Tensor:
+    """A Transpose node swapping the last two axes of `x`."""
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    out = out if out is not None else gs.Variable(name, dtype=np.float32)
+    graph.nodes.append(gs.Node(op="Transpose", name=name, attrs={"perm": perm}, inputs=[x], outputs=[out]))
+    return out
+
+
+def _drop_unused_weight_inputs(result: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Old exporters list initializers as graph inputs too; once a replaced weight is gone,
+    its input entry would become a required input, so it goes as well."""
+    weights = {t.name for t in original.graph.initializer}
+    used = {name for node in result.graph.node for name in node.input} | {o.name for o in result.graph.output}
+    kept = {t.name for t in result.graph.initializer}
+    stale = [i for i in result.graph.input if i.name in weights and i.name not in used | kept]
+    for entry in stale:
+        result.graph.input.remove(entry)
 
 
 def _graphsurgeon_attributes(attrs: dict) -> dict:

@@ -26,19 +26,33 @@ def make_session(model: onnx.ModelProto | str, threads: int | None = None) -> or
     return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def batches(n: int, batch_size: int) -> Iterable[slice]:
-    for start in range(0, n, batch_size):
-        yield slice(start, min(n, start + batch_size))
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size the session's first input fixes, or None if the batch is dynamic."""
+    dim = (session.get_inputs()[0].shape or [None])[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def iter_batches(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
+                 output_names: list[str] | None = None, batch_size: int = 512, progress=None):
+    """Yield (rows, outputs) over the rows of `feeds`. A model with a fixed batch runs in
+    batches of exactly that size, the last one padded with zeros and its outputs trimmed."""
+    n = len(next(iter(feeds.values())))
+    step = fixed_batch(session) or batch_size
+    starts = range(0, n, step)
+    for start in (progress(starts) if progress else starts):
+        rows = slice(start, min(n, start + step))
+        part = {k: v[rows] for k, v in feeds.items()}
+        short = step - (rows.stop - rows.start)
+        if fixed_batch(session) and short:
+            part = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
+        outs = session.run(output_names, part)
+        yield rows, [o[:rows.stop - rows.start] for o in outs]
 
 
 def run_batched(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
                 output_names: list[str] | None = None, batch_size: int = 512) -> list[np.ndarray]:
     """Run `session` over the rows of `feeds` in batches; concatenated outputs."""
-    n = len(next(iter(feeds.values())))
-    parts: list[list[np.ndarray]] = []
-    for rows in batches(n, batch_size):
-        outs = session.run(output_names, {k: v[rows] for k, v in feeds.items()})
-        parts.append(outs)
+    parts = [outs for _, outs in iter_batches(session, feeds, output_names, batch_size)]
     return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 

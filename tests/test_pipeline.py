@@ -70,7 +70,7 @@ def test_frontend_records_why_nodes_stay_exact():
     z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4])
     w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "W")
     nodes = [helper.make_node("MatMul", ["x", "x2"], ["y"], name="dynamic"),
-             helper.make_node("Gemm", ["x", "W"], ["z"], name="transposed_a", transA=1),
+             helper.make_node("Gemm", ["x", "W", "x2"], ["z"], name="dynamic_bias"),
              helper.make_node("Identity", ["x"], ["x2"], name="id")]
     graph = helper.make_graph(nodes, "g", [x], [y, z], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -78,7 +78,7 @@ def test_frontend_records_why_nodes_stay_exact():
     reasons = {s.name: s.reason for s in analysis.skipped}
     assert analysis.targets == []
     assert "no constant weight" in reasons["dynamic"]
-    assert "transA" in reasons["transposed_a"]
+    assert "bias C is not constant" in reasons["dynamic_bias"]
 
 
 def test_load_model_rejects_non_onnx(tmp_path):
