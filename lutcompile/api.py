@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -73,7 +74,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   finetune_tables: bool = False,
                   nodes_to_include: list[str] | None = None,
                   nodes_to_exclude: list[str] | None = None,
-                  op_types: tuple[str, ...] = frontend.MATMUL_OPS,
+                  op_types: tuple[str, ...] = frontend.PRODUCT_OPS,
                   fuse_activation: bool = True,
                   seed: int = 0,
                   batch_size: int = 256,
@@ -129,14 +130,16 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
         by_name = {t.name: t for t in frontend.analyse(current, op_types, fuse_activation).targets}
         now = [by_name[n] for n in names]
         clock = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        per_image = -(-options.max_rows // data.rows)  # conv patches kept per image
         activations = calibrate.collect_activations(
-            current, data, [t.input_name for t in now], batch_size, progress=_progress(progress, "calibrate"),
-            transposed={t.input_name for t in now if t.transpose_input})
+            current, data, {t.name: (t.input_name, partial(t.rows, rng=rng, per_image=per_image)) for t in now},
+            batch_size, progress=_progress(progress, "calibrate"))
         seconds["calibrate"] = seconds.get("calibrate", 0.0) + time.perf_counter() - clock
         clock = time.perf_counter()
         replacements = []
         for target in _progress(progress, "fit")(now):
-            rep, report = _fit_target(target, activations[target.input_name], options, table_loss,
+            rep, report = _fit_target(target, activations[target.name], options, table_loss,
                                       analysis.output_names)
             replacements.append(rep)
             reports.append(report)

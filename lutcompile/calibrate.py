@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -132,16 +133,24 @@ def _check_input(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def collect_activations(model: onnx.ModelProto, data: CalibrationData, tensor_names: list[str],
-                        batch_size: int = 256, progress=None,
-                        transposed: set[str] = frozenset()) -> dict[str, np.ndarray]:
-    """Each named tensor's values over the calibration rows, flattened to [rows, last dim]
-    (for names in `transposed`, after swapping the last two axes).
+def last_axis_rows(value: np.ndarray) -> np.ndarray:
+    return value.reshape(-1, value.shape[-1])
 
-    `model` may contain LutMatMul nodes (it runs with our kernel registered), which is how
-    the fine-tune pass sees activations produced by already-replaced layers.
+
+def collect_activations(model: onnx.ModelProto, data: CalibrationData,
+                        requests: list[str] | dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
+                        batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
+    """Rows [n, D] of tensors over the calibration data.
+
+    `requests` is a list of tensor names (each flattened to its last axis), or a dict
+    key -> (tensor name, view), where `view` maps one batch's value to its rows: swapped axes,
+    or a sample of convolution patches, so that memory stays bounded by one batch plus the
+    rows kept. `model` may contain lookup nodes (it runs with our kernel registered), which is
+    how the fine-tune pass sees activations produced by already-replaced layers.
     """
-    wanted = [n for n in dict.fromkeys(tensor_names) if n not in data.inputs]
+    if not isinstance(requests, dict):
+        requests = {name: (name, last_axis_rows) for name in requests}
+    wanted = [n for n in dict.fromkeys(t for t, _ in requests.values()) if n not in data.inputs]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -149,14 +158,11 @@ def collect_activations(model: onnx.ModelProto, data: CalibrationData, tensor_na
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = make_session(probe)
-    collected: dict[str, list[np.ndarray]] = {n: [] for n in tensor_names}
+    collected: dict[str, list[np.ndarray]] = {key: [] for key in requests}
     for rows, outs in iter_batches(session, data.inputs, wanted or [session.get_outputs()[0].name],
                                    batch_size, progress):
         values = dict(zip(wanted, outs))
-        values.update({k: v[rows] for k, v in data.inputs.items() if k in collected})
-        for name in tensor_names:
-            value = np.asarray(values[name], dtype=np.float32)
-            if name in transposed:
-                value = np.swapaxes(value, -1, -2)
-            collected[name].append(value.reshape(-1, value.shape[-1]))
+        values.update({k: v[rows] for k, v in data.inputs.items()})
+        for key, (name, view) in requests.items():
+            collected[key].append(view(np.asarray(values[name], dtype=np.float32)))
     return {k: np.concatenate(v) for k, v in collected.items()}

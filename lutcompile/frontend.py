@@ -16,7 +16,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .lut import ConvGeometry, im2col_reference
+
 MATMUL_OPS = ("MatMul", "Gemm")
+PRODUCT_OPS = ("MatMul", "Gemm", "Conv")
+# A Conv patch narrower than this costs fewer multiply-adds per output than the lookups and
+# the encode would: the node stays exact.
+MIN_CONV_PATCH = 16
 # Activations the fitter knows how to apply (for loss-aware fitting and fusion).
 ACTIVATIONS = ("Relu",)
 
@@ -40,6 +46,27 @@ class TargetNode:
     parameter_names: list[str] = field(default_factory=list)  # the constants it reads (weight, bias)
     transpose_input: bool = False  # X is the input with its last two axes swapped
     transpose_output: bool = False  # the node's output is Y with its last two axes swapped
+    conv: ConvGeometry | None = None  # a Conv: rows are the input's patches
+
+    def rows(self, value: np.ndarray, rng: np.random.Generator | None = None,
+             per_image: int | None = None) -> np.ndarray:
+        """The rows [n, D] this node multiplies, from one batch of its input tensor.
+
+        For a Conv, `per_image` patches per image are sampled (all when None), so the
+        stored calibration rows stay bounded.
+        """
+        if self.conv is not None:
+            N, _, H, W = value.shape
+            OH, OW = self.conv.output_size(H, W)
+            if per_image is None or per_image >= OH * OW:
+                return im2col_reference(value, self.conv)
+            rng = rng or np.random.default_rng(0)
+            chosen = np.concatenate([n * OH * OW + np.sort(rng.choice(OH * OW, per_image, replace=False))
+                                     for n in range(N)])
+            return im2col_reference(value, self.conv, chosen)
+        if self.transpose_input:
+            value = np.swapaxes(value, -1, -2)
+        return value.reshape(-1, value.shape[-1])
 
     @property
     def D(self) -> int:
@@ -160,7 +187,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
+def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = PRODUCT_OPS,
             fuse_activation: bool = True) -> ModelAnalysis:
     """Find the replaceable products of a model; record why the others stay exact."""
     model = onnx.shape_inference.infer_shapes(model)
@@ -172,9 +199,10 @@ def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
         for name in node.input:
             consumers[name].append(node)
     graph_outputs = {o.name for o in graph.output}
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim)
-             for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
-             if vi.type.tensor_type.HasField("shape")}
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+              for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
+              if vi.type.tensor_type.HasField("shape")}
+    ranks = {name: len(dims) for name, dims in shapes.items()}
 
     def sole_consumer(tensor: str) -> onnx.NodeProto | None:
         users = consumers.get(tensor, [])
@@ -185,16 +213,17 @@ def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
     targets: list[TargetNode] = []
     skipped: list[SkippedNode] = []
     for node in graph.node:
-        if node.op_type not in MATMUL_OPS:
+        if node.op_type not in PRODUCT_OPS:
             continue
         if node.op_type not in op_types:
             skipped.append(SkippedNode(node.name, node.op_type, "op type not selected"))
             continue
-        found = _normalise(node, constants, ranks)
+        found = _normalise_conv(node, constants, shapes) if node.op_type == "Conv" else \
+            _normalise(node, constants, ranks)
         if isinstance(found, str):
             skipped.append(SkippedNode(node.name, node.op_type, found))
             continue
-        x_name, weight, bias, flip_in, flip_out = found
+        x_name, weight, bias, flip_in, flip_out, *conv = found
         if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
             skipped.append(SkippedNode(node.name, node.op_type, "weight or bias is not finite"))
             continue
@@ -218,7 +247,8 @@ def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = MATMUL_OPS,
             absorbed.append(nxt.name)
             out = nxt.output[0]
         targets.append(TargetNode(node.name, node.op_type, x_name, out, weight.astype(np.float32),
-                                  bias, absorbed, activation, parameters, flip_in, flip_out))
+                                  bias, absorbed, activation, parameters, flip_in, flip_out,
+                                  conv[0] if conv else None))
     return ModelAnalysis(model, targets, skipped,
                          [i.name for i in graph.input if constants.get(i.name) is None],
                          [o.name for o in graph.output])
@@ -277,3 +307,49 @@ def _normalise(node: onnx.NodeProto, constants: _Constants, ranks: dict[str, int
             return f"Gemm bias C of shape {c.shape} is not a vector along the output features"
         bias = np.ascontiguousarray(np.float32(_attr(node, "beta", 1.0)) * c, dtype=np.float32)
     return x_name, weight, bias, flip_in, flip_out
+
+
+def _normalise_conv(node: onnx.NodeProto, constants: _Constants, shapes: dict[str, list]):
+    """A 2-D, group-1 Conv with a constant weight as patches @ W + b, or why it stays exact."""
+    weight = constants.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is None:
+        return "no constant weight operand"
+    if constants.get(node.input[0]) is not None:
+        return "both operands are constant (nothing to compute at run time)"
+    if weight.ndim != 4:
+        return f"{weight.ndim - 2}-D convolution (only 2-D is supported)"
+    if not np.issubdtype(weight.dtype, np.floating):
+        return f"weight dtype {weight.dtype} is not floating point"
+    group = _attr(node, "group", 1)
+    if group != 1:
+        kind = "depthwise" if group == weight.shape[0] and weight.shape[1] == 1 else "grouped"
+        return f"{kind} convolution (group={group}): each output sees too few inputs to pay"
+    M, Cin, kh, kw = weight.shape
+    if Cin * kh * kw < MIN_CONV_PATCH:
+        return (f"patch of {Cin}x{kh}x{kw} = {Cin * kh * kw} inputs is too small to pay "
+                f"(lookups need at least {MIN_CONV_PATCH})")
+    strides = tuple(_attr(node, "strides", [1, 1]))
+    dilations = tuple(_attr(node, "dilations", [1, 1]))
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        dims = shapes.get(node.input[0])
+        if not dims or None in dims[2:]:
+            return f"auto_pad={auto_pad} with an unknown input size"
+        pads = [0, 0, 0, 0]
+        for axis, (size, k, s, d) in enumerate(zip(dims[2:], (kh, kw), strides, dilations)):
+            total = max(0, (-(-size // s) - 1) * s + d * (k - 1) + 1 - size)
+            small, large = total // 2, total - total // 2
+            pads[axis], pads[axis + 2] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    elif auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    geometry = ConvGeometry(Cin, (kh, kw), strides, tuple(pads), dilations)
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = constants.get(node.input[2])
+        if bias is None:
+            return "Conv bias is not constant"
+        bias = bias.astype(np.float32).reshape(-1)
+    W = np.ascontiguousarray(weight.reshape(M, -1).T, dtype=np.float32)  # [D, M], d = (c*kh+ky)*kw+kx
+    return node.input[0], W, bias, False, False, geometry

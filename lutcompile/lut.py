@@ -113,3 +113,59 @@ def apply_reference(X: np.ndarray, params: LutParams) -> np.ndarray:
     flat = X.reshape(-1, X.shape[-1])
     y = scan_reference(encode_reference(flat, params.split_dims, params.thresholds), params)
     return y.reshape(*lead, params.M)
+
+
+CONV_OP_TYPE = "LutConv"
+
+
+@dataclass
+class ConvGeometry:
+    """Where a LutConv's patches come from (see docs/lutmatmul.md, LutConv)."""
+
+    in_channels: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilations: tuple[int, int] = (1, 1)
+
+    @property
+    def D(self) -> int:
+        return self.in_channels * self.kernel[0] * self.kernel[1]
+
+    def output_size(self, H: int, W: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        top, left, bottom, right = self.pads
+        return ((H + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+                (W + left + right - dw * (kw - 1) - 1) // sw + 1)
+
+
+def im2col_reference(X: np.ndarray, g: ConvGeometry, positions: np.ndarray | None = None) -> np.ndarray:
+    """float32 [rows, D] patches of X [N, Cin, H, W], rows ordered (n, oy, ox).
+
+    `positions`, if given, selects rows (flat indices into n*OH*OW + oy*OW + ox), so a
+    calibration sample never materialises every patch.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    N, Cin, H, W = X.shape
+    top, left, bottom, right = g.pads
+    padded = np.pad(X, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    OH, OW = g.output_size(H, W)
+    (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
+    if positions is None:
+        positions = np.arange(N * OH * OW)
+    n, rest = np.divmod(positions, OH * OW)
+    oy, ox = np.divmod(rest, OW)
+    ky, kx = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
+    rows = oy[:, None, None] * sh + ky[None] * dh  # [R, kh, kw]
+    cols = ox[:, None, None] * sw + kx[None] * dw
+    patches = padded[n[:, None, None, None], np.arange(Cin)[None, :, None, None],
+                     rows[:, None], cols[:, None]]  # [R, Cin, kh, kw]
+    return patches.reshape(len(positions), -1)
+
+
+def apply_conv_reference(X: np.ndarray, params: LutParams, g: ConvGeometry) -> np.ndarray:
+    """LutConv on X [N, Cin, H, W] in numpy: [N, M, OH, OW]."""
+    N, _, H, W = X.shape
+    OH, OW = g.output_size(H, W)
+    y = apply_reference(im2col_reference(X, g), params)  # [N*OH*OW, M]
+    return y.reshape(N, OH, OW, params.M).transpose(0, 3, 1, 2).copy()

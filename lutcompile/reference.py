@@ -10,8 +10,8 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from .lut import DOMAIN, apply_reference
-from .rewrite import params_from_node
+from .lut import DOMAIN, apply_conv_reference, apply_reference
+from .rewrite import geometry_from_node, params_from_node
 
 
 class LutMatMul(OpRun):
@@ -24,5 +24,16 @@ class LutMatMul(OpRun):
         return (apply_reference(np.asarray(X, dtype=np.float32), params),)
 
 
+class LutConv(OpRun):
+    """LutConv evaluated by `apply_conv_reference`."""
+
+    op_domain = DOMAIN
+
+    def _run(self, X, **_attributes):
+        node = self.onnx_node
+        return (apply_conv_reference(np.asarray(X, dtype=np.float32), params_from_node(node),
+                                     geometry_from_node(node)),)
+
+
 def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
-    return ReferenceEvaluator(model, new_ops=[LutMatMul])
+    return ReferenceEvaluator(model, new_ops=[LutMatMul, LutConv])

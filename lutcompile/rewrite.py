@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .frontend import TargetNode
-from .lut import DOMAIN, K, OP_TYPE, LutParams
+from .lut import CONV_OP_TYPE, DOMAIN, K, OP_TYPE, ConvGeometry, LutParams
 
 OPSET_VERSION = 1
 
@@ -41,6 +41,20 @@ def lut_attributes(params: LutParams, info: dict[str, str | int] | None = None) 
     }
     attrs.update(info or {})
     return attrs
+
+
+def conv_attributes(g: ConvGeometry) -> dict:
+    return {"in_channels": g.in_channels, "kernel_shape": list(g.kernel), "strides": list(g.strides),
+            "pads": list(g.pads), "dilations": list(g.dilations)}
+
+
+def geometry_from_node(node: onnx.NodeProto) -> ConvGeometry | None:
+    """A LutConv node's patch geometry; None for a LutMatMul."""
+    if node.op_type != CONV_OP_TYPE:
+        return None
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    return ConvGeometry(int(a["in_channels"]), tuple(a["kernel_shape"]), tuple(a["strides"]),
+                        tuple(a["pads"]), tuple(a["dilations"]))
 
 
 def set_lut_attributes(node: onnx.NodeProto, params: LutParams) -> None:
@@ -82,9 +96,11 @@ def rewrite(model: onnx.ModelProto, replacements: list[Replacement]) -> onnx.Mod
         if t.transpose_input:
             x = _swap_last_axes(graph, x, f"{t.name}/lut_input", rank)
         y = gs.Variable(f"{t.name}/lut_output", dtype=np.float32) if t.transpose_output else out
-        graph.nodes.append(gs.Node(op=OP_TYPE, name=t.name, domain=DOMAIN,
-                                   attrs=_graphsurgeon_attributes(lut_attributes(rep.params, rep.info)),
-                                   inputs=[x], outputs=[y]))
+        attrs = lut_attributes(rep.params, rep.info)
+        if t.conv is not None:
+            attrs.update(conv_attributes(t.conv))
+        graph.nodes.append(gs.Node(op=CONV_OP_TYPE if t.conv is not None else OP_TYPE, name=t.name,
+                                   domain=DOMAIN, attrs=_graphsurgeon_attributes(attrs), inputs=[x], outputs=[y]))
         if t.transpose_output:
             _swap_last_axes(graph, y, f"{t.name}/lut_output_T", rank, out)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -87,6 +87,23 @@ class LutModule(torch.nn.Module):
                          self.bias.detach().numpy().astype(np.float32), p.relu)
 
 
+class LutConvModule(torch.nn.Module):
+    """LutConv in torch: unfold the NCHW input into patches, look them up, fold back."""
+
+    def __init__(self, lut: LutModule, geometry):
+        super().__init__()
+        self.lut, self.g = lut, geometry
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.g
+        top, left, bottom, right = g.pads
+        N, _, H, W = x.shape
+        OH, OW = g.output_size(H, W)
+        cols = F.unfold(F.pad(x, (left, right, top, bottom)), g.kernel, dilation=g.dilations, stride=g.strides)
+        y = self.lut(cols.transpose(1, 2))  # [N, OH*OW, M]
+        return y.transpose(1, 2).reshape(N, -1, OH, OW)
+
+
 def _pads(attrs: dict, spatial: int) -> list[int]:
     if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise UnsupportedOp(f"auto_pad={attrs['auto_pad']} is not supported")
@@ -246,10 +263,12 @@ class TorchProgram(torch.nn.Module):
                 self._slot[t.name] = key
             else:
                 self._constants[t.name] = value
-        from .rewrite import params_from_node
+        from .rewrite import geometry_from_node, params_from_node
         for node in self.nodes:
             if node.domain == DOMAIN:
-                self.luts[node.name] = LutModule(params_from_node(node), train_tables)
+                lut = LutModule(params_from_node(node), train_tables)
+                geometry = geometry_from_node(node)
+                self.luts[node.name] = lut if geometry is None else LutConvModule(lut, geometry)
             elif node.op_type == "Constant":
                 a = _attrs(node)
                 value = a.get("value", a.get("value_float", a.get("value_floats", a.get("value_int"))))
@@ -294,5 +313,7 @@ class TorchProgram(torch.nn.Module):
                 model.graph.initializer[i].CopyFrom(
                     numpy_helper.from_array(trained[t.name].astype(dtype), t.name))
         for node in model.graph.node:
-            if node.domain == DOMAIN and self.luts[node.name].tables.requires_grad:
-                set_lut_attributes(node, self.luts[node.name].export_params())
+            lut = self.luts[node.name] if node.domain == DOMAIN else None
+            lut = getattr(lut, "lut", lut)  # a LutConvModule wraps its LutModule
+            if lut is not None and lut.tables.requires_grad:
+                set_lut_attributes(node, lut.export_params())
