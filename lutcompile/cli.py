@@ -1,14 +1,30 @@
-"""Command line: a thin layer over `lutcompile.api.compile_model`.
+"""Command line: a thin layer over `lutcompile.api.compile_model`, `lutcompile.diff` and
+`lutcompile.inspection`.
 
-    lutcompile MODEL --calib NPZ -o OUT [--codebooks C] [--eval NPZ]
+    lutcompile MODEL --calib NPZ -o OUT [--codebooks C] [--eval NPZ] [--report DIR]
+    lutcompile diff MODEL_A MODEL_B [--calib NPZ] [--json] [--exit-code]
+    lutcompile inspect MODEL [--json]
+
+The first word selects `diff` or `inspect` unless a file of that name exists (then it is the
+model to compile, as before).
 
 Exit status: 0 success; 1 unexpected internal error; 2 bad command line; 3 bad input model;
-4 bad calibration or evaluation data; 5 bad output path.
+4 bad calibration or evaluation data; 5 bad output path (including --report DIR);
+6 `inspect` found inconsistent lookup tables. `diff` exits 0 whether or not the models differ,
+unless given --exit-code: then 1 when the graphs differ, 0 when they are identical (the
+convention of `git diff --exit-code`; an internal error also exits 1 but prints
+`lutcompile: error: ...` on stderr).
+
+Progress bars (tqdm, on stderr) show only when stderr is a terminal and --quiet is not given;
+messages go through the `logging` module ("lutcompile" logger): warnings by default, each
+stage with -v, debugging detail with -vv.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 
 from . import api, calibrate, frontend
@@ -17,12 +33,33 @@ from .fit import TABLE_LOSSES
 from .partition import PARTITIONS
 
 EXIT_INTERNAL, EXIT_USAGE, EXIT_MODEL, EXIT_DATA, EXIT_OUTPUT = 1, 2, 3, 4, 5
+EXIT_DIFFERENT = 1  # `diff --exit-code`: the graphs differ
+EXIT_INCONSISTENT = 6  # `inspect`: a lookup node's tables do not hold together
+SUBCOMMANDS = ("diff", "inspect")
+
+log = logging.getLogger("lutcompile")
+
+_EPILOG = """other commands (each with --help):
+  lutcompile diff MODEL_A MODEL_B [--calib NPZ] [--json]   what changed, node by node
+  lutcompile inspect MODEL [--json]                         list and check the lookup nodes
+
+exit status: 0 ok, 1 internal error, 2 bad command line, 3 bad model, 4 bad data,
+5 bad output path, 6 inconsistent tables (inspect)"""
+
+
+def _add_logging_flags(p: argparse.ArgumentParser, progress: bool = False) -> None:
+    if progress:
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", "-v", action="count", default=0,
+                   help="log each stage (-vv: debugging detail)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lutcompile",
-        description="Replace an ONNX model's matrix products with table lookups (LutMatMul).")
+        description="Replace an ONNX model's matrix products with table lookups (LutMatMul).",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="input ONNX model")
     p.add_argument("--calib", required=True,
                    help=".npz with one array per model input (by name) and optional integer 'labels'")
@@ -45,11 +82,68 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled held-out data: also report accuracy of both models on it")
     p.add_argument("--exclude", action="append", default=None, metavar="NODE",
                    help="keep this node exact (repeatable)")
+    p.add_argument("--include", action="append", default=None, metavar="NODE",
+                   help="replace only the named nodes (repeatable)")
+    p.add_argument("--report", metavar="DIR",
+                   help="write report.json and report.html (per-node error, accuracy per stage, "
+                        "bytes, timings, with plots) into DIR")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    p.add_argument("--verbose", "-v", action="store_true", help="log each stage")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_logging_flags(p, progress=True)
     return p
+
+
+def build_diff_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lutcompile diff",
+        description="Pair the nodes of two ONNX models by name and show what changed: op type and "
+                    "domain, D x M, codebooks, partition, table loss, parameter bytes; with --calib, "
+                    "each node's relative output error and both models' accuracy.",
+        epilog="exit status: 0 compared (1 with --exit-code when the graphs differ), 2 bad command "
+               "line, 3 bad model, 4 bad calibration data")
+    p.add_argument("model_a", metavar="MODEL_A", help="the reference model (say, the original)")
+    p.add_argument("model_b", metavar="MODEL_B", help="the model to compare (say, the compiled one)")
+    p.add_argument("--calib", metavar="NPZ",
+                   help="run both models on these rows: per-node relative error, accuracy with labels")
+    p.add_argument("--json", action="store_true", help="print JSON (schema: lutcompile.diff/1)")
+    p.add_argument("--exit-code", action="store_true", help="exit 1 when the graphs differ")
+    p.add_argument("--batch-size", type=int, default=512, help="rows per onnxruntime run (default 512)")
+    _add_logging_flags(p)
+    return p
+
+
+def build_inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lutcompile inspect",
+        description="List a compiled model's LutMatMul nodes with their configuration and check "
+                    "that their tables are consistent.",
+        epilog="exit status: 0 consistent, 3 bad model, 6 inconsistent tables")
+    p.add_argument("model", metavar="MODEL", help="a model compiled by lutcompile")
+    p.add_argument("--json", action="store_true", help="print JSON (schema: lutcompile.inspect/1)")
+    _add_logging_flags(p)
+    return p
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("lutcompile").setLevel(level)
+
+
+def _fail(exc: Exception, debug: bool) -> int:
+    if debug:
+        raise exc
+    code = EXIT_INTERNAL
+    if isinstance(exc, frontend.FrontendError):
+        code = EXIT_MODEL
+    elif isinstance(exc, calibrate.CalibrationError):
+        code = EXIT_DATA
+    elif isinstance(exc, OutputError):
+        code = EXIT_OUTPUT
+    elif isinstance(exc, ValueError):
+        code = EXIT_USAGE
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"lutcompile: error: {message}", file=sys.stderr)
+    return code
 
 
 def _print_summary(result: api.CompileResult, eval_accuracy: tuple[float, float] | None) -> None:
@@ -74,16 +168,20 @@ def _print_summary(result: api.CompileResult, eval_accuracy: tuple[float, float]
     print(f"compiled {len(result.nodes)} node(s) in {total:.1f} s")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main_compile(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.verbose)
     try:
+        if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
+            raise OutputError(f"--report {args.report} exists and is not a directory")
         result = api.compile_model(args.model, args.output, args.calib, codebooks=args.codebooks,
                                    partition=args.partition, table_loss=args.table_loss,
                                    finetune=args.finetune, finetune_tables=args.finetune_tables,
-                                   nodes_to_exclude=args.exclude,
-                                   seed=args.seed, progress=False if args.quiet else None)
+                                   nodes_to_include=args.include, nodes_to_exclude=args.exclude,
+                                   seed=args.seed, report_dir=args.report,
+                                   progress=False if args.quiet else None)
+        for stage, seconds in result.seconds.items():
+            log.info("stage %s: %.2f s", stage, seconds)
         eval_accuracy = None
         if args.eval:
             held_out = calibrate.load_calibration(args.eval, result.model)
@@ -93,21 +191,54 @@ def main(argv: list[str] | None = None) -> int:
                              api.evaluate_accuracy(result.model, held_out))
         _print_summary(result, eval_accuracy)
         print(f"wrote {args.output}")
+        if args.report:
+            print(f"wrote {os.path.join(args.report, 'report.html')} and report.json")
         return 0
     except Exception as exc:
-        if args.debug:
-            raise
-        code = EXIT_INTERNAL
-        if isinstance(exc, frontend.FrontendError):
-            code = EXIT_MODEL
-        elif isinstance(exc, calibrate.CalibrationError):
-            code = EXIT_DATA
-        elif isinstance(exc, OutputError):
-            code = EXIT_OUTPUT
-        elif isinstance(exc, ValueError):
-            code = EXIT_USAGE
-        print(f"lutcompile: error: {exc}", file=sys.stderr)
-        return code
+        return _fail(exc, args.debug)
+
+
+def main_diff(argv: list[str]) -> int:
+    from .diff import diff_models, format_diff
+    args = build_diff_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        result = diff_models(args.model_a, args.model_b, args.calib, batch_size=args.batch_size)
+        if args.json:
+            print(json.dumps(result.to_json(), indent=2, allow_nan=False))
+        else:
+            print(format_diff(result))
+        return EXIT_DIFFERENT if args.exit_code and not result.identical else 0
+    except Exception as exc:
+        return _fail(exc, args.debug)
+
+
+def main_inspect(argv: list[str]) -> int:
+    from .inspection import format_inspection, inspect_model
+    args = build_inspect_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        result = inspect_model(args.model)
+        if args.json:
+            print(json.dumps(result.to_json(), indent=2, allow_nan=False))
+        else:
+            print(format_inspection(result))
+        if not result.consistent:
+            for problem in result.problems:
+                print(f"lutcompile: error: {args.model}: {problem}", file=sys.stderr)
+            return EXIT_INCONSISTENT
+        return 0
+    except Exception as exc:
+        return _fail(exc, args.debug)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS and not os.path.exists(argv[0]):
+        return {"diff": main_diff, "inspect": main_inspect}[argv[0]](argv[1:])
+    return main_compile(argv)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,63 @@ def test_cli_errors_are_one_line_with_distinct_status(tmp_path, make_args, code,
     assert len(err) == 1 and err[0].startswith("lutcompile: error:") and message in err[0], err
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("options,partition,tables", [
+    (["--partition", "r2", "--table-loss", "mse", "--no-finetune"], "r2", ["mse"] * 4),
+    (["--partition", "contiguous", "--table-loss", "ridge", "--finetune-tables"], "contiguous", ["ridge"] * 4),
+])
+def test_cli_fit_options_reach_the_nodes(tmp_path, options, partition, tables):
+    out = tmp_path / "o.onnx"
+    proc = run_cli(MODEL, "--calib", CALIB, "-o", out, "--codebooks", "2", "-q", *options)
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(str(out))
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in model.graph.node]
+    assert [a["partition"].decode() for a in attrs] == [partition] * 4
+    assert [a["table_loss"].decode() for a in attrs] == tables
+    stages = [l for l in proc.stdout.splitlines() if l.startswith("calibration accuracy ")]
+    if "--no-finetune" in options:
+        assert stages == []
+    else:
+        assert stages[-1].startswith("calibration accuracy tables fine-tuned")
+
+
+def run_cli_on_a_terminal(*args):
+    """Run the CLI with stderr on a pseudo-terminal (100 columns); (status, stdout, stderr)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "lutcompile", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out = proc.stdout.read().decode()
+    proc.wait(timeout=600)
+    os.close(master)
+    return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+def test_cli_progress_bars_on_a_terminal_unless_quiet_and_verbose_logging(tmp_path):
+    fast = ["--calib", CALIB, "-o", tmp_path / "o.onnx", "-C", "2", "--partition", "contiguous",
+            "--table-loss", "ridge", "--no-finetune"]
+    code, out, err = run_cli_on_a_terminal(MODEL, *fast, "-v")
+    assert code == 0, err
+    assert "fit:" in err and "%|" in err  # tqdm's bar
+    assert "INFO lutcompile: fitted /0/Gemm: 784x200 C=2 ridge" in err
+    assert "INFO lutcompile: stage fit:" in err
+    code, out, err = run_cli_on_a_terminal(MODEL, *fast, "--quiet")
+    assert code == 0, err
+    assert "%|" not in err and "INFO" not in err
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'o.onnx'}"
