@@ -30,7 +30,7 @@ class FinetuneOptions:
     table_epochs: int = 10
     table_lr: float = 1e-2
     tables_in_pass: bool = False  # also train the replaced nodes' tables at every step of the pass
-    val_fraction: float = 0.1  # rows held out to pick the best epoch
+    val_fraction: float = 0.05  # rows held out to pick the best epoch
     seed: int = 0
 
 
