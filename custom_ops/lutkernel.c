@@ -1,23 +1,44 @@
 /*
- * lutkernel.c: LutMatMul encode + scan, scalar / AVX2 / AVX-512BW paths in one compile.
+ * lutkernel.c: LutMatMul encode + scan, scalar / AVX2 / AVX-512 paths in one compile.
  *
  * Semantics (docs/lutmatmul.md), per row n, codebook c, output m:
- *   code[n,c] = 4-level tree walk, i = 2*i + (X[n, split[c,l]] > thr[c, 2^l-1+i])
+ *   code[n,c] = 4-level tree walk, q = 2*q + (X[n, split[c,l]] > thr[c][q]) from q = 1
+ *               (q is the 1-based heap index; the code is q - 16 after four levels)
  *   acc[n,m]  = sum_c tables[m, c, code[n,c]]                  (exact integers)
  *   Y[n,m]    = (float)acc * scale + base[m],  base[m] = bias[m] + ((0+off[0])+off[1])+...
  *   relu:       Y = Y > 0 ? Y : 0
  * The float epilogue is written as separate multiply and add; the build uses
  * -ffp-contract=off so no path fuses them.
  *
- * Work is done in blocks of BLOCK = 64 rows.  A block's codes live in a column-major
- * scratch "blk[c*BLOCK + j]" (codebook c, row j of the block), so a SIMD register holds
- * one codebook's codes for 32 (AVX2) or 64 (AVX-512) rows.
+ * Work is done in blocks of BLOCK = 64 rows: encode the block's codes into an L1-resident
+ * scratch "blk", then scan it against every output.  The ONNX op splits rows over threads.
  *
- * SIMD scan: tables are repacked at plan creation into groups of MB = 8 outputs:
- * packed[g][c][i][16] = tables[8g+i][c][:] (zero padded past M).  For a group and a
- * codebook, each output's 16-byte table is broadcast to every 128-bit lane and looked up
- * with a byte shuffle (pshufb) for all rows of the register at once.  The looked-up bytes
- * are accumulated exactly in 16-bit lanes with two accumulators per output:
+ * Encode (AVX2 and AVX-512 share the first step).  For 16 rows at a time, the four split
+ * values of each codebook are copied with scalar loads, four rows per 16-byte store, into a
+ * column buffer vals[k*16 + r] (k: the split dims in ascending order; on Zen 4 this costs
+ * about 0.75 cycles per value from L1 where vgatherdps costs 1.3), then the trees are walked
+ * with one SIMD lane per row: the threshold of each lane's node is fetched from the
+ * codebook's 16-float threshold vector with vpermps (AVX2: two 8-float halves, the last
+ * level reads the upper half with index bits 0-2), compared, and q = 2q + (v > t).  NaN
+ * compares false, as in the spec.  When X comes from L3 the copy is bound by moving X's
+ * cache lines (every line of a row holds some split dim once C is large).
+ *
+ * Scan, AVX-512 (F, BW, VL, VBMI, VNNI): one 64-byte vpermb table holds the 16-entry tables
+ * of 4 codebooks of one output, and a codes register holds, for 16 rows, one dword per row
+ * whose byte j is (code of codebook 4g+j) + 16j.  vpermb looks up 64 entries at once, and
+ * vpdpbusd with a vector of ones adds each row's 4 looked-up bytes into its uint32
+ * accumulator: exact, no overflow for C < 2^24, two instructions per 64 lookups.  (Measured
+ * on Zen 4 in registers: about 46 lookups/cycle, against 21 for vpshufb plus exact 16-bit
+ * widening; docs/results/bench_kernel.md.)  A tile is 16 outputs x 16 rows: 16 accumulators,
+ * transposed 16x16 in registers, then dequantised (+bias, ReLU) and stored as 16
+ * consecutive floats per row (a last tile of at most 4 outputs gets a 4-wide epilogue).  Tables are repacked at plan time as [tile][group][16][64] so
+ * a tile's tables are one contiguous stream, kept in L1 while the tile visits the block's
+ * four row groups.
+ *
+ * Scan, AVX2: codes are one byte per row and codebook (blk[c*BLOCK + row]), 32 rows per
+ * register; each output's 16-byte table is broadcast to both lanes and looked up with
+ * vpshufb.  The looked-up bytes are accumulated exactly in 16-bit lanes with two
+ * accumulators per output:
  *   all += v (as 16-bit lanes: even-row byte + 256 * odd-row byte, mod 2^16)
  *   odd += v >> 8 (per 16-bit lane: the odd-row byte)
  * so that odd-row sums = odd and even-row sums = all - (odd << 8) (mod 2^16), exact while a
@@ -26,7 +47,11 @@
  * The uint32 sums are kept in "phase" order: 32-bit lane p of phase q holds row 4p+q of
  * the register's rows (q = 0: even & 0xffff, 1: odd & 0xffff, 2: even >> 16,
  * 3: odd >> 16); the epilogue converts to float, applies scale/base/relu, transposes
- * outputs x rows in registers and stores each row's MB (or 4) consecutive outputs.
+ * outputs x rows in registers and stores each row's 4 consecutive outputs.
+ *
+ * Codes stay one per byte inside a block (the AVX-512 bytes are 6-bit vpermb indices):
+ * a block's codes are C*64 bytes and never leave L1, so packing two per byte would only add
+ * unpacking work to the scan's inner loop (a few percent, docs/results/bench_kernel.md).
  */
 #include "lutkernel.h"
 
@@ -38,26 +63,32 @@
 #include <string.h>
 
 #define BLOCK 64   /* rows per block */
-#define MB 8       /* outputs per packed table group */
-#define CHUNK 257  /* codebooks per exact uint16 accumulation chunk */
+#define RG 16      /* rows per encode group (SIMD lanes of a tree walk) */
+#define ENC_CH 16  /* codebooks per split-value copy (vals: 16*4*16 floats = 4 KB) */
+#define MB 8       /* AVX2: outputs per packed table group */
+#define CHUNK 257  /* AVX2: codebooks per exact uint16 accumulation chunk */
+#define TILE 16    /* AVX-512: outputs per tile */
 #define MAX_C (1 << 24)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
 
-/* gathers index rows with int32 offsets row*D: keep them in range */
-#define AVX2_ENCODE_MAX_D (INT32_MAX / 8)
-#define AVX512_ENCODE_MAX_D (INT32_MAX / 16)
 /* signed int32 -> float conversion is exact-equivalent while 255 * C < 2^31 */
 #define SIGNED_CVT_MAX_C (INT32_MAX / 255)
 
 struct lut_plan {
     int64_t D, M, C;
-    int64_t G;        /* ceil(M / MB) */
+    int64_t Cq;       /* ceil(C / 4): groups of four codebooks */
+    int64_t G;        /* AVX2: ceil(M / MB) */
+    int64_t T;        /* AVX-512: ceil(M / TILE) */
     int relu;
     float scale;
     int32_t *split;   /* [C][4] */
-    float *thr;       /* [C][16]: the 15 heap-ordered thresholds + one zero pad */
+    int32_t *gdim;    /* [C*4]: per chunk of ENC_CH codebooks, its split dims in ascending */
+    int32_t *gpos;    /* order, and where in that order (c, l)'s value is (see gather)     */
+    float *thr;       /* [C][16]: thr[c][q] = threshold of 1-based heap node q; [c][0] = 0 */
     uint8_t *tables;  /* [M][C][16] (scalar path) */
-    uint8_t *packed;  /* [G][C][MB][16] (SIMD paths), NULL if none is supported */
-    float *base;      /* [G*MB] bias + offset_total, zero padded */
+    uint8_t *tab2;    /* AVX2: [G][C][MB][16], zero padded past M; NULL if unsupported */
+    uint8_t *tab5;    /* AVX-512: [T][Cq][TILE][64], zero padded; NULL if unsupported */
+    float *base;      /* [max(G*MB, T*TILE)] bias + offset_total, zero padded */
 };
 
 /* ------------------------------------------------------------------------------------ */
@@ -96,8 +127,10 @@ int lut_paths_available(void) {
     mask = 1 << LUT_PATH_SCALAR;
     if (__builtin_cpu_supports("avx2")) {
         mask |= 1 << LUT_PATH_AVX2;
+        /* the AVX-512 scan needs vpermb (VBMI) and vpdpbusd (VNNI): Ice Lake, Zen 4 and later */
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-            __builtin_cpu_supports("avx512vl"))
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+            __builtin_cpu_supports("avx512vnni"))
             mask |= 1 << LUT_PATH_AVX512;
     }
     __atomic_store_n(&detected_paths, mask, __ATOMIC_RELAXED);
@@ -176,9 +209,12 @@ int lut_resolve_path(int requested, char *err, size_t errlen) {
 void lut_plan_destroy(lut_plan *plan) {
     if (!plan) return;
     free(plan->split);
+    free(plan->gdim);
+    free(plan->gpos);
     free(plan->thr);
     free(plan->tables);
-    free(plan->packed);
+    free(plan->tab2);
+    free(plan->tab5);
     free(plan->base);
     free(plan);
 }
@@ -238,8 +274,8 @@ static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, in
         return set_err(err, errlen, LUT_EINVAL, "attribute 'thresholds' is missing (NULL)");
     int64_t G = 0;
     if (!encoder_only) {
-        /* M * C * 16 without overflow (M, C < 2^40, 2^24 already; be explicit anyway) */
-        if (M + MB > INT64_MAX / (C * LUT_K))
+        /* padded M * padded C * 16 without overflow (M, C < 2^40, 2^24 already; be explicit) */
+        if (M + TILE > INT64_MAX / ((C + 4) * LUT_K))
             return set_err(err, errlen, LUT_EINVAL, "attribute 'tables' would be too large");
         if (n_tables != M * C * LUT_K)
             return set_err(err, errlen, LUT_EINVAL,
@@ -273,40 +309,76 @@ static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, in
         G = (M + MB - 1) / MB;
     }
 
+
     lut_plan *p = (lut_plan *)calloc(1, sizeof *p);
     if (!p) return set_err(err, errlen, LUT_ENOMEM, "out of memory creating the LutMatMul plan");
+    const int paths = lut_paths_available();
     p->D = D;
     p->M = M;
     p->C = C;
+    p->Cq = (C + 3) / 4;
     p->G = G;
+    p->T = (M + TILE - 1) / TILE;
     p->relu = (int)relu;
     p->scale = encoder_only ? 1.0f : scale;
     p->split = (int32_t *)alloc64((size_t)C * LUT_DEPTH * sizeof(int32_t));
     p->thr = (float *)alloc64((size_t)C * 16 * sizeof(float));
-    if (!p->split || !p->thr) goto oom;
+    p->gdim = (int32_t *)alloc64((size_t)C * LUT_DEPTH * sizeof(int32_t));
+    p->gpos = (int32_t *)alloc64((size_t)C * LUT_DEPTH * sizeof(int32_t));
+    if (!p->split || !p->thr || !p->gdim || !p->gpos) goto oom;
     for (int64_t i = 0; i < C * LUT_DEPTH; i++) p->split[i] = (int32_t)split_dims[i];
+    for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) { /* sort each chunk's (dim, slot) by dim */
+        const int n = (int)((C - c0 < ENC_CH ? C - c0 : ENC_CH) * LUT_DEPTH);
+        int32_t *dim = p->gdim + c0 * LUT_DEPTH, *pos = p->gpos + c0 * LUT_DEPTH;
+        int32_t slot[ENC_CH * LUT_DEPTH];
+        for (int k = 0; k < n; k++) {
+            const int32_t d = p->split[c0 * LUT_DEPTH + k];
+            int i = k;
+            for (; i > 0 && dim[i - 1] > d; i--) {
+                dim[i] = dim[i - 1];
+                slot[i] = slot[i - 1];
+            }
+            dim[i] = d;
+            slot[i] = k;
+        }
+        for (int k = 0; k < n; k++) pos[slot[k]] = k;
+    }
     for (int64_t c = 0; c < C; c++) {
-        memcpy(p->thr + c * 16, thresholds + c * LUT_NODES, LUT_NODES * sizeof(float));
-        p->thr[c * 16 + 15] = 0.0f;
+        p->thr[c * 16] = 0.0f; /* never read: heap nodes are 1..15 */
+        memcpy(p->thr + c * 16 + 1, thresholds + c * LUT_NODES, LUT_NODES * sizeof(float));
     }
     if (!encoder_only) {
+        const int64_t Mpad = G * MB > p->T * TILE ? G * MB : p->T * TILE;
         size_t tbytes = (size_t)M * (size_t)C * LUT_K;
         p->tables = (uint8_t *)alloc64(tbytes);
-        p->base = (float *)alloc64((size_t)G * MB * sizeof(float));
+        p->base = (float *)alloc64((size_t)Mpad * sizeof(float));
         if (!p->tables || !p->base) goto oom;
         memcpy(p->tables, tables, tbytes);
         float offset_total = 0.0f;
         for (int64_t c = 0; c < C; c++) offset_total = offset_total + offsets[c];
-        for (int64_t m = 0; m < G * MB; m++) p->base[m] = m < M ? bias[m] + offset_total : 0.0f;
-        if (lut_paths_available() & ((1 << LUT_PATH_AVX2) | (1 << LUT_PATH_AVX512))) {
+        for (int64_t m = 0; m < Mpad; m++) p->base[m] = m < M ? bias[m] + offset_total : 0.0f;
+        if (paths & (1 << LUT_PATH_AVX2)) {
             size_t pbytes = (size_t)G * (size_t)C * MB * LUT_K;
-            p->packed = (uint8_t *)alloc64(pbytes);
-            if (!p->packed) goto oom;
-            memset(p->packed, 0, pbytes);
+            p->tab2 = (uint8_t *)alloc64(pbytes);
+            if (!p->tab2) goto oom;
+            memset(p->tab2, 0, pbytes);
             for (int64_t m = 0; m < M; m++) {
                 int64_t g = m / MB, i = m % MB;
                 for (int64_t c = 0; c < C; c++)
-                    memcpy(p->packed + ((g * C + c) * MB + i) * LUT_K,
+                    memcpy(p->tab2 + ((g * C + c) * MB + i) * LUT_K,
+                           p->tables + (m * C + c) * LUT_K, LUT_K);
+            }
+        }
+        if (paths & (1 << LUT_PATH_AVX512)) {
+            /* tile t, group g, slot i: the 64 bytes tables[16t+i][4g .. 4g+3][0..15] */
+            size_t pbytes = (size_t)p->T * (size_t)p->Cq * TILE * 64;
+            p->tab5 = (uint8_t *)alloc64(pbytes);
+            if (!p->tab5) goto oom;
+            memset(p->tab5, 0, pbytes);
+            for (int64_t m = 0; m < M; m++) {
+                int64_t t = m / TILE, i = m % TILE;
+                for (int64_t c = 0; c < C; c++)
+                    memcpy(p->tab5 + ((t * p->Cq + c / 4) * TILE + i) * 64 + (c % 4) * LUT_K,
                            p->tables + (m * C + c) * LUT_K, LUT_K);
             }
         }
@@ -335,31 +407,87 @@ int lut_encoder_create(lut_plan **out, int64_t D, int64_t C, const int64_t *spli
                       NULL, 0, 1.0f, NULL, 0, NULL, 0, 0, err, errlen);
 }
 
+
+/* ------------------------------------------------------------------------------------ */
+/* block layouts                                                                         */
+
+/* A block's codes, for rows 0..BLOCK-1 of the block:
+ *   column layout (scalar, AVX2):  blk[c*BLOCK + j] = code of row j, codebook c;
+ *   group layout (AVX-512):        blk[(g*BLOCK + j)*4 + i] = code of row j, codebook 4g+i,
+ *                                  plus 16*i (the vpermb index into the group's 64-byte
+ *                                  table); codebooks past C have code 0.
+ * Both take ceil(C/4)*4*BLOCK bytes.  Rows past the block's valid rows hold valid codes
+ * (0..15) whose results are never stored. */
+enum { LAYOUT_COLUMN, LAYOUT_GROUP };
+
+/* codes[rows][C] (each used modulo 16) -> blk; rows..BLOCK-1 get code 0 */
+static void codes_to_blk(const lut_plan *p, int layout, const uint8_t *codes, int rows,
+                         uint8_t *blk) {
+    const int64_t C = p->C;
+    if (layout == LAYOUT_COLUMN) {
+        memset(blk, 0, (size_t)p->Cq * 4 * BLOCK);
+        for (int j = 0; j < rows; j++)
+            for (int64_t c = 0; c < C; c++) blk[c * BLOCK + j] = (uint8_t)(codes[(int64_t)j * C + c] & 15u);
+        return;
+    }
+    /* group layout: one little-endian dword per row and group, byte i += 16 i */
+    uint32_t *dst = (uint32_t *)(void *)blk;
+    const int64_t full = C / 4; /* groups with 4 codebooks */
+    for (int j = 0; j < BLOCK; j++) {
+        const uint8_t *src = codes + (int64_t)j * C;
+        for (int64_t g = 0; g < p->Cq; g++) {
+            uint32_t w = 0;
+            if (j < rows) {
+                if (g < full) {
+                    memcpy(&w, src + 4 * g, 4);
+                    w &= 0x0F0F0F0Fu;
+                } else {
+                    for (int i = 0; i < (int)(C - 4 * g); i++) w |= (uint32_t)(src[4 * g + i] & 15u) << (8 * i);
+                }
+            }
+            dst[g * BLOCK + j] = w + 0x30201000u;
+        }
+    }
+}
+
+/* blk -> codes[rows][C] */
+static void blk_to_codes(const lut_plan *p, int layout, const uint8_t *blk, int rows,
+                         uint8_t *codes) {
+    const int64_t C = p->C;
+    if (layout == LAYOUT_COLUMN) {
+        for (int j = 0; j < rows; j++)
+            for (int64_t c = 0; c < C; c++) codes[(int64_t)j * C + c] = blk[c * BLOCK + j];
+        return;
+    }
+    for (int j = 0; j < rows; j++)
+        for (int64_t g = 0; g < p->Cq; g++) {
+            const uint32_t w = ((const uint32_t *)(const void *)blk)[g * BLOCK + j] & 0x0F0F0F0Fu;
+            const int n = C - 4 * g < 4 ? (int)(C - 4 * g) : 4;
+            memcpy(codes + (int64_t)j * C + 4 * g, &w, (size_t)n); /* little-endian bytes */
+        }
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* scalar path                                                                           */
 
-/* blk[c*BLOCK + j] = code of row j (X points at the block's first row); rows..63 zeroed */
+/* column layout; X points at the block's first row; rows..BLOCK-1 get code 0 */
 static void encode_block_scalar(const lut_plan *p, const float *X, int rows, uint8_t *blk) {
     const int64_t D = p->D, C = p->C;
+    memset(blk, 0, (size_t)p->Cq * 4 * BLOCK);
     for (int64_t c = 0; c < C; c++) {
         const int32_t *sd = p->split + c * LUT_DEPTH;
         const float *th = p->thr + c * 16;
         uint8_t *dst = blk + c * BLOCK;
         for (int j = 0; j < rows; j++) {
             const float *x = X + (int64_t)j * D;
-            unsigned i = 0;
-            for (int l = 0; l < LUT_DEPTH; l++) {
-                float v = x[sd[l]];
-                float t = th[(1u << l) - 1u + i];
-                i = 2u * i + (v > t ? 1u : 0u);
-            }
-            dst[j] = (uint8_t)i;
+            unsigned q = 1;
+            for (int l = 0; l < LUT_DEPTH; l++) q = 2u * q + (x[sd[l]] > th[q] ? 1u : 0u);
+            dst[j] = (uint8_t)(q - 16u);
         }
-        for (int j = rows; j < BLOCK; j++) dst[j] = 0;
     }
 }
 
-/* Y points at the block's first output row */
+/* column layout; Y points at the block's first output row */
 static void scan_block_scalar(const lut_plan *p, const uint8_t *blk, int rows, float *Y,
                               uint32_t *scratch) {
     (void)scratch;
@@ -379,43 +507,84 @@ static void scan_block_scalar(const lut_plan *p, const uint8_t *blk, int rows, f
 }
 
 /* ------------------------------------------------------------------------------------ */
+/* shared by the SIMD encoders                                                           */
+
+/* vals[k*RG + r] = X[r][gdim[4*c0 + k]] for the RG rows of a group (X points at its first
+ * row) and the split dims of codebooks c0 <= c < c1 (a chunk of ENC_CH) in ascending order;
+ * the value of (c, l) is at k = gpos[4c + l].  Rows past `rows` repeat the last valid row or
+ * are zero: their codes are computed, never stored.  Each pass reads four rows front to back (a
+ * forward stream the prefetchers follow), sharing the index loads, and writes 4 rows per
+ * store. */
+__attribute__((target("avx2")))
+static ALWAYS_INLINE void gather_split_values(const lut_plan *p, const float *X, int rows,
+                                              int64_t c0, int64_t c1, float *vals) {
+    const int32_t *dim = p->gdim + c0 * LUT_DEPTH;
+    const int n = (int)(c1 - c0) * LUT_DEPTH;
+    for (int r = 0; r < RG; r += 4) {
+        if (r >= rows) { /* no valid row in this pass (small N): zeros, not 4 more loads each */
+            for (int k = 0; k < n; k++) _mm_store_ps(vals + k * RG + r, _mm_setzero_ps());
+            continue;
+        }
+        const float *x[4];
+        for (int i = 0; i < 4; i++) x[i] = X + (int64_t)(r + i < rows ? r + i : rows - 1) * p->D;
+        for (int k = 0; k < n; k++) {
+            const int32_t d = dim[k];
+            __m128 v = _mm_load_ss(x[0] + d);
+            v = _mm_insert_ps(v, _mm_load_ss(x[1] + d), 0x10);
+            v = _mm_insert_ps(v, _mm_load_ss(x[2] + d), 0x20);
+            v = _mm_insert_ps(v, _mm_load_ss(x[3] + d), 0x30);
+            _mm_store_ps(vals + k * RG + r, v);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
 /* AVX2 path                                                                             */
 
 #define AVX2_TARGET __attribute__((target("avx2")))
 
+/* Tree walk of one codebook for 8 rows: the split value of level l and row r is
+ * v[pos[l]*RG + r], th holds the codebook's 16 heap thresholds.  Returns q = code + 16. */
+AVX2_TARGET
+static ALWAYS_INLINE __m256i walk8_avx2(const float *th, const float *v, const int32_t *pos) {
+    const __m256 lo = _mm256_load_ps(th), hi = _mm256_load_ps(th + 8);
+    /* level 0: q = 2 + (v > thr[1]); a true compare is all ones (-1), so q - mask adds 1 */
+    __m256 gt = _mm256_cmp_ps(_mm256_load_ps(v + pos[0] * RG), _mm256_broadcast_ss(th + 1), _CMP_GT_OQ);
+    __m256i q = _mm256_sub_epi32(_mm256_set1_epi32(2), _mm256_castps_si256(gt));
+    for (int l = 1; l < LUT_DEPTH; l++) {
+        /* nodes 2..7 are in the lower half; level 3's nodes 8..15 in the upper (q & 7) */
+        const __m256 t = _mm256_permutevar8x32_ps(l < 3 ? lo : hi, q);
+        gt = _mm256_cmp_ps(_mm256_load_ps(v + pos[l] * RG), t, _CMP_GT_OQ); /* NaN compares false */
+        q = _mm256_sub_epi32(_mm256_add_epi32(q, q), _mm256_castps_si256(gt));
+    }
+    return q;
+}
+
+/* column layout */
 AVX2_TARGET
 static void encode_block_avx2(const lut_plan *p, const float *X, int rows, uint8_t *blk) {
-    const int64_t D = p->D, C = p->C;
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i vidx = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)D));
-    const __m256i seven = _mm256_set1_epi32(7);
-    for (int r0 = 0; r0 < BLOCK; r0 += 8) {
+    _Alignas(64) float vals[ENC_CH * LUT_DEPTH * RG];
+    const int64_t C = p->C;
+    const __m256i sixteen = _mm256_set1_epi32(16);
+    for (int r0 = 0; r0 < BLOCK; r0 += RG) {
         if (r0 >= rows) {
-            for (int64_t c = 0; c < C; c++) memset(blk + c * BLOCK + r0, 0, 8);
+            for (int64_t c = 0; c < C; c++) memset(blk + c * BLOCK + r0, 0, RG);
             continue;
         }
-        const int valid = rows - r0 < 8 ? rows - r0 : 8;
-        const __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lane));
-        const float *xg = X + (int64_t)r0 * D;
-        for (int64_t c = 0; c < C; c++) {
-            const int32_t *sd = p->split + c * LUT_DEPTH;
-            const __m256 tlo = _mm256_loadu_ps(p->thr + c * 16);
-            const __m256 thi = _mm256_loadu_ps(p->thr + c * 16 + 8);
-            __m256i node = _mm256_setzero_si256();
-            for (int l = 0; l < LUT_DEPTH; l++) {
-                __m256 v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xg + sd[l], vidx, mask, 4);
-                __m256i idx = _mm256_add_epi32(node, _mm256_set1_epi32((1 << l) - 1));
-                __m256 t = _mm256_permutevar8x32_ps(tlo, idx);
-                if (l == LUT_DEPTH - 1) { /* heap indices 7..14 straddle the two halves */
-                    __m256 t2 = _mm256_permutevar8x32_ps(thi, idx);
-                    t = _mm256_blendv_ps(t, t2, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
-                }
-                __m256 gt = _mm256_cmp_ps(v, t, _CMP_GT_OQ); /* NaN compares false */
-                node = _mm256_sub_epi32(_mm256_add_epi32(node, node), _mm256_castps_si256(gt));
+        const int valid = rows - r0 < RG ? rows - r0 : RG;
+        for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) {
+            const int64_t c1 = C - c0 < ENC_CH ? C : c0 + ENC_CH;
+            gather_split_values(p, X + (int64_t)r0 * p->D, valid, c0, c1, vals);
+            for (int64_t c = c0; c < c1; c++) {
+                const int32_t *pos = p->gpos + c * LUT_DEPTH;
+                const __m256i a = _mm256_sub_epi32(walk8_avx2(p->thr + c * 16, vals, pos), sixteen);
+                const __m256i b = _mm256_sub_epi32(walk8_avx2(p->thr + c * 16, vals + 8, pos), sixteen);
+                /* 16 dwords -> 16 bytes in row order: packus works per 128-bit lane */
+                const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+                const __m128i codes = _mm_packus_epi16(_mm256_castsi256_si128(w),
+                                                       _mm256_extracti128_si256(w, 1));
+                _mm_storeu_si128((__m128i *)(blk + c * BLOCK + r0), codes);
             }
-            __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(node), _mm256_extracti128_si256(node, 1));
-            w = _mm_packus_epi16(w, w);
-            _mm_storel_epi64((__m128i *)(blk + c * BLOCK + r0), w);
         }
     }
 }
@@ -447,7 +616,7 @@ static void scan_block_avx2(const lut_plan *p, const uint8_t *blk, int rows, flo
                 const int64_t m0 = g * MB + s * 4;
                 if (m0 >= M) break;
                 const int mb = M - m0 < 4 ? (int)(M - m0) : 4;
-                const uint8_t *tg = p->packed + g * C * MB * LUT_K + s * 4 * LUT_K;
+                const uint8_t *tg = p->tab2 + g * C * MB * LUT_K + s * 4 * LUT_K;
                 for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
                     const int64_t c1 = C - c0 < CHUNK ? C : c0 + CHUNK;
                     __m256i aa0 = _mm256_setzero_si256(), aa1 = aa0, aa2 = aa0, aa3 = aa0;
@@ -521,130 +690,183 @@ static void scan_block_avx2(const lut_plan *p, const uint8_t *blk, int rows, flo
     }
 }
 
+
 /* ------------------------------------------------------------------------------------ */
 /* AVX-512 path                                                                          */
 
-#define AVX512_TARGET __attribute__((target("avx2,avx512f,avx512bw,avx512vl")))
+#define AVX512_TARGET \
+    __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")))
 
+/* Tree walk of one codebook for 16 rows (see walk8_avx2).  Returns q = code + 16. */
+AVX512_TARGET
+static ALWAYS_INLINE __m512i walk16_avx512(const float *th, const float *v, const int32_t *pos) {
+    const __m512 thr = _mm512_load_ps(th);
+    const __m512i one = _mm512_set1_epi32(1);
+    __mmask16 gt = _mm512_cmp_ps_mask(_mm512_load_ps(v + pos[0] * RG), _mm512_set1_ps(th[1]), _CMP_GT_OQ);
+    __m512i q = _mm512_mask_blend_epi32(gt, _mm512_set1_epi32(2), _mm512_set1_epi32(3));
+    for (int l = 1; l < LUT_DEPTH; l++) {
+        gt = _mm512_cmp_ps_mask(_mm512_load_ps(v + pos[l] * RG), _mm512_permutexvar_ps(q, thr),
+                                _CMP_GT_OQ); /* NaN compares false */
+        q = _mm512_add_epi32(q, q);
+        q = _mm512_mask_add_epi32(q, gt, q, one);
+    }
+    return q;
+}
+
+/* group layout */
 AVX512_TARGET
 static void encode_block_avx512(const lut_plan *p, const float *X, int rows, uint8_t *blk) {
-    const int64_t D = p->D, C = p->C;
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i vidx = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)D));
-    const __m512i one = _mm512_set1_epi32(1);
-    for (int r0 = 0; r0 < BLOCK; r0 += 16) {
-        if (r0 >= rows) {
-            for (int64_t c = 0; c < C; c++) memset(blk + c * BLOCK + r0, 0, 16);
-            continue;
-        }
-        const int valid = rows - r0 < 16 ? rows - r0 : 16;
-        const __mmask16 k = (__mmask16)(valid == 16 ? 0xffffu : ((1u << valid) - 1u));
-        const float *xg = X + (int64_t)r0 * D;
-        for (int64_t c = 0; c < C; c++) {
-            const int32_t *sd = p->split + c * LUT_DEPTH;
-            const __m512 th = _mm512_loadu_ps(p->thr + c * 16);
-            __m512i node = _mm512_setzero_si512();
-            for (int l = 0; l < LUT_DEPTH; l++) {
-                __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, vidx, xg + sd[l], 4);
-                __m512 t = _mm512_permutexvar_ps(_mm512_add_epi32(node, _mm512_set1_epi32((1 << l) - 1)), th);
-                __mmask16 gt = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ); /* NaN compares false */
-                node = _mm512_add_epi32(node, node);
-                node = _mm512_mask_add_epi32(node, gt, node, one);
+    _Alignas(64) float vals[ENC_CH * LUT_DEPTH * RG];
+    const int64_t C = p->C;
+    /* q_i = code_i + 16; byte i must be code_i + 16 i: add -16, 0, +16, +32 to the bytes
+     * (no byte over- or underflows, so one 32-bit add does it) */
+    const __m512i adjust = _mm512_set1_epi32(0x20100000 - 16);
+    const __m512i empty = _mm512_set1_epi32(16); /* q of a padding codebook: code 0 */
+    for (int r0 = 0; r0 < rows; r0 += RG) {
+        const int valid = rows - r0 < RG ? rows - r0 : RG;
+        for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) { /* ENC_CH is a multiple of 4 */
+            const int64_t c1 = C - c0 < ENC_CH ? C : c0 + ENC_CH;
+            gather_split_values(p, X + (int64_t)r0 * p->D, valid, c0, c1, vals);
+            for (int64_t c = c0; c < c1; c += 4) {
+                __m512i q[4];
+                for (int i = 0; i < 4; i++)
+                    q[i] = c + i < c1 ? walk16_avx512(p->thr + (c + i) * 16, vals,
+                                                      p->gpos + (c + i) * LUT_DEPTH)
+                                      : empty;
+                __m512i w = _mm512_ternarylogic_epi32(q[0], _mm512_slli_epi32(q[1], 8),
+                                                      _mm512_slli_epi32(q[2], 16), 0xFE); /* or */
+                w = _mm512_or_si512(w, _mm512_slli_epi32(q[3], 24));
+                _mm512_store_si512((void *)(blk + ((c / 4) * BLOCK + r0) * 4),
+                                   _mm512_add_epi32(w, adjust));
             }
-            _mm_storeu_si128((__m128i *)(blk + c * BLOCK + r0), _mm512_cvtepi32_epi8(node));
+        }
+    }
+    /* row groups past the valid rows are never scanned */
+}
+
+/* In-place 16x16 transpose of 32-bit elements: r[i] lane j -> r[j] lane i. */
+AVX512_TARGET
+static ALWAYS_INLINE void transpose16_avx512(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* r[4i+k], 128-bit lane L: rows 4i..4i+3, element 4L+k */
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int h = 0; h < 2; h++) /* then move whole 128-bit lanes, in two rounds */
+        for (int k = 0; k < 4; k++) {
+            t[8 * h + k] = _mm512_shuffle_f32x4(r[8 * h + k], r[8 * h + 4 + k], 0x88);
+            t[8 * h + 4 + k] = _mm512_shuffle_f32x4(r[8 * h + k], r[8 * h + 4 + k], 0xDD);
+        }
+    for (int k = 0; k < 8; k++) {
+        r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
+        r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xDD);
+    }
+}
+
+/* acc[i] (lane j = row j) += sum over groups of the tables of the tile's output slot i,
+ * for slots 0..n-1 (n a compile-time constant after inlining).  codes points at group 0 of
+ * the row group in the block, tab at group 0 of the tile. */
+AVX512_TARGET
+static ALWAYS_INLINE void accumulate_avx512(const uint8_t *codes, const uint8_t *tab,
+                                            int64_t Cq, int n, __m512i acc[TILE]) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int i = 0; i < n; i++) acc[i] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < Cq; g++) {
+        const __m512i idx = _mm512_load_si512((const void *)(codes + g * BLOCK * 4));
+        const uint8_t *t = tab + g * TILE * 64;
+        for (int i = 0; i < n; i++) {
+            const __m512i v = _mm512_permutexvar_epi8(idx, _mm512_load_si512((const void *)(t + 64 * i)));
+            acc[i] = _mm512_dpbusd_epi32(acc[i], v, ones); /* += the 4 bytes of each row */
+        }
+    }
+    for (int i = n; i < TILE; i++) acc[i] = _mm512_setzero_si512();
+}
+
+/* Outputs m0..m0+mc-1 (mc <= 4) of acc[0..3] (lane j = row j) for rows 0..nr-1 of Y. */
+AVX512_TARGET
+static ALWAYS_INLINE void store4_avx512(const lut_plan *p, const __m512i acc[4], int64_t m0,
+                                        int mc, int nr, float *Y) {
+    __m512 f[4];
+    for (int i = 0; i < 4; i++) {
+        const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepu32_ps(acc[i]),
+                                                     _mm512_set1_ps(p->scale)),
+                                       _mm512_set1_ps(p->base[m0 + i]));
+        f[i] = p->relu ? _mm512_max_ps(y, _mm512_setzero_ps()) : y;
+    }
+    const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(f[0], f[1]));
+    const __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(f[0], f[1]));
+    const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(f[2], f[3]));
+    const __m512d t3 = _mm512_castps_pd(_mm512_unpackhi_ps(f[2], f[3]));
+    __m512 g[4]; /* g[k], 128-bit lane L: the 4 outputs of row 4L + k */
+    g[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    g[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    g[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    g[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    const __mmask8 sm = (__mmask8)((1u << mc) - 1u);
+    const int64_t M = p->M;
+    for (int k = 0; k < 4; k++) {
+        const __m128 lane[4] = {_mm512_castps512_ps128(g[k]), _mm512_extractf32x4_ps(g[k], 1),
+                                _mm512_extractf32x4_ps(g[k], 2), _mm512_extractf32x4_ps(g[k], 3)};
+        for (int L = 0; L < 4; L++) {
+            const int r = 4 * L + k;
+            if (r >= nr) continue;
+            if (mc == 4)
+                _mm_storeu_ps(Y + (int64_t)r * M + m0, lane[L]);
+            else
+                _mm_mask_storeu_ps(Y + (int64_t)r * M + m0, sm, lane[L]);
         }
     }
 }
 
-/* 8 outputs x 64 rows per pass; acc32 holds [8 outputs][4 phases][16 lanes] */
+/* group layout; Y points at the block's first output row */
 AVX512_TARGET
 static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, float *Y,
-                              uint32_t *acc32) {
-    const int64_t M = p->M, C = p->C, G = p->G;
+                              uint32_t *scratch) {
+    (void)scratch;
+    const int64_t M = p->M, Cq = p->Cq;
     const __m512 vscale = _mm512_set1_ps(p->scale);
     const __m512 zero = _mm512_setzero_ps();
-    const __m512i lo16 = _mm512_set1_epi32(0xffff);
-    /* rows p = k / 4+k (from s_k lanes 0,1) and 8+k / 12+k (lanes 2,3) */
-    const __m512i idx_a = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i idx_b = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    const int relu = p->relu;
-    for (int64_t g = 0; g < G; g++) {
-        const int64_t m0 = g * MB;
-        const int mb = M - m0 < MB ? (int)(M - m0) : MB;
-        const __mmask8 smask = (__mmask8)((1u << mb) - 1u);
-        const uint8_t *tg = p->packed + g * C * MB * LUT_K;
-        for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
-            const int64_t c1 = C - c0 < CHUNK ? C : c0 + CHUNK;
-            __m512i aa[MB], ao[MB];
-#pragma GCC unroll 8
-            for (int i = 0; i < MB; i++) aa[i] = ao[i] = _mm512_setzero_si512();
-            for (int64_t c = c0; c < c1; c++) {
-                const __m512i codes = _mm512_loadu_si512((const void *)(blk + c * BLOCK));
-                const uint8_t *t = tg + c * MB * LUT_K;
-#pragma GCC unroll 8
-                for (int i = 0; i < MB; i++) {
-                    const __m512i tab = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(t + 16 * i)));
-                    const __m512i v = _mm512_shuffle_epi8(tab, codes);
-                    ao[i] = _mm512_add_epi16(ao[i], _mm512_srli_epi16(v, 8));
-                    aa[i] = _mm512_add_epi16(aa[i], v);
-                }
+    for (int64_t t = 0; t < p->T; t++) {
+        const int64_t m0 = t * TILE;
+        const int mc = M - m0 < TILE ? (int)(M - m0) : TILE;
+        const __mmask16 smask = (__mmask16)((1u << mc) - 1u);
+        const uint8_t *tab = p->tab5 + t * Cq * TILE * 64;
+        const __m512 vbase = _mm512_load_ps(p->base + m0);
+        for (int r0 = 0; r0 < rows; r0 += RG) {
+            const uint8_t *codes = blk + (size_t)r0 * 4;
+            __m512i acc[TILE];
+            switch ((mc + 3) / 4) { /* only the tile's used outputs, rounded up to 4 */
+            case 1: accumulate_avx512(codes, tab, Cq, 4, acc); break;
+            case 2: accumulate_avx512(codes, tab, Cq, 8, acc); break;
+            case 3: accumulate_avx512(codes, tab, Cq, 12, acc); break;
+            default: accumulate_avx512(codes, tab, Cq, 16, acc); break;
             }
-#pragma GCC unroll 8
-            for (int i = 0; i < MB; i++) {
-                const __m512i even = _mm512_sub_epi16(aa[i], _mm512_slli_epi16(ao[i], 8));
-                __m512i ph[4];
-                ph[0] = _mm512_and_si512(even, lo16);
-                ph[1] = _mm512_and_si512(ao[i], lo16);
-                ph[2] = _mm512_srli_epi32(even, 16);
-                ph[3] = _mm512_srli_epi32(ao[i], 16);
-                for (int q = 0; q < 4; q++) {
-                    uint32_t *dst = acc32 + (i * 4 + q) * 16;
-                    if (c0 == 0)
-                        _mm512_store_si512((void *)dst, ph[q]);
-                    else
-                        _mm512_store_si512((void *)dst, _mm512_add_epi32(_mm512_load_si512((const void *)dst), ph[q]));
-                }
+            const int nr = rows - r0 < RG ? rows - r0 : RG;
+            if (mc <= 4) { /* a last tile of 1-4 outputs: 4-wide epilogue, 16-byte stores */
+                store4_avx512(p, acc, m0, mc, nr, Y + (int64_t)r0 * M);
+                continue;
             }
-        }
-        /* epilogue: float, transpose 8 outputs x 16 lanes per phase, store rows */
-        for (int q = 0; q < 4; q++) {
-            __m512 f[MB];
-#pragma GCC unroll 8
-            for (int i = 0; i < MB; i++) {
-                const __m512i a = _mm512_load_si512((const void *)(acc32 + (i * 4 + q) * 16));
-                __m512 y = _mm512_mul_ps(_mm512_cvtepu32_ps(a), vscale);
-                y = _mm512_add_ps(y, _mm512_set1_ps(p->base[m0 + i]));
-                if (relu) y = _mm512_max_ps(y, zero); /* y > 0 ? y : +0 (NaN -> 0) */
-                f[i] = y;
-            }
-            __m512 sv[8];
-            for (int h = 0; h < 2; h++) {
-                const __m512 t0 = _mm512_unpacklo_ps(f[4 * h + 0], f[4 * h + 1]);
-                const __m512 t1 = _mm512_unpackhi_ps(f[4 * h + 0], f[4 * h + 1]);
-                const __m512 t2 = _mm512_unpacklo_ps(f[4 * h + 2], f[4 * h + 3]);
-                const __m512 t3 = _mm512_unpackhi_ps(f[4 * h + 2], f[4 * h + 3]);
-                sv[4 * h + 0] = _mm512_shuffle_ps(t0, t2, 0x44); /* lane p = 4L + 0 */
-                sv[4 * h + 1] = _mm512_shuffle_ps(t0, t2, 0xEE); /* 4L + 1 */
-                sv[4 * h + 2] = _mm512_shuffle_ps(t1, t3, 0x44); /* 4L + 2 */
-                sv[4 * h + 3] = _mm512_shuffle_ps(t1, t3, 0xEE); /* 4L + 3 */
-            }
-            for (int k = 0; k < 4; k++) {
-                const __m512 za = _mm512_permutex2var_ps(sv[k], idx_a, sv[k + 4]);
-                const __m512 zb = _mm512_permutex2var_ps(sv[k], idx_b, sv[k + 4]);
-                __m256 rowv[4];
-                rowv[0] = _mm512_castps512_ps256(za);                                        /* p = k */
-                rowv[1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(za), 1)); /* 4 + k */
-                rowv[2] = _mm512_castps512_ps256(zb);                                        /* 8 + k */
-                rowv[3] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(zb), 1)); /* 12 + k */
-                for (int u = 0; u < 4; u++) {
-                    const int r = 4 * (4 * u + k) + q;
-                    if (r >= rows) continue;
-                    float *dst = Y + (int64_t)r * M + m0;
-                    if (mb == MB)
-                        _mm256_storeu_ps(dst, rowv[u]);
-                    else
-                        _mm256_mask_storeu_ps(dst, smask, rowv[u]);
-                }
+            /* epilogue: rows x outputs -> outputs x rows, dequantise, store */
+            __m512 f[TILE];
+            for (int i = 0; i < TILE; i++) f[i] = _mm512_castsi512_ps(acc[i]);
+            transpose16_avx512(f);
+            for (int j = 0; j < nr; j++) {
+                __m512 y = _mm512_cvtepu32_ps(_mm512_castps_si512(f[j]));
+                y = _mm512_add_ps(_mm512_mul_ps(y, vscale), vbase);
+                if (p->relu) y = _mm512_max_ps(y, zero); /* y > 0 ? y : +0 */
+                float *dst = Y + (int64_t)(r0 + j) * M + m0;
+                if (mc == TILE)
+                    _mm512_storeu_ps(dst, y);
+                else
+                    _mm512_mask_storeu_ps(dst, smask, y);
             }
         }
     }
@@ -653,21 +875,19 @@ static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, f
 /* ------------------------------------------------------------------------------------ */
 /* drivers                                                                               */
 
-typedef void (*encode_block_fn)(const lut_plan *, const float *, int, uint8_t *);
-typedef void (*scan_block_fn)(const lut_plan *, const uint8_t *, int, float *, uint32_t *);
+typedef struct {
+    int layout;
+    void (*encode)(const lut_plan *, const float *X, int rows, uint8_t *blk);
+    void (*scan)(const lut_plan *, const uint8_t *blk, int rows, float *Y, uint32_t *scratch);
+} path_ops;
 
-static encode_block_fn pick_encode(const lut_plan *p, int path) {
-    if (path == LUT_PATH_AVX512 && p->D <= AVX512_ENCODE_MAX_D) return encode_block_avx512;
-    if ((path == LUT_PATH_AVX512 || path == LUT_PATH_AVX2) && p->D <= AVX2_ENCODE_MAX_D)
-        return encode_block_avx2;
-    return encode_block_scalar;
-}
-
-static scan_block_fn pick_scan(const lut_plan *p, int path) {
-    if (p->packed && path == LUT_PATH_AVX512) return scan_block_avx512;
-    if (p->packed && path == LUT_PATH_AVX2) return scan_block_avx2;
-    return scan_block_scalar;
-}
+/* indexed by LUT_PATH_*; a path is only used once lut_resolve_path found it supported, and
+ * a supported SIMD path always has its repacked tables (tab2 / tab5) in a full plan */
+static const path_ops PATH_OPS[LUT_NUM_PATHS] = {
+    {LAYOUT_COLUMN, encode_block_scalar, scan_block_scalar},
+    {LAYOUT_COLUMN, encode_block_avx2, scan_block_avx2},
+    {LAYOUT_GROUP, encode_block_avx512, scan_block_avx512},
+};
 
 enum { MODE_ENCODE, MODE_SCAN, MODE_APPLY };
 
@@ -687,35 +907,26 @@ static int run_blocks(int mode, const lut_plan *p, const float *X, const uint8_t
         (mode == MODE_ENCODE ? (void *)codes_out : (void *)Y) == NULL)
         return set_err(err, errlen, LUT_EINVAL, "%s: NULL data pointer", fn);
 
+    const path_ops *ops = &PATH_OPS[rp];
     const int64_t D = p->D, M = p->M, C = p->C;
-    const encode_block_fn enc = pick_encode(p, rp);
-    const scan_block_fn scan = pick_scan(p, rp);
     _Alignas(64) uint8_t stack_blk[16384];
-    _Alignas(64) uint32_t acc32[MB * 4 * 16];
+    _Alignas(64) uint32_t scratch[MB * 4 * 16];
     uint8_t *blk = stack_blk;
-    const size_t blk_bytes = (size_t)C * BLOCK;
+    const size_t blk_bytes = (size_t)p->Cq * 4 * BLOCK;
     if (blk_bytes > sizeof stack_blk) {
         blk = (uint8_t *)alloc64(blk_bytes);
         if (!blk) return set_err(err, errlen, LUT_ENOMEM, "%s: out of memory (%zu bytes)", fn, blk_bytes);
     }
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
         const int rows = N - n0 < BLOCK ? (int)(N - n0) : BLOCK;
-        if (mode == MODE_SCAN) {
-            const uint8_t *src = codes_in + n0 * C;
-            for (int j = 0; j < rows; j++)
-                for (int64_t c = 0; c < C; c++) blk[c * BLOCK + j] = (uint8_t)(src[j * C + c] & 15u);
-            if (rows < BLOCK)
-                for (int64_t c = 0; c < C; c++) memset(blk + c * BLOCK + rows, 0, (size_t)(BLOCK - rows));
-        } else {
-            enc(p, X + n0 * D, rows, blk);
-        }
-        if (mode == MODE_ENCODE) {
-            uint8_t *dst = codes_out + n0 * C;
-            for (int j = 0; j < rows; j++)
-                for (int64_t c = 0; c < C; c++) dst[j * C + c] = blk[c * BLOCK + j];
-        } else {
-            scan(p, blk, rows, Y + n0 * M, acc32);
-        }
+        if (mode == MODE_SCAN)
+            codes_to_blk(p, ops->layout, codes_in + n0 * C, rows, blk);
+        else
+            ops->encode(p, X + n0 * D, rows, blk);
+        if (mode == MODE_ENCODE)
+            blk_to_codes(p, ops->layout, blk, rows, codes_out + n0 * C);
+        else
+            ops->scan(p, blk, rows, Y + n0 * M, scratch);
     }
     if (blk != stack_blk) free(blk);
     return LUT_OK;

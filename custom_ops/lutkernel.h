@@ -2,9 +2,10 @@
  * lutkernel: the LutMatMul kernel (encode + scan) shared by the cffi extension
  * (lutcompile._lutkernel) and the onnxruntime custom-op library (lutcompile._lutops).
  *
- * Semantics: docs/lutmatmul.md.  Every path (scalar, AVX2, AVX-512BW) produces identical
- * codes and bit-identical outputs.  One compile without -march flags holds all paths
- * (GCC target attributes); the path is picked at run time:
+ * Semantics: docs/lutmatmul.md.  Every path (scalar; AVX2; AVX-512 with F, BW, VL, VBMI and
+ * VNNI, i.e. Ice Lake / Zen 4 and later) produces identical codes and bit-identical outputs.
+ * One compile without -march flags holds all paths (GCC target attributes); the path is
+ * picked at run time:
  *
  *   path argument  -1 (LUT_PATH_AUTO): the environment variable LUTCOMPILE_KERNEL_PATH
  *                  (scalar | avx2 | avx512 | auto) if set, else the best supported path

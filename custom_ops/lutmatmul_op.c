@@ -24,8 +24,13 @@
 static const char LUT_DOMAIN[] = "ai.lutcompile";
 static const char LUT_OP_NAME[] = "LutMatMul";
 
-/* rows handed to one thread-pool task: about this many table lookups (M*C per row) */
+/* Rows handed to one thread-pool task: about TASK_WORK units of work, counting M*C table
+ * lookups per row for the scan and ENCODE_COST units per codebook and row for the encode
+ * (measured on Zen 4: encoding a codebook costs about as much as 100-150 lookups).  Tasks
+ * are whole 64-row blocks; with at most one task (tiny N, e.g. batch 1) the kernel runs
+ * inline and the thread pool is not touched. */
 #define TASK_WORK (1 << 18)
+#define ENCODE_COST 128
 #define ROW_ALIGN 64
 
 typedef struct LutKernel {
@@ -388,7 +393,7 @@ static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ct
     job.M = k->M;
     job.path = k->path;
     {
-        int64_t per_row = k->M * k->C + 4 * k->C;
+        int64_t per_row = k->M * k->C + ENCODE_COST * k->C;
         int64_t rows = TASK_WORK / (per_row > 0 ? per_row : 1);
         rows = rows / ROW_ALIGN * ROW_ALIGN;
         job.rows_per_task = rows < ROW_ALIGN ? ROW_ALIGN : rows;

@@ -7,7 +7,8 @@ Two artifacts are built from the same C sources (see custom_ops/build_ffi.py):
 
 Every function takes ``path``: None picks the kernel path automatically (the environment
 variable ``LUTCOMPILE_KERNEL_PATH=scalar|avx2|avx512`` overrides the choice), or one of
-`available_paths()` forces that path.  All paths give identical codes and bit-identical
+`available_paths()` forces that path.  "avx512" needs AVX-512 F, BW, VL, VBMI and VNNI (Ice
+Lake, Zen 4 and later); CPUs with AVX2 but not all of those get "avx2".  All paths give identical codes and bit-identical
 outputs, equal to `lutcompile.lut.encode_reference` / `scan_reference`.
 """
 from __future__ import annotations

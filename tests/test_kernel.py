@@ -94,7 +94,9 @@ def test_available_paths():
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     if flags:
         assert ("avx2" in PATHS) == ("avx2" in flags)
-        want512 = all(f in flags for f in ("avx2", "avx512f", "avx512bw", "avx512vl"))
+        # the AVX-512 scan needs vpermb (VBMI) and vpdpbusd (VNNI) besides F/BW/VL
+        want512 = all(f in flags for f in ("avx2", "avx512f", "avx512bw", "avx512vl",
+                                           "avx512vbmi", "avx512_vnni"))
         assert ("avx512" in PATHS) == want512
 
 
@@ -120,6 +122,41 @@ def test_paths_match_reference(N, M, C):
             assert np.array_equal(y, y_ref), path
             assert np.array_equal(plan.apply(X, path=path), y_ref), path
             assert np.array_equal(plan.encode(X, path=path), codes_ref), path
+
+
+@pytest.mark.parametrize("N, M, C", [
+    (15, 16, 4), (16, 15, 5), (17, 17, 2), (63, 31, 17), (64, 32, 33), (65, 33, 8),
+    (129, 48, 7), (200, 1, 20), (1, 16, 63)])
+def test_block_tile_and_group_edges(N, M, C):
+    """Row counts around the 16-row groups and 64-row blocks, output counts around the 16-wide
+    AVX-512 tiles (and their 4-output steps), codebook counts around the groups of 4 and the
+    16-codebook encode chunks: every path equals the reference and so every other path."""
+    X, params = make_case(7 * N + 3 * M + C, N, M, C, width_for(C) + 40)
+    codes_ref = encode_reference(X, params.split_dims, params.thresholds)
+    outs = {}
+    for relu in (False, True):
+        params.relu = relu
+        plan = kernel.Plan(params)
+        y_ref = scan_reference(codes_ref, params)
+        for path in PATHS:
+            assert np.array_equal(plan.encode(X, path=path), codes_ref), path
+            assert np.array_equal(plan.scan(codes_ref, path=path), y_ref), path
+            outs[path, relu] = plan.apply(X, path=path)
+            assert np.array_equal(outs[path, relu], y_ref), path
+    for path in PATHS:  # bit-identical across paths (implied above; stated for the reader)
+        assert outs[path, True].tobytes() == outs["scalar", True].tobytes()
+
+
+def test_split_dims_at_the_end_of_long_rows():
+    """Split dims at the first and the last column of long rows whose starts are not 16-byte
+    aligned (D = 4099), the last one read from the last row of X."""
+    N, M, C, D = 37, 20, 6, 4099
+    X, params = make_case(21, N, M, C, D)
+    params.split_dims[:, 0] = D - 1
+    params.split_dims[:, 3] = 0
+    y_ref = apply_reference(X, params)
+    for path in PATHS:
+        assert np.array_equal(kernel.apply(X, params, path=path), y_ref), path
 
 
 @pytest.mark.parametrize("C", [257, 258, 300, 600])
@@ -256,6 +293,17 @@ def test_ort_session(threads, relu):
     assert np.array_equal(y3, apply_reference(X3, params))
     assert sess.run(None, {"X": X[0]})[0].shape == (100,)
     assert sess.run(None, {"X": X[:0]})[0].shape == (0, 100)
+
+
+def test_ort_thread_count_invariance():
+    """N=1000 rows with M*C = 6400 lookups each are split into 16 row tasks; run on 1 to 4
+    threads the outputs are identical, and equal to the reference."""
+    X, params = make_case(18, 1000, 100, 64, 200, relu=True)
+    y_ref = apply_reference(X, params)
+    model = lut_model(params)
+    for threads in (1, 2, 3, 4):
+        y = session(model, threads).run(None, {"X": X})[0]
+        assert np.array_equal(y, y_ref), threads
 
 
 def test_ort_every_path_and_long_C(monkeypatch):
