@@ -15,7 +15,7 @@ multiply-adds, so every path rounds exactly like the numpy reference.
 from cffi import FFI
 
 KERNEL_SOURCES = ["custom_ops/lutkernel.c"]
-ORT_SOURCES = ["custom_ops/lutmatmul_op.c"]
+ORT_SOURCES = ["custom_ops/lutmatmul_op.c", "custom_ops/lutconv.c"]
 INCLUDE_DIRS = ["custom_ops"]
 COMPILE_ARGS = [
     "-O3",

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lutconv.h"
 #include "lutkernel.h"
 #include "ort_abi.h"
 
@@ -23,6 +24,7 @@
 
 static const char LUT_DOMAIN[] = "ai.lutcompile";
 static const char LUT_OP_NAME[] = "LutMatMul";
+static const char LUT_CONV_OP_NAME[] = "LutConv";
 
 /* Rows handed to one thread-pool task: about TASK_WORK units of work, counting M*C table
  * lookups per row for the scan and ENCODE_COST units per codebook and row for the encode
@@ -36,10 +38,18 @@ static const char LUT_OP_NAME[] = "LutMatMul";
 typedef struct LutKernel {
     const OrtApi *api;
     lut_plan *plan;
+    lut_conv *conv; /* LutConv only: the patch encoder */
+    int conv_requested;
     int path;
     int64_t D, M, C;
     char node[128];
 } LutKernel;
+
+typedef struct OpDefinition {
+    OrtCustomOp op;
+    void *reserved[8]; /* zero-filled room after the version-17 struct */
+} OpDefinition;
+static const OpDefinition g_lutconv;
 
 /* ------------------------------------------------------------------------------------ */
 /* status helpers                                                                        */
@@ -142,7 +152,36 @@ static void ORT_API_CALL lut_kernel_destroy(void *op_kernel) {
     LutKernel *k = (LutKernel *)op_kernel;
     if (!k) return;
     lut_plan_destroy(k->plan);
+    lut_conv_destroy(k->conv);
     free(k);
+}
+
+/* LutConv's geometry attributes, checked against the tree arrays (see lutconv.h). */
+static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D, int64_t C,
+                             const int64_t *split, int64_t n_split, const float *thr, int64_t n_thr) {
+    const OrtApi *api = k->api;
+    OrtStatus *st = NULL;
+    int64_t cin = 0, *arrays[4] = {NULL, NULL, NULL, NULL};
+    size_t counts[4] = {0, 0, 0, 0};
+    static const char *const names[4] = {"kernel_shape", "strides", "pads", "dilations"};
+    static const size_t expected[4] = {2, 2, 4, 2};
+    if ((st = read_int(api, info, k->node, "in_channels", &cin))) return st;
+    for (int i = 0; i < 4 && !st; i++) {
+        if ((st = read_ints(api, info, k->node, names[i], &arrays[i], &counts[i]))) break;
+        if (counts[i] != expected[i])
+            st = make_status(api, ORT_INVALID_ARGUMENT, "LutConv node '%s': attribute '%s' must have %zu values, got %zu",
+                             k->node, names[i], expected[i], counts[i]);
+    }
+    if (!st) {
+        char err[512];
+        int rc = lut_conv_create(&k->conv, cin, arrays[0], arrays[1], arrays[2], arrays[3], D, C, split,
+                                 n_split, thr, n_thr, err, sizeof err);
+        if (rc != LUT_OK)
+            st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "LutConv node '%s': %s",
+                             k->node, err);
+    }
+    for (int i = 0; i < 4; i++) free(arrays[i]);
+    return st;
 }
 
 /* Everything that can fail; on success k->plan is set.  tables are read last. */
@@ -234,6 +273,8 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     k->D = D;
     k->M = M;
     k->C = C;
+    if (k->conv_requested && (st = build_conv(k, info, D, C, split, (int64_t)n_split, thresholds, (int64_t)n_thr)))
+        goto done;
 
 done:
     if (tinfo) api->ReleaseTensorTypeAndShapeInfo(tinfo); /* [99] */
@@ -247,11 +288,11 @@ done:
 
 static OrtStatus *ORT_API_CALL lut_create_kernel(const OrtCustomOp *op, const OrtApi *api,
                                                  const OrtKernelInfo *info, void **kernel) {
-    (void)op;
     *kernel = NULL;
     LutKernel *k = (LutKernel *)calloc(1, sizeof *k);
     if (!k) return api->CreateStatus(ORT_FAIL, "LutMatMul: out of memory creating the kernel");
     k->api = api;
+    k->conv_requested = op == &g_lutconv.op;
     strcpy(k->node, "?");
     size_t size = 0;
     OrtStatus *st = api->KernelInfo_GetNodeName(info, NULL, &size); /* [244] */
@@ -317,6 +358,85 @@ static void run_task(void *arg, size_t index) {
         memcpy(job->err, err, sizeof err);
 }
 
+/* LutConv: tasks are (image, tile of CONV_TILE output positions); each encodes its patches
+ * straight from the image, scans them into a [tile][M] buffer and writes it out NCHW. */
+#define CONV_TILE 64
+
+typedef struct ConvJob {
+    const LutKernel *k;
+    const float *X;
+    float *Y;
+    int64_t H, W, in_image, positions, tiles;
+    int failed;
+    char err[256];
+} ConvJob;
+
+static void run_conv_task(void *arg, size_t index) {
+    ConvJob *job = (ConvJob *)arg;
+    const LutKernel *k = job->k;
+    const int64_t n = (int64_t)index / job->tiles, first = (int64_t)index % job->tiles * CONV_TILE;
+    const int64_t rows = job->positions - first < CONV_TILE ? job->positions - first : CONV_TILE;
+    uint8_t *codes = (uint8_t *)malloc((size_t)(rows * k->C));
+    float *out = (float *)malloc(sizeof(float) * (size_t)(rows * k->M));
+    char err[256] = "out of memory";
+    int rc = LUT_ENOMEM;
+    if (codes && out) {
+        lut_conv_encode(k->conv, job->X + n * job->in_image, job->H, job->W, first, rows, codes);
+        rc = lut_scan(k->plan, codes, rows, out, k->path, err, sizeof err);
+        if (rc == LUT_OK) {
+            float *y = job->Y + n * k->M * job->positions + first;
+            for (int64_t m = 0; m < k->M; m++)
+                for (int64_t r = 0; r < rows; r++) y[m * job->positions + r] = out[r * k->M + m];
+        }
+    }
+    if (rc != LUT_OK && __atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0)
+        memcpy(job->err, err, sizeof err);
+    free(codes);
+    free(out);
+}
+
+static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtValue *x, const int64_t *dims,
+                               size_t rank) {
+    const OrtApi *api = k->api;
+    OrtStatus *st = NULL;
+    if (rank != 4 || dims[1] != lut_conv_in_channels(k->conv)) {
+        return make_status(api, ORT_INVALID_ARGUMENT,
+                           "LutConv node '%s': input X must have shape [N, %lld, H, W], got rank %zu%s",
+                           k->node, (long long)lut_conv_in_channels(k->conv), rank,
+                           rank == 4 ? " with another channel count" : "");
+    }
+    int64_t OH = 0, OW = 0;
+    if (dims[0] < 0 || dims[2] < 1 || dims[3] < 1 || dims[2] > (1 << 20) || dims[3] > (1 << 20) ||
+        lut_conv_output_size(k->conv, dims[2], dims[3], &OH, &OW) != LUT_OK)
+        return make_status(api, ORT_INVALID_ARGUMENT, "LutConv node '%s': input of %lld x %lld is smaller than the kernel",
+                           k->node, (long long)dims[2], (long long)dims[3]);
+    int64_t out_dims[4] = {dims[0], k->M, OH, OW};
+    OrtValue *y = NULL;
+    if ((st = api->KernelContext_GetOutput(ctx, 0, out_dims, 4, &y))) return st; /* [91] */
+    if (dims[0] == 0) return NULL;
+    void *xdata = NULL, *ydata = NULL;
+    if ((st = api->GetTensorMutableData((OrtValue *)x, &xdata))) return st; /* [51] */
+    if ((st = api->GetTensorMutableData(y, &ydata))) return st;
+    ConvJob job;
+    memset(&job, 0, sizeof job);
+    job.k = k;
+    job.X = (const float *)xdata;
+    job.Y = (float *)ydata;
+    job.H = dims[2];
+    job.W = dims[3];
+    job.in_image = dims[1] * dims[2] * dims[3];
+    job.positions = OH * OW;
+    job.tiles = (job.positions + CONV_TILE - 1) / CONV_TILE;
+    const int64_t tasks = dims[0] * job.tiles;
+    if (tasks <= 1) {
+        run_conv_task(&job, 0);
+    } else if ((st = api->KernelContext_ParallelFor(ctx, run_conv_task, (size_t)tasks, 0, &job))) { /* [274] */
+        return st;
+    }
+    if (job.failed) return make_status(api, ORT_FAIL, "LutConv node '%s': %s", k->node, job.err);
+    return NULL;
+}
+
 static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ctx) {
     LutKernel *k = (LutKernel *)op_kernel;
     const OrtApi *api = k->api;
@@ -357,6 +477,10 @@ static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ct
         }
     }
     if ((st = api->GetDimensions(tinfo, dims, rank))) goto done; /* [62] */
+    if (k->conv) {
+        st = conv_compute(k, ctx, x, dims, rank);
+        goto done;
+    }
     if (dims[rank - 1] != k->D) {
         st = make_status(api, ORT_INVALID_ARGUMENT,
                          "LutMatMul node '%s': input X has last dimension %lld, expected D=%lld",
@@ -418,8 +542,7 @@ done:
 /* schema callbacks                                                                      */
 
 static const char *ORT_API_CALL op_get_name(const OrtCustomOp *op) {
-    (void)op;
-    return LUT_OP_NAME;
+    return op == &g_lutconv.op ? LUT_CONV_OP_NAME : LUT_OP_NAME;
 }
 static const char *ORT_API_CALL op_get_ep(const OrtCustomOp *op) {
     (void)op;
@@ -462,37 +585,39 @@ static int ORT_API_CALL op_end_version(const OrtCustomOp *op) {
     return INT_MAX;
 }
 
-/* Zero-filled room after the version-17 struct, in case a runtime ever looks past it. */
-static const struct {
-    OrtCustomOp op;
-    void *reserved[8];
-} g_lutmatmul = {
-    .op = {
-        .version = ORT_API_VERSION,
-        .CreateKernel = NULL, /* CreateKernelV2 is used (version >= 16) */
-        .GetName = op_get_name,
-        .GetExecutionProviderType = op_get_ep,
-        .GetInputType = op_get_type,
-        .GetInputTypeCount = op_get_count,
-        .GetOutputType = op_get_type,
-        .GetOutputTypeCount = op_get_count,
-        .KernelCompute = NULL, /* KernelComputeV2 is used */
-        .KernelDestroy = lut_kernel_destroy,
-        .GetInputCharacteristic = op_get_characteristic,
-        .GetOutputCharacteristic = op_get_characteristic,
-        .GetInputMemoryType = op_get_mem_type,
-        .GetVariadicInputMinArity = op_variadic_min_arity,
-        .GetVariadicInputHomogeneity = op_variadic_homogeneity,
-        .GetVariadicOutputMinArity = op_variadic_min_arity,
-        .GetVariadicOutputHomogeneity = op_variadic_homogeneity,
-        .CreateKernelV2 = lut_create_kernel,
-        .KernelComputeV2 = lut_compute,
-        .InferOutputShapeFn = NULL,
-        .GetStartVersion = op_start_version,
-        .GetEndVersion = op_end_version,
-    },
-    .reserved = {0},
-};
+/* Both ops share every callback; create and compute tell them apart by the op pointer and
+ * by whether the kernel holds a patch encoder. */
+#define LUT_OP_DEFINITION                                                          \
+    {                                                                              \
+        .op = {                                                                    \
+            .version = ORT_API_VERSION,                                            \
+            .CreateKernel = NULL, /* CreateKernelV2 is used (version >= 16) */     \
+            .GetName = op_get_name,                                                \
+            .GetExecutionProviderType = op_get_ep,                                 \
+            .GetInputType = op_get_type,                                           \
+            .GetInputTypeCount = op_get_count,                                     \
+            .GetOutputType = op_get_type,                                          \
+            .GetOutputTypeCount = op_get_count,                                    \
+            .KernelCompute = NULL, /* KernelComputeV2 is used */                   \
+            .KernelDestroy = lut_kernel_destroy,                                   \
+            .GetInputCharacteristic = op_get_characteristic,                       \
+            .GetOutputCharacteristic = op_get_characteristic,                      \
+            .GetInputMemoryType = op_get_mem_type,                                 \
+            .GetVariadicInputMinArity = op_variadic_min_arity,                     \
+            .GetVariadicInputHomogeneity = op_variadic_homogeneity,                \
+            .GetVariadicOutputMinArity = op_variadic_min_arity,                    \
+            .GetVariadicOutputHomogeneity = op_variadic_homogeneity,               \
+            .CreateKernelV2 = lut_create_kernel,                                   \
+            .KernelComputeV2 = lut_compute,                                        \
+            .InferOutputShapeFn = NULL,                                            \
+            .GetStartVersion = op_start_version,                                   \
+            .GetEndVersion = op_end_version,                                       \
+        },                                                                         \
+        .reserved = {0},                                                           \
+    }
+
+static const OpDefinition g_lutmatmul = LUT_OP_DEFINITION;
+static const OpDefinition g_lutconv = LUT_OP_DEFINITION;
 
 /* ------------------------------------------------------------------------------------ */
 /* registration                                                                          */
@@ -541,6 +666,7 @@ LUT_EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
     OrtStatus *st = api->CreateCustomOpDomain(LUT_DOMAIN, &domain); /* [26] */
     if (st) return st;
     if ((st = api->CustomOpDomain_Add(domain, &g_lutmatmul.op)) || /* [27] */
+        (st = api->CustomOpDomain_Add(domain, &g_lutconv.op)) ||
         (st = api->AddCustomOpDomain(options, domain))) {          /* [28] */
         api->ReleaseCustomOpDomain(domain);
         return st;

@@ -205,3 +205,53 @@ def test_external_data_loads_and_escaping_paths_are_refused(tmp_path):
     onnx.save_model(evil, str(folder / "evil.onnx"))
     with pytest.raises(frontend.FrontendError, match="outside the model's folder"):
         frontend.load_model(folder / "evil.onnx")
+
+
+def conv_model(pads, strides, dilations, group=1, cin=4, cout=6, k=(2, 2)):
+    W = weights(9, (cout, cin // group, *k))
+    node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="conv", pads=list(pads), strides=list(strides),
+                            dilations=list(dilations), group=group)
+    return make([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 9, 8])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", cout, "OH", "OW"])],
+                [numpy_helper.from_array(W, "W"), numpy_helper.from_array(weights(8, (cout,)), "B")], opset=13)
+
+
+def binary_images(n=64, cin=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 2, size=(n, cin, 9, 8)) * 0.75 + 0.25).astype(np.float32)
+
+
+def test_conv_without_padding_compiles_exactly():
+    """Patches of binary images, 4 codebooks of one channel's 2x2 window each: exact."""
+    model = conv_model((0, 0, 0, 0), (1, 1), (1, 1))
+    x = binary_images()
+    result = lutcompile.compile_model(model, None, {"x": x}, **EXACT_FIT)
+    assert [n.op_type for n in result.model.graph.node] == ["LutConv"]
+    want, got = run(model, {"x": x})[0], run(result.model, {"x": x}, True)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=quantisation_bound(result.model))
+
+
+@pytest.mark.parametrize("pads,strides,dilations", [
+    ((1, 1, 1, 1), (1, 1), (1, 1)), ((0, 1, 2, 0), (2, 1), (1, 2)), ((2, 2, 2, 2), (3, 2), (2, 1)),
+])
+def test_lutconv_kernel_matches_the_reference_bit_for_bit(pads, strides, dilations):
+    model = conv_model(pads, strides, dilations)
+    x = binary_images() * np.random.default_rng(1).random((64, 4, 9, 8)).astype(np.float32)
+    result = lutcompile.compile_model(model, None, {"x": x}, codebooks=4, finetune=False, progress=False)
+    from lutcompile.reference import reference_evaluator
+    got = run(result.model, {"x": x}, True)[0]
+    np.testing.assert_array_equal(got, reference_evaluator(result.model).run(None, {"x": x})[0])
+    for threads in (1, 2):  # and the same for any thread count
+        sess = ort.InferenceSession(result.model.SerializeToString(), lutcompile.session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], got)
+
+
+@pytest.mark.parametrize("group,cin,k,reason", [(2, 4, (3, 3), "grouped"), (4, 4, (3, 3), "depthwise"),
+                                                (1, 1, (3, 3), "too small to pay")])
+def test_convs_that_stay_exact_say_why(group, cin, k, reason):
+    model = conv_model((1, 1, 1, 1), (1, 1), (1, 1), group=group, cin=cin, cout=4, k=k)
+    analysis = frontend.analyse(model)
+    assert analysis.targets == []
+    assert reason in analysis.skipped[0].reason
