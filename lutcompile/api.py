@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from functools import partial
 import sys
 import time
@@ -57,6 +58,16 @@ class CompileResult:
     options: dict = field(default_factory=dict)  # the options the model was compiled with
 
 
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str):
+    """Add the time spent in the block to seconds[stage] (stages can run several times)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
 def _progress(enabled: bool, desc: str):
     def wrap(items):
         return tqdm(items, desc=desc, leave=False, disable=not enabled)
@@ -103,18 +114,17 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     if partition not in PARTITIONS:
         raise ValueError(f"unknown partition '{partition}', choose from {', '.join(PARTITIONS)}")
     seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-    if model_output is not None:
-        check_output_path(model_output, model_input if not isinstance(model_input, onnx.ModelProto) else None)
-    model = model_input if isinstance(model_input, onnx.ModelProto) else frontend.load_model(model_input)
-    analysis = frontend.analyse(model, op_types, fuse_activation)
-    targets = _select(analysis, nodes_to_include, nodes_to_exclude)
-    data = calibrate.load_calibration(calibration_data, analysis.model)
+    with _timed(seconds, "frontend"):
+        if model_output is not None:
+            check_output_path(model_output, model_input if not isinstance(model_input, onnx.ModelProto) else None)
+        model = model_input if isinstance(model_input, onnx.ModelProto) else frontend.load_model(model_input)
+        analysis = frontend.analyse(model, op_types, fuse_activation)
+        targets = _select(analysis, nodes_to_include, nodes_to_exclude)
+        data = calibrate.load_calibration(calibration_data, analysis.model)
     if finetune is None:
         finetune = data.labels is not None
     tune = finetune_options or FinetuneOptions(seed=seed)
     options = replace(fit_options or FitOptions(), codebooks=codebooks, partition=partition, seed=seed)
-    seconds["frontend"] = time.perf_counter() - clock
 
     teacher = None
     if (finetune or finetune_tables) and data.labels is None:
@@ -129,38 +139,34 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     for i, names in enumerate(_progress(progress and len(rounds) > 1, "replace")(rounds)):
         by_name = {t.name: t for t in frontend.analyse(current, op_types, fuse_activation).targets}
         now = [by_name[n] for n in names]
-        clock = time.perf_counter()
-        rng = np.random.default_rng(seed)
-        per_image = -(-options.max_rows // data.rows)  # conv patches kept per image
-        activations = calibrate.collect_activations(
-            current, data, {t.name: (t.input_name, partial(t.rows, rng=rng, per_image=per_image)) for t in now},
-            batch_size, progress=_progress(progress, "calibrate"))
-        seconds["calibrate"] = seconds.get("calibrate", 0.0) + time.perf_counter() - clock
-        clock = time.perf_counter()
-        replacements = []
-        for target in _progress(progress, "fit")(now):
-            rep, report = _fit_target(target, activations[target.name], options, table_loss,
-                                      analysis.output_names)
-            replacements.append(rep)
-            reports.append(report)
-        current = rewrite(current, replacements)
-        seconds["fit"] = seconds.get("fit", 0.0) + time.perf_counter() - clock
+        with _timed(seconds, "calibrate"):
+            rng = np.random.default_rng(seed)
+            per_image = -(-options.max_rows // data.rows)  # conv patches kept per image
+            activations = calibrate.collect_activations(
+                current, data, {t.name: (t.input_name, partial(t.rows, rng=rng, per_image=per_image)) for t in now},
+                batch_size, progress=_progress(progress, "calibrate"))
+        with _timed(seconds, "fit"):
+            replacements = []
+            for target in _progress(progress, "fit")(now):
+                rep, report = _fit_target(target, activations[target.name], options, table_loss,
+                                          analysis.output_names)
+                replacements.append(rep)
+                reports.append(report)
+            current = rewrite(current, replacements)
         later = [p for n in fitting[i + 1:] for p in by_name[n].parameter_names] if finetune else []
         if later:
-            clock = time.perf_counter()
-            current = train(current, data, teacher, set(later), tune, train_tables=tune.tables_in_pass,
-                            epochs=tune.epochs, lr=tune.lr,
-                            progress=_progress(progress, f"fine-tune after {names[0]}"))
-            seconds["finetune"] = seconds.get("finetune", 0.0) + time.perf_counter() - clock
+            with _timed(seconds, "finetune"):
+                current = train(current, data, teacher, set(later), tune, train_tables=tune.tables_in_pass,
+                                epochs=tune.epochs, lr=tune.lr,
+                                progress=_progress(progress, f"fine-tune after {names[0]}"))
         if data.labels is not None and finetune:
             stages.append((f"after {names[0]}", evaluate_accuracy(current, data)))
     if finetune_tables:
-        clock = time.perf_counter()
-        exact_left = {p for t in frontend.analyse(current, op_types, fuse_activation).targets
-                      for p in t.parameter_names}
-        current = train(current, data, teacher, exact_left, tune, train_tables=True,
-                        progress=_progress(progress, "fine-tune tables"))
-        seconds["finetune"] = seconds.get("finetune", 0.0) + time.perf_counter() - clock
+        with _timed(seconds, "finetune"):
+            exact_left = {p for t in frontend.analyse(current, op_types, fuse_activation).targets
+                          for p in t.parameter_names}
+            current = train(current, data, teacher, exact_left, tune, train_tables=True,
+                            progress=_progress(progress, "fine-tune tables"))
         if data.labels is not None:
             stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
 
@@ -171,14 +177,12 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     result = CompileResult(current, reports, analysis.skipped, data.rows, seconds=seconds, stages=stages,
                            options=used)
     if data.labels is not None:
-        clock = time.perf_counter()
-        result.accuracy_before = evaluate_accuracy(analysis.model, data)
-        result.accuracy_after = evaluate_accuracy(current, data)
-        seconds["evaluate"] = time.perf_counter() - clock
+        with _timed(seconds, "evaluate"):
+            result.accuracy_before = evaluate_accuracy(analysis.model, data)
+            result.accuracy_after = evaluate_accuracy(current, data)
     if model_output is not None:
-        clock = time.perf_counter()
-        save_model(current, model_output)
-        seconds["export"] = time.perf_counter() - clock
+        with _timed(seconds, "export"):
+            save_model(current, model_output)
     if report_dir is not None:
         from .report import write_report
         write_report(result, report_dir)

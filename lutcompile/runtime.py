@@ -37,13 +37,14 @@ def iter_batches(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
     """Yield (rows, outputs) over the rows of `feeds`. A model with a fixed batch runs in
     batches of exactly that size, the last one padded with zeros and its outputs trimmed."""
     n = len(next(iter(feeds.values())))
-    step = fixed_batch(session) or batch_size
+    fixed = fixed_batch(session)
+    step = fixed or batch_size
     starts = range(0, n, step)
     for start in (progress(starts) if progress else starts):
         rows = slice(start, min(n, start + step))
         part = {k: v[rows] for k, v in feeds.items()}
         short = step - (rows.stop - rows.start)
-        if fixed_batch(session) and short:
+        if fixed and short:
             part = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
         outs = session.run(output_names, part)
         yield rows, [o[:rows.stop - rows.start] for o in outs]
