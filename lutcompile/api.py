@@ -153,7 +153,11 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                 replacements.append(rep)
                 reports.append(report)
             current = rewrite(current, replacements)
-        later = [p for n in fitting[i + 1:] for p in by_name[n].parameter_names] if finetune else []
+        # ITLUMM fine-tunes every exact product after the one just replaced: those still to be
+        # replaced, and those that stay exact (excluded, or kept exact by a budget)
+        order = list(by_name)
+        later = [p for n in order[order.index(names[-1]) + 1:]
+                 for p in by_name[n].parameter_names] if finetune else []
         if later:
             with _timed(seconds, "finetune"):
                 current = train(current, data, teacher, set(later), tune, train_tables=tune.tables_in_pass,

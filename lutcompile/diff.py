@@ -92,8 +92,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from . import external_data
 from .inspection import attributes, format_table, is_lookup, lut_param_bytes
 
 SCHEMA = "lutcompile.diff/1"
@@ -197,7 +197,7 @@ class _Graph:
     def array(self, name: str) -> np.ndarray | None:
         if name not in self._arrays:
             proto = self.initializers.get(name) or self.constants.get(name)
-            self._arrays[name] = None if proto is None else numpy_helper.to_array(proto)
+            self._arrays[name] = None if proto is None else external_data.tensor_array(proto)
         return self._arrays[name]
 
     def parameters(self, node: onnx.NodeProto) -> list[str]:

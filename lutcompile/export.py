@@ -6,6 +6,8 @@ import tempfile
 
 import onnx
 
+from . import external_data
+
 
 class OutputError(ValueError):
     """The output path cannot be written."""
@@ -22,15 +24,35 @@ def check_output_path(output: str | os.PathLike, model_input: str | os.PathLike 
 
 
 def save_model(model: onnx.ModelProto, output: str | os.PathLike) -> None:
-    """Serialise to a temporary file beside `output`, then rename it into place."""
+    """Serialise to a temporary file beside `output`, then rename it into place.
+
+    A model holding external tensors (see external_data.py) also gets `<output>.data`, written
+    and renamed the same way before the model file, so the model never points at missing data.
+    """
     output = os.fspath(output)
     folder = os.path.dirname(os.path.abspath(output))
-    fd, tmp = tempfile.mkstemp(prefix=".lutcompile-", suffix=".onnx.tmp", dir=folder)
+    temporaries: list[str] = []
+
+    def temporary() -> str:
+        fd, tmp = tempfile.mkstemp(prefix=".lutcompile-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        temporaries.append(tmp)
+        return tmp
+
     try:
-        with os.fdopen(fd, "wb") as f:
+        renames = []
+        if external_data.attached_initializers(model):
+            location = os.path.basename(output) + ".data"
+            data_tmp = temporary()
+            model = external_data.write_data_file(model, data_tmp, location)
+            renames.append((data_tmp, os.path.join(folder, location)))
+        model_tmp = temporary()
+        with open(model_tmp, "wb") as f:
             f.write(model.SerializeToString())
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        renames.append((model_tmp, output))
+        for tmp, final in renames:
+            os.replace(tmp, final)
+    finally:
+        for tmp in temporaries:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

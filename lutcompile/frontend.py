@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import external_data
 from .lut import ConvGeometry, im2col_reference
 
 MATMUL_OPS = ("MatMul", "Gemm")
@@ -106,41 +107,43 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise FrontendError(f"{path} is not an ONNX model (no graph nodes)")
     try:
-        onnx.checker.check_model(model)
+        external_data.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise FrontendError(f"{path} fails onnx.checker: {first}") from exc
     return model
 
 
-def _external_tensors(graph: onnx.GraphProto):
-    for t in graph.initializer:
-        yield t
+def _nested_tensors(graph: onnx.GraphProto, with_initializers: bool):
+    """Tensors of Constant-like attributes and subgraphs (and, if asked, the graph's initializers)."""
+    if with_initializers:
+        yield from graph.initializer
     for node in graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
                 yield a.t
             for g in list(a.graphs) + ([a.g] if a.type == onnx.AttributeProto.GRAPH else []):
-                yield from _external_tensors(g)
+                yield from _nested_tensors(g, True)
 
 
 def _load_external_data(model: onnx.ModelProto, folder: str) -> None:
-    """Load tensors stored beside the model, refusing any location outside its folder."""
-    from onnx import external_data_helper
+    """Map the tensors stored beside the model, refusing any location outside its folder.
 
-    root = os.path.realpath(folder)
-    for t in _external_tensors(model.graph):
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in t.external_data if e.key == "location"), "")
-        target = os.path.realpath(os.path.join(root, location))
-        if os.path.isabs(location) or os.path.commonpath([root, target]) != root:
-            raise FrontendError(f"external data '{location}' of tensor '{t.name}' lies outside the model's folder")
-        if not os.path.isfile(target):
-            raise FrontendError(f"external data file '{location}' of tensor '{t.name}' not found")
-        external_data_helper.load_external_data_for_tensor(t, root)
-        t.data_location = onnx.TensorProto.DEFAULT
-        del t.external_data[:]
+    Initializers stay outside the proto (see external_data.py), so a model over 2 GB loads;
+    the rare external tensor elsewhere (a Constant node, a subgraph) is read into the proto.
+    """
+    def mapped(t: onnx.TensorProto) -> np.ndarray:
+        try:
+            return external_data.map_file(t, folder)
+        except external_data.ExternalDataError as exc:
+            raise FrontendError(str(exc)) from exc
+
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            external_data.attach(t, mapped(t))
+    for t in _nested_tensors(model.graph, with_initializers=False):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(mapped(t)), t.name))
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -166,7 +169,7 @@ class _Constants:
 
     def get(self, name: str) -> np.ndarray | None:
         if name in self._initializers:
-            return numpy_helper.to_array(self._initializers[name])
+            return external_data.tensor_array(self._initializers[name])
         node = self._constant_nodes.get(name)
         if node is None:
             return None
@@ -190,7 +193,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 def analyse(model: onnx.ModelProto, op_types: tuple[str, ...] = PRODUCT_OPS,
             fuse_activation: bool = True) -> ModelAnalysis:
     """Find the replaceable products of a model; record why the others stay exact."""
-    model = onnx.shape_inference.infer_shapes(model)
+    model = external_data.infer_shapes(model)
     name_nodes(model)
     graph = model.graph
     constants = _Constants(graph)

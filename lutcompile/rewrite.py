@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import external_data
 from .frontend import TargetNode
 from .lut import CONV_OP_TYPE, DOMAIN, K, OP_TYPE, ConvGeometry, LutParams
 
@@ -107,7 +108,7 @@ def rewrite(model: onnx.ModelProto, replacements: list[Replacement]) -> onnx.Mod
     result = gs.export_onnx(graph, do_type_check=False)
     _carry_model_fields(result, model)
     _drop_unused_weight_inputs(result, model)
-    onnx.checker.check_model(result)
+    external_data.check_model(result)
     return result
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import external_data
 from .kernel import library_path
 
 
@@ -22,8 +23,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def make_session(model: onnx.ModelProto | str, threads: int | None = None) -> ort.InferenceSession:
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+    """A CPU session of a model proto or file; a proto's external tensors are passed in memory."""
+    options = session_options(threads)
+    if not isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    values = external_data.add_to_session(model, options)  # noqa: F841 (alive until created)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def fixed_batch(session: ort.InferenceSession) -> int | None:

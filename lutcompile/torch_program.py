@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from . import external_data
 from .lut import DOMAIN, DEPTH, K, LutParams
 
 
@@ -256,7 +257,7 @@ class TorchProgram(torch.nn.Module):
         self._slot: dict[str, str] = {}  # tensor name -> key in self.params
         self._constants: dict[str, torch.Tensor] = {}
         for t in graph.initializer:
-            value = torch.from_numpy(numpy_helper.to_array(t).copy())
+            value = torch.from_numpy(np.array(external_data.tensor_array(t)))
             if t.name in trainable:
                 key = f"p{len(self.params)}"
                 self.params[key] = torch.nn.Parameter(value.float())
@@ -308,10 +309,13 @@ class TorchProgram(torch.nn.Module):
         from .rewrite import set_lut_attributes
         trained = self.trained_initializers()
         for i, t in enumerate(model.graph.initializer):
-            if t.name in trained:
-                dtype = numpy_helper.to_array(t).dtype
-                model.graph.initializer[i].CopyFrom(
-                    numpy_helper.from_array(trained[t.name].astype(dtype), t.name))
+            if t.name not in trained:
+                continue
+            value = trained[t.name].astype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            if external_data.is_attached(t):  # stays outside the proto (a model over 2 GB)
+                external_data.attach(t, value)
+            else:
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, t.name))
         for node in model.graph.node:
             lut = self.luts[node.name] if node.domain == DOMAIN else None
             lut = getattr(lut, "lut", lut)  # a LutConvModule wraps its LutModule
