@@ -75,9 +75,10 @@ int lut_conv_create(lut_conv **out, int64_t in_channels, const int64_t kernel[2]
 int64_t lut_conv_in_channels(const lut_conv *c) { return c->cin; }
 
 int lut_conv_output_size(const lut_conv *c, int64_t H, int64_t W, int64_t *OH, int64_t *OW) {
+    if (H < 1 || W < 1 || H > LUT_CONV_MAX_SIDE || W > LUT_CONV_MAX_SIDE) return LUT_EINVAL;
     int64_t eh = H + c->top + c->bottom - c->dh * (c->kh - 1) - 1;
     int64_t ew = W + c->left + c->right - c->dw * (c->kw - 1) - 1;
-    if (H < 1 || W < 1 || eh < 0 || ew < 0) return LUT_EINVAL;
+    if (eh < 0 || ew < 0) return LUT_EINVAL;
     *OH = eh / c->sh + 1;
     *OW = ew / c->sw + 1;
     return LUT_OK;

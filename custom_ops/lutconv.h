@@ -30,8 +30,12 @@ void lut_conv_destroy(lut_conv *conv);
 
 int64_t lut_conv_in_channels(const lut_conv *conv);
 
-/* Output size for an H x W input; returns 0 and sets *OH, *OW >= 1, or LUT_EINVAL when the
- * (padded) input is smaller than the dilated kernel. */
+/* Largest input height and width the op accepts. */
+#define LUT_CONV_MAX_SIDE ((int64_t)1 << 20)
+
+/* Output size for an H x W input, 1 <= H, W <= LUT_CONV_MAX_SIDE; returns 0 and sets
+ * 1 <= *OH, *OW <= 2^21 (pads are at most 2^16 a side), or LUT_EINVAL when the (padded)
+ * input is smaller than the dilated kernel or H, W are out of range. */
 int lut_conv_output_size(const lut_conv *conv, int64_t H, int64_t W, int64_t *OH, int64_t *OW);
 
 /* codes[rows][C] of output positions first .. first+rows-1 (flat oy*OW + ox) of one image

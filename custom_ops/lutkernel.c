@@ -68,7 +68,6 @@
 #define MB 8       /* AVX2: outputs per packed table group */
 #define CHUNK 257  /* AVX2: codebooks per exact uint16 accumulation chunk */
 #define TILE 16    /* AVX-512: outputs per tile */
-#define MAX_C (1 << 24)
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
 /* signed int32 -> float conversion is exact-equivalent while 255 * C < 2^31 */
@@ -223,6 +222,21 @@ int64_t lut_plan_D(const lut_plan *plan) { return plan ? plan->D : -1; }
 int64_t lut_plan_M(const lut_plan *plan) { return plan ? plan->M : -1; }
 int64_t lut_plan_C(const lut_plan *plan) { return plan ? plan->C : -1; }
 
+int lut_check_sizes(int64_t D, int64_t M, int64_t C, int64_t K, char *err, size_t errlen) {
+    if (D < 1 || D > LUT_MAX_D)
+        return set_err(err, errlen, LUT_EINVAL, "attribute 'D' must satisfy 1 <= D <= 2^31-1, got %lld",
+                       (long long)D);
+    if (M < 1 || M > LUT_MAX_M)
+        return set_err(err, errlen, LUT_EINVAL, "attribute 'M' must satisfy 1 <= M <= 2^40, got %lld",
+                       (long long)M);
+    if (C < 1 || C >= LUT_MAX_C)
+        return set_err(err, errlen, LUT_EINVAL, "attribute 'C' must satisfy 1 <= C < 2^24, got %lld",
+                       (long long)C);
+    if (K != LUT_K)
+        return set_err(err, errlen, LUT_EINVAL, "attribute 'K' must be 16, got %lld", (long long)K);
+    return LUT_OK;
+}
+
 static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, int64_t C,
                       int64_t K, const int64_t *split_dims, int64_t n_split,
                       const float *thresholds, int64_t n_thresholds, const uint8_t *tables,
@@ -231,19 +245,9 @@ static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, in
                       size_t errlen) {
     if (!out) return set_err(err, errlen, LUT_EINVAL, "lut_plan_create: out is NULL");
     *out = NULL;
-    if (D < 1 || D > ((int64_t)1 << 40))
-        return set_err(err, errlen, LUT_EINVAL, "attribute 'D' must be >= 1, got %lld",
-                       (long long)D);
-    if (C < 1 || C >= MAX_C)
-        return set_err(err, errlen, LUT_EINVAL,
-                       "attribute 'C' must satisfy 1 <= C < 2^24, got %lld", (long long)C);
+    const int rc = lut_check_sizes(D, encoder_only ? 1 : M, C, encoder_only ? LUT_K : K, err, errlen);
+    if (rc != LUT_OK) return rc;
     if (!encoder_only) {
-        if (M < 1 || M > ((int64_t)1 << 40))
-            return set_err(err, errlen, LUT_EINVAL, "attribute 'M' must be >= 1, got %lld",
-                           (long long)M);
-        if (K != LUT_K)
-            return set_err(err, errlen, LUT_EINVAL, "attribute 'K' must be 16, got %lld",
-                           (long long)K);
         if (relu != 0 && relu != 1)
             return set_err(err, errlen, LUT_EINVAL, "attribute 'relu' must be 0 or 1, got %lld",
                            (long long)relu);

@@ -53,6 +53,16 @@ const char *lut_path_name(int path);
  * supported path.  Returns the path (>= 0) or -LUT_EPATH with a message in err. */
 int lut_resolve_path(int requested, char *err, size_t errlen);
 
+/* Size limits: split dimensions are stored as int32, so D <= LUT_MAX_D; LUT_MAX_M keeps
+ * every padded table size far from int64 overflow; C < 2^24 keeps the uint32 sums exact. */
+#define LUT_MAX_D INT32_MAX
+#define LUT_MAX_M ((int64_t)1 << 40)
+#define LUT_MAX_C ((int64_t)1 << 24)
+
+/* LUT_OK if 1 <= D <= LUT_MAX_D, 1 <= M <= LUT_MAX_M, 1 <= C < LUT_MAX_C and K == 16, else
+ * LUT_EINVAL with a message naming the first bad attribute ("attribute 'M' must ..."). */
+int lut_check_sizes(int64_t D, int64_t M, int64_t C, int64_t K, char *err, size_t errlen);
+
 /* An immutable, validated LutMatMul parameter set with its tables repacked for every
  * supported path.  Thread-safe to use concurrently once created. */
 typedef struct lut_plan lut_plan;
@@ -63,7 +73,7 @@ typedef struct lut_plan lut_plan;
  *   tables:     n_tables == M*C*16 bytes, layout [M][C][16]
  *   scale:      finite and > 0
  *   offsets:    n_offsets == C finite values;  bias: n_bias == M finite values
- *   K == 16, relu in {0, 1}, D >= 1, M >= 1, 1 <= C < 2^24. */
+ *   K == 16, relu in {0, 1}, sizes as lut_check_sizes. */
 int lut_plan_create(lut_plan **out, int64_t D, int64_t M, int64_t C, int64_t K,
                     const int64_t *split_dims, int64_t n_split,
                     const float *thresholds, int64_t n_thresholds,

@@ -42,7 +42,7 @@ typedef struct LutKernel {
     int conv_requested;
     int path;
     int64_t D, M, C;
-    char node[128];
+    char label[320]; /* "LutMatMul node 'NAME'" (a long name is cut), the prefix of every error */
 } LutKernel;
 
 typedef struct OpDefinition {
@@ -50,6 +50,7 @@ typedef struct OpDefinition {
     void *reserved[8]; /* zero-filled room after the version-17 struct */
 } OpDefinition;
 static const OpDefinition g_lutconv;
+static const char *ORT_API_CALL op_get_name(const OrtCustomOp *op);
 
 /* ------------------------------------------------------------------------------------ */
 /* status helpers                                                                        */
@@ -67,11 +68,11 @@ static OrtStatus *make_status(const OrtApi *api, OrtErrorCode code, const char *
 }
 
 /* wrap an onnxruntime error about attribute `name` into our own message */
-static OrtStatus *attr_error(const OrtApi *api, const char *node, const char *name,
+static OrtStatus *attr_error(const OrtApi *api, const char *label, const char *name,
                              const char *kind, OrtStatus *st) {
     OrtStatus *r = make_status(api, ORT_INVALID_ARGUMENT,
-                               "LutMatMul node '%s': attribute '%s' (%s) is missing or malformed: %s",
-                               node, name, kind, api->GetErrorMessage(st));
+                               "%s: attribute '%s' (%s) is missing or malformed: %s", label, name, kind,
+                               api->GetErrorMessage(st));
     api->ReleaseStatus(st);
     return r;
 }
@@ -89,33 +90,33 @@ static const char *element_type_name(int t) {
 /* ------------------------------------------------------------------------------------ */
 /* attribute readers                                                                     */
 
-static OrtStatus *read_int(const OrtApi *api, const OrtKernelInfo *info, const char *node,
+static OrtStatus *read_int(const OrtApi *api, const OrtKernelInfo *info, const char *label,
                            const char *name, int64_t *out) {
     OrtStatus *st = api->KernelInfoGetAttribute_int64(info, name, out); /* [86] */
-    return st ? attr_error(api, node, name, "int", st) : NULL;
+    return st ? attr_error(api, label, name, "int", st) : NULL;
 }
 
-static OrtStatus *read_float(const OrtApi *api, const OrtKernelInfo *info, const char *node,
+static OrtStatus *read_float(const OrtApi *api, const OrtKernelInfo *info, const char *label,
                              const char *name, float *out) {
     OrtStatus *st = api->KernelInfoGetAttribute_float(info, name, out); /* [85] */
-    return st ? attr_error(api, node, name, "float", st) : NULL;
+    return st ? attr_error(api, label, name, "float", st) : NULL;
 }
 
-static OrtStatus *read_ints(const OrtApi *api, const OrtKernelInfo *info, const char *node,
+static OrtStatus *read_ints(const OrtApi *api, const OrtKernelInfo *info, const char *label,
                             const char *name, int64_t **out, size_t *count) {
     size_t n = 0;
     *out = NULL;
     *count = 0;
     OrtStatus *st = api->KernelInfoGetAttributeArray_int64(info, name, NULL, &n); /* [163] */
-    if (st) return attr_error(api, node, name, "ints", st);
+    if (st) return attr_error(api, label, name, "ints", st);
     int64_t *buf = (int64_t *)malloc((n ? n : 1) * sizeof(int64_t));
-    if (!buf) return make_status(api, ORT_FAIL, "LutMatMul node '%s': out of memory reading '%s'", node, name);
+    if (!buf) return make_status(api, ORT_FAIL, "%s: out of memory reading '%s'", label, name);
     size_t got = n;
     if (n) {
         st = api->KernelInfoGetAttributeArray_int64(info, name, buf, &got);
         if (st) {
             free(buf);
-            return attr_error(api, node, name, "ints", st);
+            return attr_error(api, label, name, "ints", st);
         }
     }
     *out = buf;
@@ -123,21 +124,21 @@ static OrtStatus *read_ints(const OrtApi *api, const OrtKernelInfo *info, const 
     return NULL;
 }
 
-static OrtStatus *read_floats(const OrtApi *api, const OrtKernelInfo *info, const char *node,
+static OrtStatus *read_floats(const OrtApi *api, const OrtKernelInfo *info, const char *label,
                               const char *name, float **out, size_t *count) {
     size_t n = 0;
     *out = NULL;
     *count = 0;
     OrtStatus *st = api->KernelInfoGetAttributeArray_float(info, name, NULL, &n); /* [162] */
-    if (st) return attr_error(api, node, name, "floats", st);
+    if (st) return attr_error(api, label, name, "floats", st);
     float *buf = (float *)malloc((n ? n : 1) * sizeof(float));
-    if (!buf) return make_status(api, ORT_FAIL, "LutMatMul node '%s': out of memory reading '%s'", node, name);
+    if (!buf) return make_status(api, ORT_FAIL, "%s: out of memory reading '%s'", label, name);
     size_t got = n;
     if (n) {
         st = api->KernelInfoGetAttributeArray_float(info, name, buf, &got);
         if (st) {
             free(buf);
-            return attr_error(api, node, name, "floats", st);
+            return attr_error(api, label, name, "floats", st);
         }
     }
     *out = buf;
@@ -165,20 +166,20 @@ static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D,
     size_t counts[4] = {0, 0, 0, 0};
     static const char *const names[4] = {"kernel_shape", "strides", "pads", "dilations"};
     static const size_t expected[4] = {2, 2, 4, 2};
-    if ((st = read_int(api, info, k->node, "in_channels", &cin))) return st;
+    if ((st = read_int(api, info, k->label, "in_channels", &cin))) return st;
     for (int i = 0; i < 4 && !st; i++) {
-        if ((st = read_ints(api, info, k->node, names[i], &arrays[i], &counts[i]))) break;
+        if ((st = read_ints(api, info, k->label, names[i], &arrays[i], &counts[i]))) break;
         if (counts[i] != expected[i])
-            st = make_status(api, ORT_INVALID_ARGUMENT, "LutConv node '%s': attribute '%s' must have %zu values, got %zu",
-                             k->node, names[i], expected[i], counts[i]);
+            st = make_status(api, ORT_INVALID_ARGUMENT, "%s: attribute '%s' must have %zu values, got %zu",
+                             k->label, names[i], expected[i], counts[i]);
     }
     if (!st) {
         char err[512];
         int rc = lut_conv_create(&k->conv, cin, arrays[0], arrays[1], arrays[2], arrays[3], D, C, split,
                                  n_split, thr, n_thr, err, sizeof err);
         if (rc != LUT_OK)
-            st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "LutConv node '%s': %s",
-                             k->node, err);
+            st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "%s: %s",
+                             k->label, err);
     }
     for (int i = 0; i < 4; i++) free(arrays[i]);
     return st;
@@ -187,7 +188,7 @@ static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D,
 /* Everything that can fail; on success k->plan is set.  tables are read last. */
 static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     const OrtApi *api = k->api;
-    const char *node = k->node;
+    const char *label = k->label;
     OrtStatus *st = NULL;
     int64_t D = 0, M = 0, C = 0, K = 0, relu = 0;
     float scale = 0.0f;
@@ -198,35 +199,27 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     OrtValue *tables = NULL;
     OrtTensorTypeAndShapeInfo *tinfo = NULL;
 
-    if ((st = read_int(api, info, node, "D", &D))) goto done;
-    if ((st = read_int(api, info, node, "M", &M))) goto done;
-    if ((st = read_int(api, info, node, "C", &C))) goto done;
-    if ((st = read_int(api, info, node, "K", &K))) goto done;
-    if ((st = read_int(api, info, node, "relu", &relu))) goto done;
-    if ((st = read_float(api, info, node, "scale", &scale))) goto done;
-    if ((st = read_ints(api, info, node, "split_dims", &split, &n_split))) goto done;
-    if ((st = read_floats(api, info, node, "thresholds", &thresholds, &n_thr))) goto done;
-    if ((st = read_floats(api, info, node, "offsets", &offsets, &n_off))) goto done;
-    if ((st = read_floats(api, info, node, "bias", &bias, &n_bias))) goto done;
+    if ((st = read_int(api, info, label, "D", &D))) goto done;
+    if ((st = read_int(api, info, label, "M", &M))) goto done;
+    if ((st = read_int(api, info, label, "C", &C))) goto done;
+    if ((st = read_int(api, info, label, "K", &K))) goto done;
+    if ((st = read_int(api, info, label, "relu", &relu))) goto done;
+    if ((st = read_float(api, info, label, "scale", &scale))) goto done;
+    if ((st = read_ints(api, info, label, "split_dims", &split, &n_split))) goto done;
+    if ((st = read_floats(api, info, label, "thresholds", &thresholds, &n_thr))) goto done;
+    if ((st = read_floats(api, info, label, "offsets", &offsets, &n_off))) goto done;
+    if ((st = read_floats(api, info, label, "bias", &bias, &n_bias))) goto done;
     /* the sizes are checked before the table shape so the message names the culprit */
-    {
-        const char *bad = NULL;
-        int64_t value = 0;
-        if (D < 1) bad = "'D' must be >= 1", value = D;
-        else if (M < 1) bad = "'M' must be >= 1", value = M;
-        else if (C < 1 || C >= (1 << 24)) bad = "'C' must satisfy 1 <= C < 2^24", value = C;
-        else if (K != LUT_K) bad = "'K' must be 16", value = K;
-        if (bad) {
-            st = make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': attribute %s, got %lld",
-                             node, bad, (long long)value);
-            goto done;
-        }
+    char err[512];
+    if (lut_check_sizes(D, M, C, K, err, sizeof err) != LUT_OK) {
+        st = make_status(api, ORT_INVALID_ARGUMENT, "%s: %s", label, err);
+        goto done;
     }
 
     if ((st = api->GetAllocatorWithDefaultOptions(&allocator))) goto done; /* [78] */
     st = api->KernelInfoGetAttribute_tensor(info, "tables", allocator, &tables); /* [236] */
     if (st) {
-        st = attr_error(api, node, "tables", "tensor uint8 [M, C, 16]", st);
+        st = attr_error(api, label, "tables", "tensor uint8 [M, C, 16]", st);
         goto done;
     }
     if ((st = api->GetTensorTypeAndShape(tables, &tinfo))) goto done; /* [65] */
@@ -234,8 +227,8 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     if ((st = api->GetTensorElementType(tinfo, &et))) goto done; /* [60] */
     if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
         st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "LutMatMul node '%s': attribute 'tables' must be a uint8 tensor, got %s",
-                         node, element_type_name((int)et));
+                         "%s: attribute 'tables' must be a uint8 tensor, got %s", label,
+                         element_type_name((int)et));
         goto done;
     }
     size_t rank = 0;
@@ -243,31 +236,30 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     int64_t dims[3] = {0, 0, 0};
     if (rank != 3) {
         st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "LutMatMul node '%s': attribute 'tables' must have shape [M, C, 16] = "
+                         "%s: attribute 'tables' must have shape [M, C, 16] = "
                          "[%lld, %lld, 16], got a rank-%zu tensor",
-                         node, (long long)M, (long long)C, rank);
+                         label, (long long)M, (long long)C, rank);
         goto done;
     }
     if ((st = api->GetDimensions(tinfo, dims, 3))) goto done; /* [62] */
     if (dims[0] != M || dims[1] != C || dims[2] != LUT_K) {
         st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "LutMatMul node '%s': attribute 'tables' must have shape [M, C, 16] = "
+                         "%s: attribute 'tables' must have shape [M, C, 16] = "
                          "[%lld, %lld, 16], got [%lld, %lld, %lld]",
-                         node, (long long)M, (long long)C, (long long)dims[0],
-                         (long long)dims[1], (long long)dims[2]);
+                         label, (long long)M, (long long)C, (long long)dims[0], (long long)dims[1],
+                         (long long)dims[2]);
         goto done;
     }
     void *tdata = NULL;
     if ((st = api->GetTensorMutableData(tables, &tdata))) goto done; /* [51] */
 
-    char err[512];
-    const int64_t n_tables = dims[0] * dims[1] * dims[2];
+    const int64_t n_tables = M * C * LUT_K; /* the dims, which lut_check_sizes bounded */
     int rc = lut_plan_create(&k->plan, D, M, C, K, split, (int64_t)n_split, thresholds,
                              (int64_t)n_thr, (const uint8_t *)tdata, n_tables, scale, offsets,
                              (int64_t)n_off, bias, (int64_t)n_bias, relu, err, sizeof err);
     if (rc != LUT_OK) {
         st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT,
-                         "LutMatMul node '%s': %s", node, err);
+                         "%s: %s", label, err);
         goto done;
     }
     k->D = D;
@@ -293,18 +285,18 @@ static OrtStatus *ORT_API_CALL lut_create_kernel(const OrtCustomOp *op, const Or
     if (!k) return api->CreateStatus(ORT_FAIL, "LutMatMul: out of memory creating the kernel");
     k->api = api;
     k->conv_requested = op == &g_lutconv.op;
-    strcpy(k->node, "?");
+    /* "LutConv node 'NAME'" starts every error; without a name, "... node '?'" */
+    const char *op_name = op_get_name(op);
+    snprintf(k->label, sizeof k->label, "%s node '?'", op_name);
     size_t size = 0;
     OrtStatus *st = api->KernelInfo_GetNodeName(info, NULL, &size); /* [244] */
-    if (st) {
+    char *name = !st && size > 0 ? (char *)malloc(size) : NULL;
+    if (name) st = api->KernelInfo_GetNodeName(info, name, &size);
+    if (st)
         api->ReleaseStatus(st);
-    } else if (size > 0 && size <= sizeof k->node) {
-        st = api->KernelInfo_GetNodeName(info, k->node, &size);
-        if (st) {
-            api->ReleaseStatus(st);
-            strcpy(k->node, "?");
-        }
-    }
+    else if (name)
+        snprintf(k->label, sizeof k->label, "%s node '%.256s%s'", op_name, name, strlen(name) > 256 ? "..." : "");
+    free(name);
     size_t n_in = 0, n_out = 0;
     if ((st = api->KernelInfo_GetInputCount(info, &n_in)) ||   /* [230] */
         (st = api->KernelInfo_GetOutputCount(info, &n_out))) { /* [231] */
@@ -313,15 +305,15 @@ static OrtStatus *ORT_API_CALL lut_create_kernel(const OrtCustomOp *op, const Or
     }
     if (n_in != 1 || n_out != 1) {
         st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "LutMatMul node '%s': expects exactly 1 input (X) and 1 output (Y), got %zu and %zu",
-                         k->node, n_in, n_out);
+                         "%s: expects exactly 1 input (X) and 1 output (Y), got %zu and %zu",
+                         k->label, n_in, n_out);
         lut_kernel_destroy(k);
         return st;
     }
     char err[256];
     k->path = lut_resolve_path(LUT_PATH_AUTO, err, sizeof err);
     if (k->path < 0) {
-        st = make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': %s", k->node, err);
+        st = make_status(api, ORT_INVALID_ARGUMENT, "%s: %s", k->label, err);
         lut_kernel_destroy(k);
         return st;
     }
@@ -401,15 +393,22 @@ static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtVal
     OrtStatus *st = NULL;
     if (rank != 4 || dims[1] != lut_conv_in_channels(k->conv)) {
         return make_status(api, ORT_INVALID_ARGUMENT,
-                           "LutConv node '%s': input X must have shape [N, %lld, H, W], got rank %zu%s",
-                           k->node, (long long)lut_conv_in_channels(k->conv), rank,
+                           "%s: input X must have shape [N, %lld, H, W], got rank %zu%s",
+                           k->label, (long long)lut_conv_in_channels(k->conv), rank,
                            rank == 4 ? " with another channel count" : "");
     }
     int64_t OH = 0, OW = 0;
-    if (dims[0] < 0 || dims[2] < 1 || dims[3] < 1 || dims[2] > (1 << 20) || dims[3] > (1 << 20) ||
-        lut_conv_output_size(k->conv, dims[2], dims[3], &OH, &OW) != LUT_OK)
-        return make_status(api, ORT_INVALID_ARGUMENT, "LutConv node '%s': input of %lld x %lld is smaller than the kernel",
-                           k->node, (long long)dims[2], (long long)dims[3]);
+    if (dims[0] < 0 || dims[2] < 1 || dims[3] < 1 || dims[2] > LUT_CONV_MAX_SIDE || dims[3] > LUT_CONV_MAX_SIDE)
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: input X of shape [%lld, %lld, %lld, %lld]: height and "
+                           "width must lie in [1, %lld]", k->label, (long long)dims[0], (long long)dims[1],
+                           (long long)dims[2], (long long)dims[3], (long long)LUT_CONV_MAX_SIDE);
+    if (lut_conv_output_size(k->conv, dims[2], dims[3], &OH, &OW) != LUT_OK)
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: input of %lld x %lld is smaller than the kernel",
+                           k->label, (long long)dims[2], (long long)dims[3]);
+    /* OH, OW <= 2^21 (lutconv.h), M <= 2^40: check N * M * OH * OW, step by step */
+    if (dims[0] > 0 && (k->M > INT64_MAX / OH / OW || dims[0] > INT64_MAX / (k->M * OH * OW)))
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: output [%lld, %lld, %lld, %lld] is too large", k->label,
+                           (long long)dims[0], (long long)k->M, (long long)OH, (long long)OW);
     int64_t out_dims[4] = {dims[0], k->M, OH, OW};
     OrtValue *y = NULL;
     if ((st = api->KernelContext_GetOutput(ctx, 0, out_dims, 4, &y))) return st; /* [91] */
@@ -433,7 +432,7 @@ static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtVal
     } else if ((st = api->KernelContext_ParallelFor(ctx, run_conv_task, (size_t)tasks, 0, &job))) { /* [274] */
         return st;
     }
-    if (job.failed) return make_status(api, ORT_FAIL, "LutConv node '%s': %s", k->node, job.err);
+    if (job.failed) return make_status(api, ORT_FAIL, "%s: %s", k->label, job.err);
     return NULL;
 }
 
@@ -449,7 +448,7 @@ static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ct
     if ((st = api->KernelContext_GetInputCount(ctx, &n_in))) return st; /* [88] */
     const OrtValue *x = NULL;
     if (n_in < 1 || (st = api->KernelContext_GetInput(ctx, 0, &x)) || !x) /* [90] */
-        return st ? st : make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': input X is missing", k->node);
+        return st ? st : make_status(api, ORT_INVALID_ARGUMENT, "%s: input X is missing", k->label);
 
     if ((st = api->GetTensorTypeAndShape(x, &tinfo))) return st; /* [65] */
     ONNXTensorElementDataType et = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
@@ -457,22 +456,22 @@ static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ct
     if ((st = api->GetTensorElementType(tinfo, &et))) goto done; /* [60] */
     if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "LutMatMul node '%s': input X must be a float32 tensor (tensor(float)), got %s",
-                         k->node, element_type_name((int)et));
+                         "%s: input X must be a float32 tensor (tensor(float)), got %s",
+                         k->label, element_type_name((int)et));
         goto done;
     }
     if ((st = api->GetDimensionsCount(tinfo, &rank))) goto done; /* [61] */
-    if (rank < 1) {
+    if (rank < 1 && !k->conv) { /* LutConv's own shape check below names its [N, Cin, H, W] */
         st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "LutMatMul node '%s': input X must have rank >= 1 (shape [..., D=%lld]), got a scalar",
-                         k->node, (long long)k->D);
+                         "%s: input X must have rank >= 1 (shape [..., D=%lld]), got a scalar",
+                         k->label, (long long)k->D);
         goto done;
     }
     if (rank > sizeof stack_dims / sizeof stack_dims[0]) {
         dims = (int64_t *)malloc(rank * sizeof(int64_t));
         if (!dims) {
             dims = stack_dims;
-            st = make_status(api, ORT_FAIL, "LutMatMul node '%s': out of memory", k->node);
+            st = make_status(api, ORT_FAIL, "%s: out of memory", k->label);
             goto done;
         }
     }
@@ -483,20 +482,20 @@ static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ct
     }
     if (dims[rank - 1] != k->D) {
         st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "LutMatMul node '%s': input X has last dimension %lld, expected D=%lld",
-                         k->node, (long long)dims[rank - 1], (long long)k->D);
+                         "%s: input X has last dimension %lld, expected D=%lld",
+                         k->label, (long long)dims[rank - 1], (long long)k->D);
         goto done;
     }
     int64_t N = 1;
     for (size_t i = 0; i + 1 < rank; i++) {
         if (dims[i] < 0 || (dims[i] > 0 && N > INT64_MAX / dims[i])) {
-            st = make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': invalid input shape", k->node);
+            st = make_status(api, ORT_INVALID_ARGUMENT, "%s: invalid input shape", k->label);
             goto done;
         }
         N *= dims[i];
     }
     if (N > 0 && k->M > INT64_MAX / N) {
-        st = make_status(api, ORT_INVALID_ARGUMENT, "LutMatMul node '%s': output too large", k->node);
+        st = make_status(api, ORT_INVALID_ARGUMENT, "%s: output too large", k->label);
         goto done;
     }
     dims[rank - 1] = k->M; /* output shape: X.shape[:-1] + [M] */
@@ -530,7 +529,7 @@ static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ct
         if (st) goto done;
     }
     if (job.failed)
-        st = make_status(api, ORT_FAIL, "LutMatMul node '%s': %s", k->node, job.err);
+        st = make_status(api, ORT_FAIL, "%s: %s", k->label, job.err);
 
 done:
     if (dims != stack_dims) free(dims);

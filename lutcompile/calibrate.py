@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import onnx
 
+from .lut import K
 from .runtime import iter_batches, make_session
 
 LABELS_KEY = "labels"
@@ -166,3 +168,46 @@ def collect_activations(model: onnx.ModelProto, data: CalibrationData,
         for key, (name, view) in requests.items():
             collected[key].append(view(np.asarray(values[name], dtype=np.float32)))
     return {k: np.concatenate(v) for k, v in collected.items()}
+
+
+def minimum_rows(codebooks: int) -> int:
+    """Calibration rows a node needs for `codebooks` codebooks: one per table entry, since the
+    tables (codebooks x K entries per output) are fitted by regression on the rows."""
+    return codebooks * K
+
+
+def require_rows(node: str, rows: int, codebooks: int) -> None:
+    """A one-line CalibrationError, naming the minimum, when `rows` are too few."""
+    need = minimum_rows(codebooks)
+    if rows < need:
+        raise CalibrationError(f"node {node} gets {rows} calibration rows; {codebooks} codebook(s) need at least "
+                               f"{need} ({K} per codebook): give more rows or ask for fewer codebooks")
+
+
+def patches_per_image(max_rows: int, images: int) -> int:
+    """Conv patches kept per calibration image, so that all images give about max_rows rows."""
+    return -(-max_rows // images)
+
+
+def _row_count(target, per_image: int, value: np.ndarray) -> np.ndarray:
+    """[rows target.rows would return for this batch], without building them."""
+    if target.conv is None:
+        return np.array([value.size // target.D])
+    OH, OW = target.conv.output_size(*value.shape[2:])
+    return np.array([value.shape[0] * min(OH * OW, per_image)])
+
+
+def check_enough_rows(model: onnx.ModelProto, data: CalibrationData, targets: list,
+                      codebooks: Callable[[object], int], max_rows: int, batch_size: int = 256) -> None:
+    """Fail, before any fitting, when a target (a frontend.TargetNode) would get fewer rows
+    than `codebooks(target)` codebooks need. The rows per calibration sample follow from the
+    shapes, so one batch of the model's run in onnxruntime counts them."""
+    if not targets:
+        return
+    sample = data.subset(slice(0, batch_size))
+    per_image = patches_per_image(max_rows, data.rows)
+    counts = collect_activations(model, sample, {t.name: (t.input_name, partial(_row_count, t, per_image))
+                                                 for t in targets}, batch_size)
+    for t in targets:
+        rows = int(counts[t.name].sum()) * data.rows // sample.rows
+        require_rows(t.name, min(rows, max_rows), codebooks(t))

@@ -52,7 +52,23 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike) -> None:
         renames.append((model_tmp, output))
         for tmp, final in renames:
             os.replace(tmp, final)
+    except OSError as exc:  # a full disk, a read-only folder: a bad output path, not a bug
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
     finally:
         for tmp in temporaries:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place: a failure or
+    an interrupt leaves `path` as it was and no temporary file behind."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".lutcompile-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -160,7 +160,7 @@ def im2col_reference(X: np.ndarray, g: ConvGeometry, positions: np.ndarray | Non
     cols = ox[:, None, None] * sw + kx[None] * dw
     patches = padded[n[:, None, None, None], np.arange(Cin)[None, :, None, None],
                      rows[:, None], cols[:, None]]  # [R, Cin, kh, kw]
-    return patches.reshape(len(positions), -1)
+    return patches.reshape(len(positions), g.D)  # not -1: zero rows have no size to infer
 
 
 def apply_conv_reference(X: np.ndarray, params: LutParams, g: ConvGeometry) -> np.ndarray:

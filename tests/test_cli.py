@@ -1,6 +1,9 @@
-"""The command line on the shipped model, and its errors."""
+"""The command line on the shipped model, its errors, and what a failure leaves behind."""
 from __future__ import annotations
 
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,12 +75,25 @@ def test_cli_reported_accuracy_is_onnxruntime_accuracy(compiled_mlp):
     assert line.endswith(f"compiled {acc:.2%}")
 
 
+def few_rows(folder: Path, rows: int) -> Path:
+    """The first `rows` rows of the calibration file, as a new .npz."""
+    with np.load(CALIB) as npz:
+        np.savez(folder / "few.npz", **{k: npz[k][:rows] for k in npz.files})
+    return folder / "few.npz"
+
+
+@pytest.mark.bad_input
 @pytest.mark.parametrize("make_args,code,message", [
     (lambda t: [t / "missing.onnx", "--calib", CALIB, "-o", t / "o.onnx"], cli.EXIT_MODEL, "not found"),
     (lambda t: [CALIB, "--calib", CALIB, "-o", t / "o.onnx"], cli.EXIT_MODEL, "not an ONNX model"),
     (lambda t: [MODEL, "--calib", t / "none.npz", "-o", t / "o.onnx"], cli.EXIT_DATA, "not found"),
     (lambda t: [MODEL, "--calib", CALIB, "-o", t / "no/such/dir/o.onnx"], cli.EXIT_OUTPUT, "does not exist"),
     (lambda t: [MODEL, "--calib", CALIB, "-o", MODEL], cli.EXIT_OUTPUT, "is the input"),
+    # 16 codebooks x 16 table entries: 256 rows; checked before the first fit
+    (lambda t: [MODEL, "--calib", few_rows(t, 255), "-o", t / "o.onnx"], cli.EXIT_DATA,
+     "node /0/Gemm gets 255 calibration rows; 16 codebook(s) need at least 256"),
+    (lambda t: [MODEL, "--calib", few_rows(t, 40), "-o", t / "o.onnx", "-C", "3"], cli.EXIT_DATA,
+     "need at least 48"),
 ])
 def test_cli_errors_are_one_line_with_distinct_status(tmp_path, make_args, code, message):
     proc = run_cli(*make_args(tmp_path))
@@ -146,3 +162,49 @@ def test_cli_progress_bars_on_a_terminal_unless_quiet_and_verbose_logging(tmp_pa
     assert code == 0, err
     assert "%|" not in err and "INFO" not in err
     assert out.splitlines()[-1] == f"wrote {tmp_path / 'o.onnx'}"
+
+
+def run_until_interrupted(args, when: str):
+    """Start the CLI (-v), send SIGINT once a stderr line contains `when`; (status, stderr lines)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lutcompile", *map(str, args), "-v"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if when in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stderr.read().splitlines()
+    return proc.wait(timeout=600), lines
+
+
+@pytest.mark.parametrize("options", [["--no-finetune"], []], ids=["mid-fit", "mid-finetune"])
+def test_ctrl_c_leaves_no_output_and_the_input_untouched(tmp_path, options):
+    """Ctrl-C after the first node is fitted (during the next fits, or the fine-tune pass that
+    follows): exit 130 with one line, no model, no report, no temporary file; input intact."""
+    model = tmp_path / "in.onnx"
+    shutil.copy(MODEL, model)
+    status, lines = run_until_interrupted([model, "--calib", CALIB, "-o", tmp_path / "out.onnx", "-q",
+                                           "--report", tmp_path / "report", *options], "fitted /0/Gemm")
+    assert status == cli.EXIT_INTERRUPTED, lines
+    assert [l for l in lines if not l.startswith("INFO ")] == ["lutcompile: interrupted"]
+    assert model.read_bytes() == MODEL.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["in.onnx"]  # nor any .lutcompile-*.tmp
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_output(tmp_path):
+    """The output write hits the file-size limit (EFBIG, as a full disk would fail it) after
+    64 KiB of the ~160 KiB model: exit 5 with one line; the previous output file is intact and
+    no temporary file is left."""
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"the previous output")
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+    proc = subprocess.run([sys.executable, "-m", "lutcompile", MODEL, "--calib", CALIB, "-o", out, "-q",
+                           "--no-finetune", "--partition", "contiguous", "--table-loss", "ridge"],
+                          capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+    assert proc.returncode == cli.EXIT_OUTPUT, proc.stderr
+    assert proc.stderr.splitlines() == [f"lutcompile: error: cannot write {out}: File too large"]
+    assert out.read_bytes() == b"the previous output"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]

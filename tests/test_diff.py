@@ -296,6 +296,7 @@ def test_diff_json_schema(capsys, compiled):
     (lambda t, out: ["diff", MODEL, out, "--batch-size", "0"], cli.EXIT_USAGE, "--batch-size"),
     (lambda t, out: ["inspect", t / "missing.onnx"], cli.EXIT_MODEL, "not found"),
 ])
+@pytest.mark.bad_input
 def test_diff_and_inspect_errors_are_one_line_with_distinct_status(capsys, tmp_path, compiled, make_args, code,
                                                                     message):
     np.savez(tmp_path / "bad.npz", input=np.zeros((10, 5), np.float32))
@@ -391,6 +392,7 @@ def _tables_wrong_shape(n):
     (lambda n: _corrupt(n, "M", 100), "tables have shape [200, 4, 16], expected [M, C, 16] = [100, 4, 16]"),
     (lambda n: _corrupt(n, "offsets", [0.0, float("inf"), 0.0, 0.0]), "1 offsets value(s) are not finite"),
 ])
+@pytest.mark.bad_input
 def test_inspect_rejects_inconsistent_tables(capsys, tmp_path, compiled, corrupt, message):
     model = onnx.load(str(compiled[1]))
     node = next(n for n in model.graph.node if n.name == "/2/Gemm")
@@ -411,6 +413,7 @@ def test_inspect_rejects_inconsistent_tables(capsys, tmp_path, compiled, corrupt
     assert any(p.startswith(f"/2/Gemm: {message}") for p in data["problems"])
 
 
+@pytest.mark.bad_input
 def test_inspect_requires_the_opset_import(capsys, tmp_path, compiled):
     model = onnx.load(str(compiled[1]))
     keep = [o for o in model.opset_import if o.domain != "ai.lutcompile"]

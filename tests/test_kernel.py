@@ -224,6 +224,7 @@ def test_apply_shapes_and_empty():
     assert np.array_equal(kernel.apply(Xf, params), apply_reference(X, params))
 
 
+@pytest.mark.bad_input
 def test_python_validation_errors():
     X, params = make_case(4, 10, 5, 3, 7)
     with pytest.raises(ValueError, match="float32"):
@@ -344,6 +345,7 @@ def test_ort_fresh_process(tmp_path):
     assert "fresh-ok" in res.stdout
 
 
+@pytest.mark.bad_input
 def test_ort_input_type_errors():
     X, params = make_case(14, 8, 5, 3, 7)
     sess = session(lut_model(params))
@@ -399,6 +401,7 @@ def _tables(M, C, K=16, dtype=np.uint8):
     ({}, ("split_dims",), "split_dims"),
     ({}, ("relu",), "relu"),
 ])
+@pytest.mark.bad_input
 def test_ort_malformed_attributes(overrides, drop, needle):
     _, params = make_case(16, 8, 5, 3, 7)
     with pytest.raises(Exception) as info:

@@ -119,6 +119,7 @@ def test_external_data_model_compiles_and_keeps_its_weights_outside(tmp_path, di
     assert run.stdout.strip() == "(2, 10)"
 
 
+@pytest.mark.bad_input
 def test_external_data_of_the_wrong_size_is_refused(tmp_path):
     model_path, _ = write_embedding_model(str(tmp_path), vocabulary=4096)
     with open(tmp_path / "weights.bin", "r+b") as f:

@@ -81,6 +81,7 @@ def test_frontend_records_why_nodes_stay_exact():
     assert "bias C is not constant" in reasons["dynamic_bias"]
 
 
+@pytest.mark.bad_input
 def test_load_model_rejects_non_onnx(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf")
@@ -112,11 +113,13 @@ def test_collect_activations_match_numpy(digits_mlp, digits_model, digits):
     ({"input": np.zeros((5, 64), np.int64)}, "dtype"),
     ({"input": np.zeros((5, 64), np.float32), "labels": np.zeros(4, np.int64)}, "labels"),
 ])
+@pytest.mark.bad_input
 def test_calibration_errors_are_clear(digits_model, arrays, message):
     with pytest.raises(calibrate.CalibrationError, match=message):
         calibrate.load_calibration(arrays, digits_model)
 
 
+@pytest.mark.bad_input
 def test_calibration_refuses_pickled_npz(tmp_path, digits_model):
     path = tmp_path / "pickled.npz"
     np.savez(path, input=np.array([{"a": 1}], dtype=object))
