@@ -1,33 +1,49 @@
-/* lutconv: LutConv's encoder; see lutconv.h. */
+/* lutconv: LutConv's patch gather; see lutconv.h. */
 #include "lutconv.h"
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "lutkernel.h"
 
 struct lut_conv {
     int64_t cin, kh, kw, sh, sw, top, left, bottom, right, dh, dw, C;
-    /* per codebook and level: the channel and the kernel offsets of its split dimension */
-    int64_t *chan, *ky, *kx; /* [C*4] */
-    float *thresholds;       /* [C*15] */
+    int64_t U;               /* distinct split dims ("columns") */
+    int64_t *chan, *ky, *kx; /* [U]: each column's channel and kernel offsets */
+    int64_t *columns;        /* [C*4]: each split dim's column */
+    struct cached_index *cache; /* lut_conv_index_for's, set once */
+};
+
+struct cached_index {
+    int64_t H, W;
+    int32_t *index;
 };
 
 #define FAIL(...) do { if (err && errlen) snprintf(err, errlen, __VA_ARGS__); return LUT_EINVAL; } while (0)
+
+static int compare_int64(const void *a, const void *b) {
+    const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
 
 void lut_conv_destroy(lut_conv *c) {
     if (!c) return;
     free(c->chan);
     free(c->ky);
     free(c->kx);
-    free(c->thresholds);
+    free(c->columns);
+    if (c->cache) {
+        free(c->cache->index);
+        free(c->cache);
+    }
     free(c);
 }
 
 int lut_conv_create(lut_conv **out, int64_t in_channels, const int64_t kernel[2],
                     const int64_t strides[2], const int64_t pads[4], const int64_t dilations[2],
                     int64_t D, int64_t C, const int64_t *split_dims, int64_t n_split,
-                    const float *thresholds, int64_t n_thresholds, char *err, size_t errlen) {
+                    char *err, size_t errlen) {
     *out = NULL;
     const int64_t big = (int64_t)1 << 24; /* generous bound: no product below can overflow */
     if (in_channels < 1 || in_channels > big) FAIL("in_channels %lld out of range", (long long)in_channels);
@@ -42,18 +58,37 @@ int lut_conv_create(lut_conv **out, int64_t in_channels, const int64_t kernel[2]
         FAIL("D = %lld but in_channels*kh*kw = %lld", (long long)D, (long long)(in_channels * kernel[0] * kernel[1]));
     if (C < 1 || C >= big) FAIL("C = %lld out of range", (long long)C);
     if (n_split != C * LUT_DEPTH) FAIL("split_dims has %lld values, expected C*4 = %lld", (long long)n_split, (long long)(C * LUT_DEPTH));
-    if (n_thresholds != C * LUT_NODES) FAIL("thresholds has %lld values, expected C*15 = %lld", (long long)n_thresholds, (long long)(C * LUT_NODES));
     for (int64_t i = 0; i < n_split; i++)
         if (split_dims[i] < 0 || split_dims[i] >= D)
             FAIL("split_dims value %lld at index %lld is outside [0, D=%lld)", (long long)split_dims[i], (long long)i, (long long)D);
 
     lut_conv *c = calloc(1, sizeof *c);
     if (!c) return LUT_ENOMEM;
-    c->chan = malloc(sizeof(int64_t) * n_split);
-    c->ky = malloc(sizeof(int64_t) * n_split);
-    c->kx = malloc(sizeof(int64_t) * n_split);
-    c->thresholds = malloc(sizeof(float) * n_thresholds);
-    if (!c->chan || !c->ky || !c->kx || !c->thresholds) {
+    /* the distinct split dims in ascending order (sorted, then deduplicated): the columns */
+    int64_t *dims = malloc(sizeof(int64_t) * (size_t)n_split);
+    c->columns = malloc(sizeof(int64_t) * (size_t)n_split);
+    if (!dims || !c->columns) {
+        free(dims);
+        lut_conv_destroy(c);
+        return LUT_ENOMEM;
+    }
+    memcpy(dims, split_dims, sizeof(int64_t) * (size_t)n_split);
+    qsort(dims, (size_t)n_split, sizeof(int64_t), compare_int64);
+    for (int64_t i = 0; i < n_split; i++)
+        if (i == 0 || dims[i] != dims[c->U - 1]) dims[c->U++] = dims[i];
+    for (int64_t i = 0; i < n_split; i++) { /* binary search of the split dim among the columns */
+        int64_t lo = 0, hi = c->U - 1;
+        while (lo < hi) {
+            const int64_t mid = lo + (hi - lo) / 2;
+            if (dims[mid] < split_dims[i]) lo = mid + 1; else hi = mid;
+        }
+        c->columns[i] = lo;
+    }
+    c->chan = malloc(sizeof(int64_t) * (size_t)c->U);
+    c->ky = malloc(sizeof(int64_t) * (size_t)c->U);
+    c->kx = malloc(sizeof(int64_t) * (size_t)c->U);
+    if (!c->chan || !c->ky || !c->kx) {
+        free(dims);
         lut_conv_destroy(c);
         return LUT_ENOMEM;
     }
@@ -61,13 +96,13 @@ int lut_conv_create(lut_conv **out, int64_t in_channels, const int64_t kernel[2]
     c->sh = strides[0]; c->sw = strides[1]; c->dh = dilations[0]; c->dw = dilations[1];
     c->top = pads[0]; c->left = pads[1]; c->bottom = pads[2]; c->right = pads[3];
     c->C = C;
-    for (int64_t i = 0; i < n_split; i++) { /* d = (chan*kh + ky)*kw + kx */
-        int64_t d = split_dims[i];
-        c->kx[i] = d % c->kw;
-        c->ky[i] = (d / c->kw) % c->kh;
-        c->chan[i] = d / (c->kw * c->kh);
+    for (int64_t u = 0; u < c->U; u++) { /* d = (chan*kh + ky)*kw + kx */
+        const int64_t d = dims[u];
+        c->kx[u] = d % c->kw;
+        c->ky[u] = (d / c->kw) % c->kh;
+        c->chan[u] = d / (c->kw * c->kh);
     }
-    for (int64_t i = 0; i < n_thresholds; i++) c->thresholds[i] = thresholds[i];
+    free(dims);
     *out = c;
     return LUT_OK;
 }
@@ -84,24 +119,63 @@ int lut_conv_output_size(const lut_conv *c, int64_t H, int64_t W, int64_t *OH, i
     return LUT_OK;
 }
 
-void lut_conv_encode(const lut_conv *c, const float *X, int64_t H, int64_t W,
-                     int64_t first, int64_t rows, uint8_t *codes) {
+int64_t lut_conv_columns(const lut_conv *c) { return c->U; }
+
+const int64_t *lut_conv_split_columns(const lut_conv *c) { return c->columns; }
+
+int lut_conv_index_fits(const lut_conv *c, int64_t H, int64_t W) {
+    return c->cin * H * W < INT32_MAX; /* cin <= 2^24, H, W <= 2^20: no overflow */
+}
+
+void lut_conv_index(const lut_conv *c, int64_t H, int64_t W, int32_t *index) {
     int64_t OH, OW;
-    if (lut_conv_output_size(c, H, W, &OH, &OW) != LUT_OK) return;
-    (void)OH;
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t pos = first + r, oy = pos / OW, ox = pos % OW;
-        int64_t y0 = oy * c->sh - c->top, x0 = ox * c->sw - c->left;
-        for (int64_t cb = 0; cb < c->C; cb++) {
-            int node = 0;
-            for (int level = 0; level < LUT_DEPTH; level++) {
-                int64_t i = cb * LUT_DEPTH + level;
-                int64_t y = y0 + c->ky[i] * c->dh, x = x0 + c->kx[i] * c->dw;
-                float v = (y >= 0 && y < H && x >= 0 && x < W) ? X[(c->chan[i] * H + y) * W + x] : 0.0f;
-                float t = c->thresholds[cb * LUT_NODES + (1 << level) - 1 + node];
-                node = 2 * node + (v > t);
+    if (lut_conv_output_size(c, H, W, &OH, &OW) != LUT_OK || !lut_conv_index_fits(c, H, W)) return;
+    const int64_t positions = OH * OW;
+    for (int64_t u = 0; u < c->U; u++) {
+        int32_t *dst = index + u * positions;
+        for (int64_t oy = 0; oy < OH; oy++) {
+            const int64_t y = oy * c->sh - c->top + c->ky[u] * c->dh;
+            for (int64_t ox = 0; ox < OW; ox++) {
+                const int64_t x = ox * c->sw - c->left + c->kx[u] * c->dw;
+                dst[oy * OW + ox] = y >= 0 && y < H && x >= 0 && x < W ? (int32_t)((c->chan[u] * H + y) * W + x) : -1;
             }
-            codes[r * c->C + cb] = (uint8_t)node;
         }
     }
+}
+
+void lut_conv_gather(const lut_conv *c, const float *X, const int32_t *index, int64_t positions,
+                     int64_t first, int64_t rows, int64_t ld, float *P) {
+    for (int64_t u = 0; u < c->U; u++) {
+        const int32_t *at = index + u * positions + first;
+        float *dst = P + u * ld;
+        for (int64_t r = 0; r < rows; r++) {
+            const int32_t i = at[r];
+            dst[r] = i >= 0 ? X[i] : 0.0f;
+        }
+    }
+}
+
+const int32_t *lut_conv_index_for(lut_conv *c, int64_t H, int64_t W, int32_t **owned) {
+    *owned = NULL;
+    struct cached_index *cached = __atomic_load_n(&c->cache, __ATOMIC_ACQUIRE);
+    if (cached && cached->H == H && cached->W == W) return cached->index;
+    int64_t OH, OW;
+    if (lut_conv_output_size(c, H, W, &OH, &OW) != LUT_OK || !lut_conv_index_fits(c, H, W)) return NULL;
+    const int64_t positions = OH * OW; /* <= 2^42; U < 2^26 */
+    if (positions > ((int64_t)1 << 40) / 4 / c->U) return NULL;
+    int32_t *index = malloc(sizeof(int32_t) * (size_t)(c->U * positions));
+    if (!index) return NULL;
+    lut_conv_index(c, H, W, index);
+    struct cached_index *entry = cached ? NULL : malloc(sizeof *entry);
+    if (entry) {
+        entry->H = H;
+        entry->W = W;
+        entry->index = index;
+        struct cached_index *expected = NULL;
+        if (__atomic_compare_exchange_n(&c->cache, &expected, entry, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return index;
+        free(entry); /* another thread published first */
+    }
+    *owned = index;
+    return index;
 }

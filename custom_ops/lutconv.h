@@ -1,10 +1,14 @@
 /*
- * lutconv: LutConv's encoder (docs/lutmatmul.md, "The LutConv operator").
+ * lutconv: LutConv's patch gather (docs/lutmatmul.md, "The LutConv operator").
  *
- * Patches are never materialised: a codebook's tree reads only its 4 split dimensions, so
- * each is decoded once, at creation, into (channel, ky, kx), and the encoder reads those
- * pixels straight from the NCHW input (zero outside the image). The codes then go through
- * lut_scan like LutMatMul's.
+ * Patches are never materialised: the trees read only their split dimensions, at most 4C of
+ * the patch's D = Cin*kh*kw. At creation the distinct split dims are listed once, in
+ * ascending order, as U "columns", each decoded into (channel, ky, kx). For a tile of output
+ * positions, lut_conv_gather copies just those U pixels per position (zero outside the image)
+ * into a small dimension-major buffer P[U][tile], through a table of pixel offsets built once
+ * per call (every image of a batch has the same geometry), and the op runs the ordinary LutMatMul plan over P
+ * with its split dims renumbered to columns (lut_conv_split_columns, lut_apply_columns): the
+ * SIMD encode and scan of lutkernel.c, bit for bit the semantics of encoding the full patch.
  */
 #ifndef LUTCONV_H
 #define LUTCONV_H
@@ -18,13 +22,13 @@ extern "C" {
 
 typedef struct lut_conv lut_conv;
 
-/* Validates the geometry against the tree arrays (the LutMatMul checks are lut_plan's):
+/* Validates the geometry against the split dims (the other LutMatMul checks are lut_plan's):
  * in_channels, kernel, strides and dilations >= 1, pads >= 0, D == in_channels*kh*kw,
- * split dims in [0, D), thresholds n == C*15. Copies what it keeps. */
+ * n_split == C*4, split dims in [0, D). Copies what it keeps. */
 int lut_conv_create(lut_conv **out, int64_t in_channels, const int64_t kernel[2],
                     const int64_t strides[2], const int64_t pads[4], const int64_t dilations[2],
                     int64_t D, int64_t C, const int64_t *split_dims, int64_t n_split,
-                    const float *thresholds, int64_t n_thresholds, char *err, size_t errlen);
+                    char *err, size_t errlen);
 
 void lut_conv_destroy(lut_conv *conv);
 
@@ -38,10 +42,31 @@ int64_t lut_conv_in_channels(const lut_conv *conv);
  * input is smaller than the dilated kernel or H, W are out of range. */
 int lut_conv_output_size(const lut_conv *conv, int64_t H, int64_t W, int64_t *OH, int64_t *OW);
 
-/* codes[rows][C] of output positions first .. first+rows-1 (flat oy*OW + ox) of one image
- * X[in_channels][H][W]. */
-void lut_conv_encode(const lut_conv *conv, const float *X, int64_t H, int64_t W,
-                     int64_t first, int64_t rows, uint8_t *codes);
+/* U: the number of distinct split dims (1 <= U <= min(C*4, D)). */
+int64_t lut_conv_columns(const lut_conv *conv);
+
+/* [C*4]: each split dim's column in P, the split dims of the plan lut_conv_gather feeds. */
+const int64_t *lut_conv_split_columns(const lut_conv *conv);
+
+/* Where each column of each output position lives in an image of H x W (which must have
+ * passed lut_conv_output_size): index[u*OH*OW + pos] is the offset of column u's pixel for
+ * position pos in X[in_channels][H][W], or -1 where the patch hangs over the padding. The
+ * same for every image of a batch, so it is built once per call. Needs in_channels*H*W <
+ * 2^31 (lut_conv_index_fits). */
+int lut_conv_index_fits(const lut_conv *conv, int64_t H, int64_t W);
+void lut_conv_index(const lut_conv *conv, int64_t H, int64_t W, int32_t *index);
+
+/* The index for H x W, built once and kept for the first size it is asked for (thread-safe:
+ * published with a compare-and-swap, freed by lut_conv_destroy). For any other size a fresh
+ * one is built and returned in *owned as well, for the caller to free. NULL when out of
+ * memory or when the index would not fit (U * OH * OW * 4 bytes over 2^40). */
+const int32_t *lut_conv_index_for(lut_conv *conv, int64_t H, int64_t W, int32_t **owned);
+
+/* The split pixels of output positions first .. first+rows-1 of one image X, dimension-major:
+ * P[u*ld + r] = column u of position first + r (0 in the padding), ready for
+ * lut_apply_columns; index and positions = OH*OW as from lut_conv_index, rows <= ld. */
+void lut_conv_gather(const lut_conv *conv, const float *X, const int32_t *index, int64_t positions,
+                     int64_t first, int64_t rows, int64_t ld, float *P);
 
 #ifdef __cplusplus
 }

@@ -90,6 +90,13 @@ struct lut_plan {
     float *base;      /* [max(G*MB, T*TILE)] bias + offset_total, zero padded */
 };
 
+/* The rows an encoder reads: row r's dimension d is X[r*row_stride + d*col_stride]
+ * (row-major X[N][D]: D, 1; dimension-major Xt[D][ld], as LutConv gathers it: 1, ld). */
+typedef struct {
+    const float *X;
+    int64_t row_stride, col_stride;
+} rows_view;
+
 /* ------------------------------------------------------------------------------------ */
 /* errors, allocation                                                                    */
 
@@ -475,17 +482,17 @@ static void blk_to_codes(const lut_plan *p, int layout, const uint8_t *blk, int 
 /* scalar path                                                                           */
 
 /* column layout; X points at the block's first row; rows..BLOCK-1 get code 0 */
-static void encode_block_scalar(const lut_plan *p, const float *X, int rows, uint8_t *blk) {
-    const int64_t D = p->D, C = p->C;
+static void encode_block_scalar(const lut_plan *p, rows_view v, int rows, uint8_t *blk) {
+    const int64_t C = p->C;
     memset(blk, 0, (size_t)p->Cq * 4 * BLOCK);
     for (int64_t c = 0; c < C; c++) {
         const int32_t *sd = p->split + c * LUT_DEPTH;
         const float *th = p->thr + c * 16;
         uint8_t *dst = blk + c * BLOCK;
         for (int j = 0; j < rows; j++) {
-            const float *x = X + (int64_t)j * D;
+            const float *x = v.X + (int64_t)j * v.row_stride;
             unsigned q = 1;
-            for (int l = 0; l < LUT_DEPTH; l++) q = 2u * q + (x[sd[l]] > th[q] ? 1u : 0u);
+            for (int l = 0; l < LUT_DEPTH; l++) q = 2u * q + (x[sd[l] * v.col_stride] > th[q] ? 1u : 0u);
             dst[j] = (uint8_t)(q - 16u);
         }
     }
@@ -513,31 +520,44 @@ static void scan_block_scalar(const lut_plan *p, const uint8_t *blk, int rows, f
 /* ------------------------------------------------------------------------------------ */
 /* shared by the SIMD encoders                                                           */
 
-/* vals[k*RG + r] = X[r][gdim[4*c0 + k]] for the RG rows of a group (X points at its first
+/* vals[k*RG + r] = X[r][gdim[4*c0 + k]] for the RG rows of a group (v.X points at its first
  * row) and the split dims of codebooks c0 <= c < c1 (a chunk of ENC_CH) in ascending order;
  * the value of (c, l) is at k = gpos[4c + l].  Rows past `rows` repeat the last valid row or
- * are zero: their codes are computed, never stored.  Each pass reads four rows front to back (a
- * forward stream the prefetchers follow), sharing the index loads, and writes 4 rows per
- * store. */
+ * are zero: their codes are computed, never stored.  Row-major X: each pass reads four rows
+ * front to back (a forward stream the prefetchers follow), sharing the index loads, and
+ * writes 4 rows per store.  Dimension-major X: each split dim's rows are one contiguous run. */
 __attribute__((target("avx2")))
-static ALWAYS_INLINE void gather_split_values(const lut_plan *p, const float *X, int rows,
+static ALWAYS_INLINE void gather_split_values(const lut_plan *p, rows_view v, int rows,
                                               int64_t c0, int64_t c1, float *vals) {
     const int32_t *dim = p->gdim + c0 * LUT_DEPTH;
     const int n = (int)(c1 - c0) * LUT_DEPTH;
+    if (v.col_stride != 1) {
+        for (int k = 0; k < n; k++) {
+            const float *src = v.X + (int64_t)dim[k] * v.col_stride;
+            float *dst = vals + k * RG;
+            if (rows == RG && v.row_stride == 1) {
+                _mm256_store_ps(dst, _mm256_loadu_ps(src));
+                _mm256_store_ps(dst + 8, _mm256_loadu_ps(src + 8));
+                continue;
+            }
+            for (int r = 0; r < RG; r++) dst[r] = r < rows ? src[(int64_t)r * v.row_stride] : 0.0f;
+        }
+        return;
+    }
     for (int r = 0; r < RG; r += 4) {
         if (r >= rows) { /* no valid row in this pass (small N): zeros, not 4 more loads each */
             for (int k = 0; k < n; k++) _mm_store_ps(vals + k * RG + r, _mm_setzero_ps());
             continue;
         }
         const float *x[4];
-        for (int i = 0; i < 4; i++) x[i] = X + (int64_t)(r + i < rows ? r + i : rows - 1) * p->D;
+        for (int i = 0; i < 4; i++) x[i] = v.X + (int64_t)(r + i < rows ? r + i : rows - 1) * v.row_stride;
         for (int k = 0; k < n; k++) {
             const int32_t d = dim[k];
-            __m128 v = _mm_load_ss(x[0] + d);
-            v = _mm_insert_ps(v, _mm_load_ss(x[1] + d), 0x10);
-            v = _mm_insert_ps(v, _mm_load_ss(x[2] + d), 0x20);
-            v = _mm_insert_ps(v, _mm_load_ss(x[3] + d), 0x30);
-            _mm_store_ps(vals + k * RG + r, v);
+            __m128 e = _mm_load_ss(x[0] + d);
+            e = _mm_insert_ps(e, _mm_load_ss(x[1] + d), 0x10);
+            e = _mm_insert_ps(e, _mm_load_ss(x[2] + d), 0x20);
+            e = _mm_insert_ps(e, _mm_load_ss(x[3] + d), 0x30);
+            _mm_store_ps(vals + k * RG + r, e);
         }
     }
 }
@@ -566,7 +586,7 @@ static ALWAYS_INLINE __m256i walk8_avx2(const float *th, const float *v, const i
 
 /* column layout */
 AVX2_TARGET
-static void encode_block_avx2(const lut_plan *p, const float *X, int rows, uint8_t *blk) {
+static void encode_block_avx2(const lut_plan *p, rows_view v, int rows, uint8_t *blk) {
     _Alignas(64) float vals[ENC_CH * LUT_DEPTH * RG];
     const int64_t C = p->C;
     const __m256i sixteen = _mm256_set1_epi32(16);
@@ -578,7 +598,8 @@ static void encode_block_avx2(const lut_plan *p, const float *X, int rows, uint8
         const int valid = rows - r0 < RG ? rows - r0 : RG;
         for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) {
             const int64_t c1 = C - c0 < ENC_CH ? C : c0 + ENC_CH;
-            gather_split_values(p, X + (int64_t)r0 * p->D, valid, c0, c1, vals);
+            const rows_view group = {v.X + (int64_t)r0 * v.row_stride, v.row_stride, v.col_stride};
+            gather_split_values(p, group, valid, c0, c1, vals);
             for (int64_t c = c0; c < c1; c++) {
                 const int32_t *pos = p->gpos + c * LUT_DEPTH;
                 const __m256i a = _mm256_sub_epi32(walk8_avx2(p->thr + c * 16, vals, pos), sixteen);
@@ -719,7 +740,7 @@ static ALWAYS_INLINE __m512i walk16_avx512(const float *th, const float *v, cons
 
 /* group layout */
 AVX512_TARGET
-static void encode_block_avx512(const lut_plan *p, const float *X, int rows, uint8_t *blk) {
+static void encode_block_avx512(const lut_plan *p, rows_view v, int rows, uint8_t *blk) {
     _Alignas(64) float vals[ENC_CH * LUT_DEPTH * RG];
     const int64_t C = p->C;
     /* q_i = code_i + 16; byte i must be code_i + 16 i: add -16, 0, +16, +32 to the bytes
@@ -730,7 +751,8 @@ static void encode_block_avx512(const lut_plan *p, const float *X, int rows, uin
         const int valid = rows - r0 < RG ? rows - r0 : RG;
         for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) { /* ENC_CH is a multiple of 4 */
             const int64_t c1 = C - c0 < ENC_CH ? C : c0 + ENC_CH;
-            gather_split_values(p, X + (int64_t)r0 * p->D, valid, c0, c1, vals);
+            const rows_view group = {v.X + (int64_t)r0 * v.row_stride, v.row_stride, v.col_stride};
+            gather_split_values(p, group, valid, c0, c1, vals);
             for (int64_t c = c0; c < c1; c += 4) {
                 __m512i q[4];
                 for (int i = 0; i < 4; i++)
@@ -830,6 +852,45 @@ static ALWAYS_INLINE void store4_avx512(const lut_plan *p, const __m512i acc[4],
     }
 }
 
+/* accumulate_avx512 for a tile's mc used outputs, rounded up to 4 */
+AVX512_TARGET
+static ALWAYS_INLINE void accumulate_tile_avx512(const uint8_t *codes, const uint8_t *tab, int64_t Cq, int mc,
+                                                 __m512i acc[TILE]) {
+    switch ((mc + 3) / 4) {
+    case 1: accumulate_avx512(codes, tab, Cq, 4, acc); break;
+    case 2: accumulate_avx512(codes, tab, Cq, 8, acc); break;
+    case 3: accumulate_avx512(codes, tab, Cq, 12, acc); break;
+    default: accumulate_avx512(codes, tab, Cq, 16, acc); break;
+    }
+}
+
+/* group layout, dimension-major output: Y[m*ldy + r] for the block's rows r (Y points at
+ * the block's first row of output 0).  The accumulators already hold 16 rows of one output
+ * per register, so each is dequantised and stored as it is: no transpose. */
+AVX512_TARGET
+static void scan_block_avx512_columns(const lut_plan *p, const uint8_t *blk, int rows, float *Y, int64_t ldy) {
+    const int64_t M = p->M, Cq = p->Cq;
+    const __m512 vscale = _mm512_set1_ps(p->scale);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t t = 0; t < p->T; t++) {
+        const int64_t m0 = t * TILE;
+        const int mc = M - m0 < TILE ? (int)(M - m0) : TILE;
+        const uint8_t *tab = p->tab5 + t * Cq * TILE * 64;
+        for (int r0 = 0; r0 < rows; r0 += RG) {
+            __m512i acc[TILE];
+            accumulate_tile_avx512(blk + (size_t)r0 * 4, tab, Cq, mc, acc);
+            const int nr = rows - r0 < RG ? rows - r0 : RG;
+            const __mmask16 rmask = (__mmask16)((1u << nr) - 1u);
+            for (int i = 0; i < mc; i++) {
+                __m512 y = _mm512_cvtepu32_ps(acc[i]);
+                y = _mm512_add_ps(_mm512_mul_ps(y, vscale), _mm512_set1_ps(p->base[m0 + i]));
+                if (p->relu) y = _mm512_max_ps(y, zero); /* y > 0 ? y : +0 */
+                _mm512_mask_storeu_ps(Y + (m0 + i) * ldy + r0, rmask, y);
+            }
+        }
+    }
+}
+
 /* group layout; Y points at the block's first output row */
 AVX512_TARGET
 static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, float *Y,
@@ -847,12 +908,7 @@ static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, f
         for (int r0 = 0; r0 < rows; r0 += RG) {
             const uint8_t *codes = blk + (size_t)r0 * 4;
             __m512i acc[TILE];
-            switch ((mc + 3) / 4) { /* only the tile's used outputs, rounded up to 4 */
-            case 1: accumulate_avx512(codes, tab, Cq, 4, acc); break;
-            case 2: accumulate_avx512(codes, tab, Cq, 8, acc); break;
-            case 3: accumulate_avx512(codes, tab, Cq, 12, acc); break;
-            default: accumulate_avx512(codes, tab, Cq, 16, acc); break;
-            }
+            accumulate_tile_avx512(codes, tab, Cq, mc, acc);
             const int nr = rows - r0 < RG ? rows - r0 : RG;
             if (mc <= 4) { /* a last tile of 1-4 outputs: 4-wide epilogue, 16-byte stores */
                 store4_avx512(p, acc, m0, mc, nr, Y + (int64_t)r0 * M);
@@ -881,7 +937,7 @@ static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, f
 
 typedef struct {
     int layout;
-    void (*encode)(const lut_plan *, const float *X, int rows, uint8_t *blk);
+    void (*encode)(const lut_plan *, rows_view rows_in, int rows, uint8_t *blk);
     void (*scan)(const lut_plan *, const uint8_t *blk, int rows, float *Y, uint32_t *scratch);
 } path_ops;
 
@@ -895,9 +951,10 @@ static const path_ops PATH_OPS[LUT_NUM_PATHS] = {
 
 enum { MODE_ENCODE, MODE_SCAN, MODE_APPLY };
 
-static int run_blocks(int mode, const lut_plan *p, const float *X, const uint8_t *codes_in,
-                      int64_t N, uint8_t *codes_out, float *Y, int path, char *err,
-                      size_t errlen) {
+/* X's rows are read through (x_row_stride, x_col_stride): see rows_view */
+static int run_blocks(int mode, const lut_plan *p, const float *X, int64_t x_row_stride,
+                      int64_t x_col_stride, const uint8_t *codes_in, int64_t N, uint8_t *codes_out,
+                      float *Y, int64_t ldy, int path, char *err, size_t errlen) {
     static const char *const names[] = {"lut_encode", "lut_scan", "lut_apply"};
     const char *fn = names[mode];
     if (!p) return set_err(err, errlen, LUT_EINVAL, "%s: plan is NULL", fn);
@@ -912,7 +969,7 @@ static int run_blocks(int mode, const lut_plan *p, const float *X, const uint8_t
         return set_err(err, errlen, LUT_EINVAL, "%s: NULL data pointer", fn);
 
     const path_ops *ops = &PATH_OPS[rp];
-    const int64_t D = p->D, M = p->M, C = p->C;
+    const int64_t M = p->M, C = p->C;
     _Alignas(64) uint8_t stack_blk[16384];
     _Alignas(64) uint32_t scratch[MB * 4 * 16];
     uint8_t *blk = stack_blk;
@@ -921,32 +978,59 @@ static int run_blocks(int mode, const lut_plan *p, const float *X, const uint8_t
         blk = (uint8_t *)alloc64(blk_bytes);
         if (!blk) return set_err(err, errlen, LUT_ENOMEM, "%s: out of memory (%zu bytes)", fn, blk_bytes);
     }
+    /* dimension-major output (ldy > 0): AVX-512 stores it straight from its accumulators;
+     * the other paths scan a block row-major into `rowwise`, then transpose it */
+    float *rowwise = NULL;
+    if (ldy > 0 && rp != LUT_PATH_AVX512) {
+        rowwise = (float *)alloc64(sizeof(float) * (size_t)(BLOCK * M));
+        if (!rowwise) {
+            if (blk != stack_blk) free(blk);
+            return set_err(err, errlen, LUT_ENOMEM, "%s: out of memory (%lld outputs)", fn, (long long)M);
+        }
+    }
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
         const int rows = N - n0 < BLOCK ? (int)(N - n0) : BLOCK;
         if (mode == MODE_SCAN)
             codes_to_blk(p, ops->layout, codes_in + n0 * C, rows, blk);
         else
-            ops->encode(p, X + n0 * D, rows, blk);
+            ops->encode(p, (rows_view){X + n0 * x_row_stride, x_row_stride, x_col_stride}, rows, blk);
         if (mode == MODE_ENCODE)
             blk_to_codes(p, ops->layout, blk, rows, codes_out + n0 * C);
-        else
+        else if (ldy == 0)
             ops->scan(p, blk, rows, Y + n0 * M, scratch);
+        else if (rp == LUT_PATH_AVX512)
+            scan_block_avx512_columns(p, blk, rows, Y + n0, ldy);
+        else {
+            ops->scan(p, blk, rows, rowwise, scratch);
+            for (int64_t m = 0; m < M; m++)
+                for (int r = 0; r < rows; r++) Y[m * ldy + n0 + r] = rowwise[(int64_t)r * M + m];
+        }
     }
     if (blk != stack_blk) free(blk);
+    free(rowwise);
     return LUT_OK;
 }
 
 int lut_encode(const lut_plan *plan, const float *X, int64_t N, uint8_t *codes, int path,
                char *err, size_t errlen) {
-    return run_blocks(MODE_ENCODE, plan, X, NULL, N, codes, NULL, path, err, errlen);
+    return run_blocks(MODE_ENCODE, plan, X, plan ? plan->D : 0, 1, NULL, N, codes, NULL, 0, path, err, errlen);
 }
 
 int lut_scan(const lut_plan *plan, const uint8_t *codes, int64_t N, float *Y, int path,
              char *err, size_t errlen) {
-    return run_blocks(MODE_SCAN, plan, NULL, codes, N, NULL, Y, path, err, errlen);
+    return run_blocks(MODE_SCAN, plan, NULL, 0, 0, codes, N, NULL, Y, 0, path, err, errlen);
 }
 
 int lut_apply(const lut_plan *plan, const float *X, int64_t N, float *Y, int path, char *err,
               size_t errlen) {
-    return run_blocks(MODE_APPLY, plan, X, NULL, N, NULL, Y, path, err, errlen);
+    return run_blocks(MODE_APPLY, plan, X, plan ? plan->D : 0, 1, NULL, N, NULL, Y, 0, path, err, errlen);
+}
+
+int lut_apply_columns(const lut_plan *plan, const float *Xt, int64_t ldx, int64_t N, float *Yt,
+                      int64_t ldy, int path, char *err, size_t errlen) {
+    if (ldx < N || ldx < 1 || ldy < N || ldy < 1)
+        return set_err(err, errlen, LUT_EINVAL,
+                       "lut_apply_columns: ldx = %lld and ldy = %lld must be >= max(N = %lld, 1)",
+                       (long long)ldx, (long long)ldy, (long long)N);
+    return run_blocks(MODE_APPLY, plan, Xt, 1, ldx, NULL, N, NULL, Yt, ldy, path, err, errlen);
 }

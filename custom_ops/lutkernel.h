@@ -107,6 +107,12 @@ int lut_scan(const lut_plan *plan, const uint8_t *codes, int64_t N, float *Y,
 int lut_apply(const lut_plan *plan, const float *X, int64_t N, float *Y,
               int path, char *err, size_t errlen);
 
+/* lut_apply with X and Y dimension-major: row n's dimension d is Xt[d*ldx + n] and its
+ * output m goes to Yt[m*ldy + n]; ldx, ldy >= N.  LutConv's layout: the gathered patches
+ * (each split dim's rows one contiguous run) in, NCHW out. */
+int lut_apply_columns(const lut_plan *plan, const float *Xt, int64_t ldx, int64_t N, float *Yt,
+                      int64_t ldy, int path, char *err, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

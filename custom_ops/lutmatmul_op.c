@@ -159,7 +159,7 @@ static void ORT_API_CALL lut_kernel_destroy(void *op_kernel) {
 
 /* LutConv's geometry attributes, checked against the tree arrays (see lutconv.h). */
 static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D, int64_t C,
-                             const int64_t *split, int64_t n_split, const float *thr, int64_t n_thr) {
+                             const int64_t *split, int64_t n_split) {
     const OrtApi *api = k->api;
     OrtStatus *st = NULL;
     int64_t cin = 0, *arrays[4] = {NULL, NULL, NULL, NULL};
@@ -176,7 +176,7 @@ static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D,
     if (!st) {
         char err[512];
         int rc = lut_conv_create(&k->conv, cin, arrays[0], arrays[1], arrays[2], arrays[3], D, C, split,
-                                 n_split, thr, n_thr, err, sizeof err);
+                                 n_split, err, sizeof err);
         if (rc != LUT_OK)
             st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "%s: %s",
                              k->label, err);
@@ -265,8 +265,21 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     k->D = D;
     k->M = M;
     k->C = C;
-    if (k->conv_requested && (st = build_conv(k, info, D, C, split, (int64_t)n_split, thresholds, (int64_t)n_thr)))
-        goto done;
+    if (k->conv_requested) {
+        if ((st = build_conv(k, info, D, C, split, (int64_t)n_split))) goto done;
+        /* LutConv runs the same plan over the gathered split pixels (lutconv.h): U columns,
+         * split dims renumbered to them; everything else as validated above */
+        lut_plan *gathered = NULL;
+        rc = lut_plan_create(&gathered, lut_conv_columns(k->conv), M, C, K, lut_conv_split_columns(k->conv),
+                             (int64_t)n_split, thresholds, (int64_t)n_thr, (const uint8_t *)tdata, n_tables,
+                             scale, offsets, (int64_t)n_off, bias, (int64_t)n_bias, relu, err, sizeof err);
+        if (rc != LUT_OK) {
+            st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "%s: %s", label, err);
+            goto done;
+        }
+        lut_plan_destroy(k->plan);
+        k->plan = gathered;
+    }
 
 done:
     if (tinfo) api->ReleaseTensorTypeAndShapeInfo(tinfo); /* [99] */
@@ -350,13 +363,15 @@ static void run_task(void *arg, size_t index) {
         memcpy(job->err, err, sizeof err);
 }
 
-/* LutConv: tasks are (image, tile of CONV_TILE output positions); each encodes its patches
- * straight from the image, scans them into a [tile][M] buffer and writes it out NCHW. */
+/* LutConv: tasks are (image, tile of CONV_TILE output positions); each gathers the split
+ * pixels of its patches straight from the image into P[U][tile] and applies the plan (SIMD
+ * encode and scan) to it, writing the outputs straight into NCHW. */
 #define CONV_TILE 64
 
 typedef struct ConvJob {
     const LutKernel *k;
     const float *X;
+    const int32_t *index; /* lut_conv_index of this call's H x W */
     float *Y;
     int64_t H, W, in_image, positions, tiles;
     int failed;
@@ -368,23 +383,18 @@ static void run_conv_task(void *arg, size_t index) {
     const LutKernel *k = job->k;
     const int64_t n = (int64_t)index / job->tiles, first = (int64_t)index % job->tiles * CONV_TILE;
     const int64_t rows = job->positions - first < CONV_TILE ? job->positions - first : CONV_TILE;
-    uint8_t *codes = (uint8_t *)malloc((size_t)(rows * k->C));
-    float *out = (float *)malloc(sizeof(float) * (size_t)(rows * k->M));
+    const int64_t U = lut_conv_columns(k->conv);
+    float *P = (float *)malloc(sizeof(float) * (size_t)(U * CONV_TILE)); /* [U][CONV_TILE], U <= 4C < 2^26 */
     char err[256] = "out of memory";
     int rc = LUT_ENOMEM;
-    if (codes && out) {
-        lut_conv_encode(k->conv, job->X + n * job->in_image, job->H, job->W, first, rows, codes);
-        rc = lut_scan(k->plan, codes, rows, out, k->path, err, sizeof err);
-        if (rc == LUT_OK) {
-            float *y = job->Y + n * k->M * job->positions + first;
-            for (int64_t m = 0; m < k->M; m++)
-                for (int64_t r = 0; r < rows; r++) y[m * job->positions + r] = out[r * k->M + m];
-        }
+    if (P) {
+        lut_conv_gather(k->conv, job->X + n * job->in_image, job->index, job->positions, first, rows, CONV_TILE, P);
+        rc = lut_apply_columns(k->plan, P, CONV_TILE, rows, job->Y + n * k->M * job->positions + first,
+                               job->positions, k->path, err, sizeof err);
     }
     if (rc != LUT_OK && __atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0)
         memcpy(job->err, err, sizeof err);
-    free(codes);
-    free(out);
+    free(P);
 }
 
 static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtValue *x, const int64_t *dims,
@@ -426,12 +436,21 @@ static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtVal
     job.in_image = dims[1] * dims[2] * dims[3];
     job.positions = OH * OW;
     job.tiles = (job.positions + CONV_TILE - 1) / CONV_TILE;
+    if (!lut_conv_index_fits(k->conv, dims[2], dims[3]))
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: an image of %lld x %lld x %lld exceeds 2^31 values",
+                           k->label, (long long)dims[1], (long long)dims[2], (long long)dims[3]);
+    int32_t *owned = NULL;
+    job.index = lut_conv_index_for(k->conv, dims[2], dims[3], &owned);
+    if (!job.index)
+        return make_status(api, ORT_FAIL, "%s: out of memory for the patch index (%lld x %lld offsets)", k->label,
+                           (long long)lut_conv_columns(k->conv), (long long)job.positions);
     const int64_t tasks = dims[0] * job.tiles;
-    if (tasks <= 1) {
+    if (tasks <= 1)
         run_conv_task(&job, 0);
-    } else if ((st = api->KernelContext_ParallelFor(ctx, run_conv_task, (size_t)tasks, 0, &job))) { /* [274] */
-        return st;
-    }
+    else
+        st = api->KernelContext_ParallelFor(ctx, run_conv_task, (size_t)tasks, 0, &job); /* [274] */
+    free(owned);
+    if (st) return st;
     if (job.failed) return make_status(api, ORT_FAIL, "%s: %s", k->label, job.err);
     return NULL;
 }

@@ -244,17 +244,29 @@ def test_conv_without_padding_compiles_exactly():
 @pytest.mark.parametrize("pads,strides,dilations", [
     ((1, 1, 1, 1), (1, 1), (1, 1)), ((0, 1, 2, 0), (2, 1), (1, 2)), ((2, 2, 2, 2), (3, 2), (2, 1)),
 ])
-def test_lutconv_kernel_matches_the_reference_bit_for_bit(pads, strides, dilations):
+def test_lutconv_kernel_matches_the_reference_bit_for_bit(pads, strides, dilations, monkeypatch):
     model = conv_model(pads, strides, dilations)
     x = binary_images() * np.random.default_rng(1).random((64, 4, 9, 8)).astype(np.float32)
     result = lutcompile.compile_model(model, None, {"x": x}, codebooks=4, finetune=False, progress=False)
     from lutcompile.reference import reference_evaluator
     got = run(result.model, {"x": x}, True)[0]
     np.testing.assert_array_equal(got, reference_evaluator(result.model).run(None, {"x": x})[0])
-    for threads in (1, 2):  # and the same for any thread count
-        sess = ort.InferenceSession(result.model.SerializeToString(), lutcompile.session_options(threads),
-                                    providers=["CPUExecutionProvider"])
-        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], got)
+    for path in lutcompile.kernel.available_paths():  # every kernel path, any thread count
+        monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
+        for threads in (1, 2):
+            sess = ort.InferenceSession(result.model.SerializeToString(), lutcompile.session_options(threads),
+                                        providers=["CPUExecutionProvider"])
+            np.testing.assert_array_equal(sess.run(None, {"x": x})[0], got, err_msg=f"{path}, {threads} threads")
+    # a second image size on one session (the patch index is cached for the first size only)
+    flexible = onnx.ModelProto()
+    flexible.CopyFrom(result.model)
+    for axis, name in ((2, "H"), (3, "W")):
+        flexible.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = name
+    sess = make_session(flexible)
+    smaller = np.ascontiguousarray(x[:5, :, :7, :6])
+    for images in (x, smaller, x):
+        np.testing.assert_array_equal(sess.run(None, {"x": images})[0],
+                                      reference_evaluator(flexible).run(None, {"x": images})[0])
 
 
 @pytest.mark.parametrize("group,cin,k,reason", [(2, 4, (3, 3), "grouped"), (4, 4, (3, 3), "depthwise"),
