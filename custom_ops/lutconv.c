@@ -1,6 +1,7 @@
 /* lutconv: LutConv's patch gather; see lutconv.h. */
 #include "lutconv.h"
 
+#include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -143,8 +144,51 @@ void lut_conv_index(const lut_conv *c, int64_t H, int64_t W, int32_t *index) {
     }
 }
 
-void lut_conv_gather(const lut_conv *c, const float *X, const int32_t *index, int64_t positions,
-                     int64_t first, int64_t rows, int64_t ld, float *P) {
+/* stride 1 along x: one output row's positions of a column are contiguous input pixels.
+ * Stores are whole 16-float vectors (masked stores are slow on Zen 4): lanes past a run land
+ * on later positions of the column, rewritten by the runs that follow, or in the 16 floats
+ * of slack each column has past `rows` (ld >= rows + 16). */
+__attribute__((target("avx512f")))
+static void gather_runs_avx512(const lut_conv *c, const float *X, int64_t H, int64_t W, int64_t OW,
+                               int64_t first, int64_t rows, int64_t ld, float *P) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t r = 0, pos = first; r < rows;) { /* the run of positions in output row oy */
+        const int64_t oy = pos / OW, ox0 = pos % OW;
+        const int64_t n = OW - ox0 < rows - r ? OW - ox0 : rows - r;
+        const int64_t y0 = oy * c->sh - c->top;
+        for (int64_t a = 0; a < n; a += 16) {
+            const int64_t lanes_n = n - a < 16 ? n - a : 16;
+            const __mmask16 lanes = (__mmask16)((1u << lanes_n) - 1u);
+            for (int64_t u = 0; u < c->U; u++) {
+                float *dst = P + u * ld + r + a;
+                const int64_t y = y0 + c->ky[u] * c->dh;
+                if (y < 0 || y >= H) {
+                    _mm512_storeu_ps(dst, zero);
+                    continue;
+                }
+                /* lane i reads x = x0 + i; lanes outside [0, W) are masked off (no access) */
+                const int64_t x0 = ox0 + a - c->left + c->kx[u] * c->dw;
+                const int64_t lo = x0 < 0 ? (-x0 < lanes_n ? -x0 : lanes_n) : 0;
+                const int64_t hi = W - x0 < lanes_n ? (W - x0 > 0 ? W - x0 : 0) : lanes_n;
+                const __mmask16 inside = (__mmask16)(lanes & ((1u << hi) - 1u) & ~((1u << lo) - 1u));
+                const uintptr_t at = (uintptr_t)(X + (c->chan[u] * H + y) * W) + (uintptr_t)(x0 * (int64_t)sizeof(float));
+                _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(inside, (const void *)at));
+            }
+        }
+        r += n;
+        pos += n;
+    }
+}
+
+void lut_conv_gather(const lut_conv *c, const float *X, int64_t H, int64_t W, const int32_t *index,
+                     int64_t first, int64_t rows, int64_t ld, int path, float *P) {
+    int64_t OH, OW;
+    if (lut_conv_output_size(c, H, W, &OH, &OW) != LUT_OK) return;
+    if (path == LUT_PATH_AVX512 && c->sw == 1) {
+        gather_runs_avx512(c, X, H, W, OW, first, rows, ld, P);
+        return;
+    }
+    const int64_t positions = OH * OW;
     for (int64_t u = 0; u < c->U; u++) {
         const int32_t *at = index + u * positions + first;
         float *dst = P + u * ld;

@@ -62,11 +62,15 @@ void lut_conv_index(const lut_conv *conv, int64_t H, int64_t W, int32_t *index);
  * memory or when the index would not fit (U * OH * OW * 4 bytes over 2^40). */
 const int32_t *lut_conv_index_for(lut_conv *conv, int64_t H, int64_t W, int32_t **owned);
 
-/* The split pixels of output positions first .. first+rows-1 of one image X, dimension-major:
- * P[u*ld + r] = column u of position first + r (0 in the padding), ready for
- * lut_apply_columns; index and positions = OH*OW as from lut_conv_index, rows <= ld. */
-void lut_conv_gather(const lut_conv *conv, const float *X, const int32_t *index, int64_t positions,
-                     int64_t first, int64_t rows, int64_t ld, float *P);
+/* The split pixels of output positions first .. first+rows-1 of one image X[in_channels][H][W],
+ * dimension-major: P[u*ld + r] = column u of position first + r (0 in the padding), ready for
+ * lut_apply_columns; index as from lut_conv_index for H x W, and ld >= rows + 16 (slack for
+ * whole-vector stores).
+ * With path LUT_PATH_AVX512 and stride 1 along x, a column's positions in one output row are
+ * one contiguous run of an input row, copied 16 at a time with masked loads (the mask also
+ * zeroes the padding); otherwise each value is read through the index. */
+void lut_conv_gather(const lut_conv *conv, const float *X, int64_t H, int64_t W, const int32_t *index,
+                     int64_t first, int64_t rows, int64_t ld, int path, float *P);
 
 #ifdef __cplusplus
 }

@@ -885,7 +885,10 @@ static void scan_block_avx512_columns(const lut_plan *p, const uint8_t *blk, int
                 __m512 y = _mm512_cvtepu32_ps(acc[i]);
                 y = _mm512_add_ps(_mm512_mul_ps(y, vscale), _mm512_set1_ps(p->base[m0 + i]));
                 if (p->relu) y = _mm512_max_ps(y, zero); /* y > 0 ? y : +0 */
-                _mm512_mask_storeu_ps(Y + (m0 + i) * ldy + r0, rmask, y);
+                if (nr == RG)
+                    _mm512_storeu_ps(Y + (m0 + i) * ldy + r0, y);
+                else
+                    _mm512_mask_storeu_ps(Y + (m0 + i) * ldy + r0, rmask, y);
             }
         }
     }

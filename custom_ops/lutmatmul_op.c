@@ -367,6 +367,7 @@ static void run_task(void *arg, size_t index) {
  * pixels of its patches straight from the image into P[U][tile] and applies the plan (SIMD
  * encode and scan) to it, writing the outputs straight into NCHW. */
 #define CONV_TILE 64
+#define CONV_LD (CONV_TILE + 16) /* a gathered column, with lut_conv_gather's slack */
 
 typedef struct ConvJob {
     const LutKernel *k;
@@ -384,12 +385,13 @@ static void run_conv_task(void *arg, size_t index) {
     const int64_t n = (int64_t)index / job->tiles, first = (int64_t)index % job->tiles * CONV_TILE;
     const int64_t rows = job->positions - first < CONV_TILE ? job->positions - first : CONV_TILE;
     const int64_t U = lut_conv_columns(k->conv);
-    float *P = (float *)malloc(sizeof(float) * (size_t)(U * CONV_TILE)); /* [U][CONV_TILE], U <= 4C < 2^26 */
+    float *P = (float *)malloc(sizeof(float) * (size_t)(U * CONV_LD)); /* [U][CONV_LD], U <= 4C < 2^26 */
     char err[256] = "out of memory";
     int rc = LUT_ENOMEM;
     if (P) {
-        lut_conv_gather(k->conv, job->X + n * job->in_image, job->index, job->positions, first, rows, CONV_TILE, P);
-        rc = lut_apply_columns(k->plan, P, CONV_TILE, rows, job->Y + n * k->M * job->positions + first,
+        lut_conv_gather(k->conv, job->X + n * job->in_image, job->H, job->W, job->index, first, rows, CONV_LD,
+                        k->path, P);
+        rc = lut_apply_columns(k->plan, P, CONV_LD, rows, job->Y + n * k->M * job->positions + first,
                                job->positions, k->path, err, sizeof err);
     }
     if (rc != LUT_OK && __atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0)
