@@ -13,6 +13,7 @@ from functools import partial
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -22,10 +23,12 @@ from . import calibrate, frontend
 from .export import check_output_path, save_model
 from .finetune import FinetuneOptions, train
 from .fit import TABLE_LOSSES, FitOptions, fit_node
-from .lut import K
 from .partition import PARTITIONS
 from .rewrite import Replacement, rewrite
 from .runtime import accuracy, make_session, run_batched
+
+if TYPE_CHECKING:
+    from .budget import BudgetOptions, BudgetResult
 
 log = logging.getLogger("lutcompile")
 
@@ -56,6 +59,7 @@ class CompileResult:
     seconds: dict[str, float] = field(default_factory=dict)
     stages: list[tuple[str, float]] = field(default_factory=list)  # calibration accuracy per stage
     options: dict = field(default_factory=dict)  # the options the model was compiled with
+    budget: BudgetResult | None = None  # the automatic budget search, when one chose the nodes
 
 
 @contextmanager
@@ -78,7 +82,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   model_output: str | os.PathLike | None,
                   calibration_data,
                   *,
-                  codebooks: int = 16,
+                  codebooks: int | dict[str, int] = 16,
                   partition: str = "opq",
                   table_loss: str = "kl",
                   finetune: bool | None = None,
@@ -92,7 +96,10 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   fit_options: FitOptions | None = None,
                   finetune_options: FinetuneOptions | None = None,
                   report_dir: str | os.PathLike | None = None,
-                  progress: bool | None = None) -> CompileResult:
+                  progress: bool | None = None,
+                  max_accuracy_drop: float | None = None,
+                  max_output_error: float | None = None,
+                  budget_options: BudgetOptions | None = None) -> CompileResult:
     """Replace the model's constant-weight matrix products by LutMatMul lookups.
 
     calibration_data: an .npz path or a dict of arrays, one per model input keyed by name
@@ -104,6 +111,13 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     finetune_tables: afterwards, train the tables, lookup biases and remaining exact layers
     end to end.
     report_dir: write report.json and report.html there.
+    codebooks: one count for every node, or {node name: count}: then only those nodes are
+    replaced (as if they were `nodes_to_include`), each at its own count.
+    max_accuracy_drop: instead of `codebooks`, search per node for the fastest choice (exact,
+    or lookups at a count from budget_options.candidates) whose top-1 accuracy drop on a
+    held-out part of the calibration data stays within this fraction (0.01 = one point);
+    needs labels. max_output_error: the same with the relative error of the first output
+    against the original model's (no labels needed). See lutcompile/budget.py.
     fit_options, finetune_options: the finer settings of those stages (codebooks, partition,
     table_loss and seed given here take precedence).
     """
@@ -119,16 +133,35 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
             check_output_path(model_output, model_input if not isinstance(model_input, onnx.ModelProto) else None)
         model = model_input if isinstance(model_input, onnx.ModelProto) else frontend.load_model(model_input)
         analysis = frontend.analyse(model, op_types, fuse_activation)
+        if isinstance(codebooks, dict) and nodes_to_include is None:
+            nodes_to_include = list(codebooks)
         targets = _select(analysis, nodes_to_include, nodes_to_exclude)
+        if isinstance(codebooks, dict) and (missing := [t.name for t in targets if t.name not in codebooks]):
+            raise ValueError(f"no codebook count for node(s) {', '.join(missing)}")
         data = calibrate.load_calibration(calibration_data, analysis.model)
     if finetune is None:
         finetune = data.labels is not None
     tune = finetune_options or FinetuneOptions(seed=seed)
-    options = replace(fit_options or FitOptions(), codebooks=codebooks, partition=partition, seed=seed)
+    options = replace(fit_options or FitOptions(), codebooks=16 if isinstance(codebooks, dict) else codebooks,
+                      partition=partition, seed=seed)
+    if max_accuracy_drop is not None or max_output_error is not None:
+        from .budget import BudgetOptions, Goal, search
+        goal = Goal.from_arguments(max_accuracy_drop, max_output_error, data.labels is not None)
+        compile_plan = partial(compile_model, analysis.model, None, partition=partition, table_loss=table_loss,
+                               finetune=finetune, finetune_tables=finetune_tables, op_types=op_types,
+                               fuse_activation=fuse_activation, seed=seed, batch_size=batch_size,
+                               fit_options=fit_options, finetune_options=finetune_options, progress=progress)
+        result = search(analysis, targets, data, goal, budget_options or BudgetOptions(), options, table_loss,
+                        compile_plan, batch_size, progress, seconds)
+        return _finish(result, model_output, report_dir)
 
+    with _timed(seconds, "calibrate"):  # too few rows for the codebooks fail here, before any fitting
+        calibrate.check_enough_rows(analysis.model, data, targets, lambda t: min(
+            codebooks.get(t.name, options.codebooks) if isinstance(codebooks, dict) else options.codebooks, t.D),
+            options.max_rows, batch_size)
     teacher = None
     if (finetune or finetune_tables) and data.labels is None:
-        teacher = _first_output(analysis.model, data)
+        teacher = first_output(analysis.model, data)
     current = analysis.model
     reports: list[NodeReport] = []
     stages: list[tuple[str, float]] = []
@@ -140,16 +173,14 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
         by_name = {t.name: t for t in frontend.analyse(current, op_types, fuse_activation).targets}
         now = [by_name[n] for n in names]
         with _timed(seconds, "calibrate"):
-            rng = np.random.default_rng(seed)
-            per_image = -(-options.max_rows // data.rows)  # conv patches kept per image
-            activations = calibrate.collect_activations(
-                current, data, {t.name: (t.input_name, partial(t.rows, rng=rng, per_image=per_image)) for t in now},
-                batch_size, progress=_progress(progress, "calibrate"))
+            activations = target_rows(current, data, now, options, batch_size, _progress(progress, "calibrate"))
         with _timed(seconds, "fit"):
             replacements = []
             for target in _progress(progress, "fit")(now):
-                rep, report = _fit_target(target, activations[target.name], options, table_loss,
-                                          analysis.output_names)
+                node_options = replace(options, codebooks=codebooks[target.name]) \
+                    if isinstance(codebooks, dict) else options
+                rep, report = fit_target(target, activations[target.name], node_options, table_loss,
+                                         analysis.output_names)
                 replacements.append(rep)
                 reports.append(report)
             current = rewrite(current, replacements)
@@ -184,21 +215,36 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
         with _timed(seconds, "evaluate"):
             result.accuracy_before = evaluate_accuracy(analysis.model, data)
             result.accuracy_after = evaluate_accuracy(current, data)
+    return _finish(result, model_output, report_dir)
+
+
+def _finish(result: CompileResult, model_output, report_dir) -> CompileResult:
+    """Write the model (atomically) and the report, if asked."""
     if model_output is not None:
-        with _timed(seconds, "export"):
-            save_model(current, model_output)
+        with _timed(result.seconds, "export"):
+            save_model(result.model, model_output)
     if report_dir is not None:
         from .report import write_report
         write_report(result, report_dir)
     return result
 
 
-def _fit_target(target: frontend.TargetNode, X: np.ndarray, options: FitOptions, table_loss: str,
-                graph_outputs: list[str]) -> tuple[Replacement, NodeReport]:
+def target_rows(model: onnx.ModelProto, data: calibrate.CalibrationData, targets: list[frontend.TargetNode],
+                options: FitOptions, batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
+    """Each target's input rows [n, D] over the calibration data (a seeded sample of a Conv's
+    patches, enough for options.max_rows), from a run of `model` in onnxruntime."""
+    rng = np.random.default_rng(options.seed)
+    per_image = calibrate.patches_per_image(options.max_rows, data.rows)
+    return calibrate.collect_activations(
+        model, data, {t.name: (t.input_name, partial(t.rows, rng=rng, per_image=per_image)) for t in targets},
+        batch_size, progress=progress)
+
+
+def fit_target(target: frontend.TargetNode, X: np.ndarray, options: FitOptions, table_loss: str,
+               graph_outputs: list[str]) -> tuple[Replacement, NodeReport]:
+    """One node's lookup replacement, fitted on its input rows X at options.codebooks (capped at D)."""
     C = min(options.codebooks, target.D)
-    if len(X) < 2 * K:
-        raise calibrate.CalibrationError(
-            f"node {target.name} has {len(X)} calibration rows; at least {2 * K} are needed")
+    calibrate.require_rows(target.name, len(X), C)  # compile_model checked this before any fit
     is_logits = target.output_name in graph_outputs and target.activation is None
     loss = "mse" if table_loss == "kl" and not is_logits else table_loss
     fit = fit_node(X, target.weight, target.bias, target.activation,
@@ -214,7 +260,7 @@ def _fit_target(target: frontend.TargetNode, X: np.ndarray, options: FitOptions,
     return Replacement(target, fit.params, info), report
 
 
-def _first_output(model: onnx.ModelProto, data: calibrate.CalibrationData) -> np.ndarray:
+def first_output(model: onnx.ModelProto, data: calibrate.CalibrationData) -> np.ndarray:
     session = make_session(model)
     return np.asarray(run_batched(session, data.inputs, [session.get_outputs()[0].name])[0])
 

@@ -20,7 +20,9 @@
                  "relative_error": float, "bytes_before": int, "bytes_after": int, ...}],
                                                # every NodeReport field, as the API reports it
       "skipped": [{"name": str, "op_type": str, "reason": str}],   # nodes kept exact, and why
-      "totals": {"nodes": int, "skipped": int, "bytes_before": int, "bytes_after": int}
+      "totals": {"nodes": int, "skipped": int, "bytes_before": int, "bytes_after": int},
+      "budget": {...}                          # only after an automatic budget search (max_accuracy_drop
+                                               # or max_output_error): BudgetResult.to_json(), budget.py
     }
 
 - report.html, a self-contained page (no scripts, no external files: it opens offline) with
@@ -89,13 +91,13 @@ def report_data(result) -> dict:
         "totals": {"nodes": len(nodes), "skipped": len(result.skipped),
                    "bytes_before": int(sum(n["bytes_before"] for n in nodes)),
                    "bytes_after": int(sum(n["bytes_after"] for n in nodes))},
-    }
+    } | ({} if getattr(result, "budget", None) is None else {"budget": _jsonable(result.budget.to_json())})
 
 
 def write_report(result, directory: str | os.PathLike) -> Path:
     """Write report.json and report.html for a CompileResult into `directory` (created if
     needed); returns the path of report.html."""
-    from .export import OutputError
+    from .export import OutputError, write_atomic
     folder = Path(directory)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -104,8 +106,8 @@ def write_report(result, directory: str | os.PathLike) -> Path:
     data = report_data(result)
     page = render_html(data)
     try:
-        (folder / "report.json").write_text(json.dumps(data, indent=2) + "\n")
-        (folder / "report.html").write_text(page, encoding="utf-8")
+        write_atomic(folder / "report.json", (json.dumps(data, indent=2) + "\n").encode())
+        write_atomic(folder / "report.html", page.encode("utf-8"))
     except OSError as exc:
         raise OutputError(f"cannot write the report into {folder}: {exc.strerror or exc}") from exc
     log.info("wrote %s and %s", folder / "report.json", folder / "report.html")

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from lutcompile import kernel  # noqa: E402
 from lutcompile.lut import DOMAIN, OP_TYPE, LutParams  # noqa: E402
+from lutcompile.timing import interleaved_medians  # noqa: E402
 
 SHAPES = [(1, 784, 200), (64, 784, 200), (1024, 784, 200), (1024, 512, 10), (1024, 512, 100),
           (4096, 256, 256)]
@@ -412,29 +413,6 @@ def kernel_runners(p: LutParams, X: np.ndarray) -> dict:
         "scan": lambda: lib.lut_scan(plan._plan, cp, N, yp, -1, err, 256),
         "_keep": (plan, X, Y, codes, codes_out, xp, yp, cp, cop, err),
     }
-
-
-def interleaved_medians(runs: dict, repetitions: int, min_seconds: float) -> dict[str, float]:
-    """Median seconds per call, the variants timed round-robin within each repetition (the
-    starting variant rotates, so none always runs first)."""
-    names = list(runs)
-    inner = {}
-    for name in names:
-        for _ in range(2):
-            runs[name]()
-        t0 = time.perf_counter()
-        runs[name]()
-        inner[name] = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-7)))
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(repetitions):
-        for k in range(len(names)):
-            name = names[(rep + k) % len(names)]
-            fn, n = runs[name], inner[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / n)
-    return {n: float(np.median(s)) for n, s in samples.items()}
 
 
 # --------------------------------------------------------------------------------------

@@ -9,12 +9,23 @@ from sklearn.datasets import load_digits
 from sklearn.neural_network import MLPClassifier
 
 
-@pytest.fixture(scope="session")
-def digits():
+def load_digits_data():
     """(X float32 [1797, 64] scaled to [0, 1], labels int64), in a fixed shuffled order."""
     X, y = load_digits(return_X_y=True)
     order = np.random.default_rng(0).permutation(len(X))
     return (X[order] / 16.0).astype(np.float32), y[order].astype(np.int64)
+
+
+def train_digits_mlp(X, y):
+    """A 64-48-32-10 ReLU MLP trained on (X, y): list of (W [D, M], b [M])."""
+    clf = MLPClassifier(hidden_layer_sizes=(48, 32), max_iter=300, random_state=0)
+    clf.fit(X, y)
+    return [(W.astype(np.float32), b.astype(np.float32)) for W, b in zip(clf.coefs_, clf.intercepts_)]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_digits_data()
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +37,9 @@ def digits_split(digits):
 
 @pytest.fixture(scope="session")
 def digits_mlp(digits_split):
-    """A 64-48-32-10 ReLU MLP trained on digits: list of (W [D, M], b [M])."""
+    """The MLP of `train_digits_mlp`, trained on the 1,297 training rows."""
     Xtr, ytr, _, _ = digits_split
-    clf = MLPClassifier(hidden_layer_sizes=(48, 32), max_iter=300, random_state=0)
-    clf.fit(Xtr, ytr)
-    return [(W.astype(np.float32), b.astype(np.float32)) for W, b in zip(clf.coefs_, clf.intercepts_)]
+    return train_digits_mlp(Xtr, ytr)
 
 
 def mlp_model(layers, style: str = "gemm", opset: int = 17, batch: int | str = "N") -> onnx.ModelProto:
@@ -79,3 +88,10 @@ def numpy_mlp(layers, X):
         if i < len(layers) - 1:
             h = np.maximum(h, 0)
     return h
+
+
+@pytest.fixture(scope="session")
+def fuzz_models(tmp_path_factory):
+    """The folder of fuzz_cases.build_base_models: the digits MLP and the small CNN, compiled."""
+    from fuzz_cases import build_base_models
+    return build_base_models(tmp_path_factory.mktemp("fuzz_models"))

@@ -3,6 +3,7 @@ CalibrationDataReader give the same compiled model; nodes_to_include / nodes_to_
 exactly the named nodes."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,10 @@ import pytest
 from onnxruntime.quantization import CalibrationDataReader
 
 import lutcompile
+from conftest import mlp_model
+from fuzz_cases import cnn_model
+from lutcompile import api
+from lutcompile.calibrate import CalibrationError
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models/mnist_mlp.onnx"
@@ -102,6 +107,29 @@ def test_include_and_exclude_pick_exactly_the_named_nodes(include, exclude, repl
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), original[t.name])
 
 
+@pytest.mark.bad_input
 def test_unknown_node_names_are_rejected():
     with pytest.raises(ValueError, match="node 'nope' is not"):
         lutcompile.compile_model(MODEL, None, CALIB, nodes_to_exclude=["nope"], **FAST)
+
+
+def _never_fit(*args, **kwargs):
+    raise AssertionError("a node was fitted before the row check")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("model,rows,codebooks,message", [
+    # 16 -> 64 -> 10 at 32 codebooks: the first node (C = D = 16) needs 256 rows and has them,
+    # the second (C = 32) needs 512: the error comes before the first node is fitted
+    (lambda: mlp_model([(np.eye(16, 64, dtype=np.float32), np.zeros(64, np.float32)),
+                        (np.eye(64, 10, dtype=np.float32), np.zeros(10, np.float32))]),
+     {"input": np.random.default_rng(0).random((300, 16), np.float32)}, 32,
+     "node fc1 gets 300 calibration rows; 32 codebook(s) need at least 512 (16 per codebook)"),
+    # Conv rows are patches: 7 x 7 per image for conv_a, 3 x 3 for conv_b (C = 4: 64 rows)
+    (cnn_model, {"image": np.ones((1, 1, 8, 8), np.float32)}, 4, "node conv_a gets 49 calibration rows"),
+    (cnn_model, {"image": np.ones((2, 1, 8, 8), np.float32)}, 4, "node conv_b gets 18 calibration rows"),
+])
+def test_too_few_rows_fail_before_any_fit(monkeypatch, model, rows, codebooks, message):
+    monkeypatch.setattr(api, "fit_node", _never_fit)
+    with pytest.raises(CalibrationError, match="^" + re.escape(message)):
+        lutcompile.compile_model(model(), None, rows, codebooks=codebooks, finetune=True, progress=False)

@@ -139,6 +139,7 @@ def test_cli_report_option(tmp_path):
     assert (report / "report.html").read_text().count("<svg") == 3
 
 
+@pytest.mark.bad_input
 def test_cli_report_path_that_is_a_file_fails_before_compiling(capsys, tmp_path):
     (tmp_path / "taken").write_text("")
     code = cli.main([str(MODEL), "--calib", str(CALIB), "-o", str(tmp_path / "o.onnx"),

@@ -1,0 +1,489 @@
+"""Automatic budget: the fastest compiled model whose accuracy drop (or output error) stays
+within a target.
+
+    compile_model("model.onnx", "fast.onnx", "calib.npz", max_accuracy_drop=0.01)
+
+Per target node the search chooses between keeping it exact and lookups at a codebook count C
+from a candidate set (those not above the node's input width D):
+
+1. split: a seeded fraction of the calibration rows (20 %, stratified by label) is held out.
+   Fitting and fine-tuning use the rest; every score the search compares is measured on the
+   held-out rows.
+2. cost: each node, exact and at each C, is built as a one-node ONNX model with the node's
+   real weights, shapes and activations and timed in onnxruntime on this machine (one
+   thread, a reference batch of 256 rows by default, medians of interleaved repetitions).
+   A plan's cost is the sum of its nodes' times: the rest of the graph is the same for every
+   plan. The lookup nodes' tables are random, as the kernel's time does not depend on them.
+3. sensitivity: each node alone is fitted at each C (one-shot, no fine-tuning, the fit
+   compile_model uses) and the model with only that node replaced is scored on the held-out
+   rows: its top-1 accuracy drop, or the relative error ||Y - Y0|| / ||Y0|| of its first
+   output Y against the original's Y0. The predicted score of a plan is the sum of its
+   nodes' scores (an approximation: it ignores how errors of different nodes interact). A
+   replaced node is charged at least one held-out row (1/n of accuracy), since a drop of
+   zero on a finite sample is no proof that a lookup costs nothing.
+4. greedy path: from all exact, repeatedly take the move (one node to a cheaper option,
+   exact -> C or C -> a cheaper C) with the most seconds saved per unit of predicted score
+   added, until no move saves time. The plan is the furthest point along that path whose
+   predicted score stays within the target, so a looser target starts at least as far along
+   the same path.
+5. verify and back off: the plan is compiled end to end as compile_model does (fine-tune
+   pass on when there are labels) and scored on the held-out rows. Over the target, the
+   search reverts the last move and verifies again. Within it, the predictions along the
+   path are rescaled by measured / predicted (the fine-tune pass often recovers more than
+   the one-shot sensitivities assume), and the search steps forward to the furthest point
+   the rescaled predictions allow, never to or past a point that failed. At most
+   `max_verifications` compiles; the furthest verified point that met the target wins, all
+   exact if none did.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import api, frontend
+from .calibrate import CalibrationData, CalibrationError, check_enough_rows, collect_activations
+from .fit import FitOptions, relative_error
+from .lut import DEPTH, K, NODES, LutParams
+from .rewrite import Replacement, rewrite
+from .runtime import accuracy
+from .split import stratified_split
+from .timing import model_latencies
+
+log = logging.getLogger("lutcompile")
+
+METRICS = ("accuracy", "output_error")
+# Accuracy drops are sums of multiples of 1/n: compared with this slack, float rounding cannot
+# turn a drop of exactly the target into a miss.
+SLACK = 1e-9
+Option = int | None  # lookups at C codebooks, or None: the node stays exact
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What must hold on the held-out rows: the top-1 accuracy drop against the original model
+    (metric "accuracy", a fraction: 0.01 is one point), or the relative error of the first
+    output against the original model's ("output_error"), at most `limit`."""
+
+    metric: str
+    limit: float
+
+    @classmethod
+    def from_arguments(cls, max_accuracy_drop: float | None, max_output_error: float | None,
+                       has_labels: bool) -> Goal:
+        if max_accuracy_drop is not None and max_output_error is not None:
+            raise ValueError("give max_accuracy_drop or max_output_error, not both")
+        if max_accuracy_drop is not None:
+            if not has_labels:
+                raise CalibrationError("--max-accuracy-drop needs labels: the calibration data has no 'labels' "
+                                       "array (--max-output-error works without labels)")
+            if not 0 <= max_accuracy_drop <= 1:
+                raise ValueError(f"max_accuracy_drop is a fraction in [0, 1] (0.01 = one point), "
+                                 f"got {max_accuracy_drop}")
+            return cls("accuracy", float(max_accuracy_drop))
+        if max_output_error is None or not 0 <= max_output_error < float("inf"):
+            raise ValueError(f"max_output_error must be a finite number >= 0, got {max_output_error}")
+        return cls("output_error", float(max_output_error))
+
+    def describe(self, value: float | None = None) -> str:
+        value = self.limit if value is None else value
+        return f"{100 * value:.2f} points" if self.metric == "accuracy" else f"{value:.4f}"
+
+
+@dataclass
+class CostModel:
+    """Seconds per call of each node's options (None: exact), each timed alone in onnxruntime,
+    one thread, `batch` rows per call."""
+
+    batch: int
+    seconds: dict[str, dict[Option, float]]
+
+    def total(self, plan: dict[str, Option]) -> float:
+        """The target nodes' summed time under `plan` (nodes it does not name: exact)."""
+        return sum(times[plan.get(node)] for node, times in self.seconds.items())
+
+
+@dataclass
+class Sensitivity:
+    """Held-out score of the model with one node replaced at C: scores[node][C]."""
+
+    metric: str
+    scores: dict[str, dict[int, float]]
+    floor: float  # the least a replaced node is charged
+
+    def charge(self, node: str, option: Option) -> float:
+        return 0.0 if option is None else max(self.scores[node][option], self.floor)
+
+    def predict(self, plan: dict[str, Option]) -> float:
+        return sum(self.charge(node, option) for node, option in plan.items())
+
+
+@dataclass
+class BudgetOptions:
+    candidates: tuple[int, ...] = (4, 8, 16, 32, 64)  # codebook counts tried (those <= D per node)
+    held_out_fraction: float = 0.2  # of the calibration rows, for the scores
+    cost_batch: int = 256  # rows per call the nodes are timed at
+    repetitions: int = 15  # interleaved timing repetitions per node
+    max_verifications: int = 4  # end-to-end compiles at most
+    # to reuse what an earlier search measured (say, with another target): its timings on this
+    # machine, and its sensitivities (valid for the same model, calibration data and options)
+    cost_model: CostModel | None = None
+    sensitivity: Sensitivity | None = None
+
+
+@dataclass
+class Move:
+    """One step of the greedy path, and the plan's predictions after it."""
+
+    node: str
+    before: Option
+    after: int
+    seconds_saved: float
+    score_added: float
+    seconds: float  # the target nodes' summed time after the move
+    predicted: float  # the plan's predicted score after the move
+
+
+@dataclass
+class Verification:
+    moves: int  # the point of the path: its first `moves` moves applied
+    plan: dict[str, Option]
+    predicted: float
+    measured: float  # on the held-out rows, after the end-to-end compile
+    met: bool
+
+
+@dataclass
+class BudgetResult:
+    goal: Goal
+    plan: dict[str, Option]  # every target node: its codebook count, or None (kept exact)
+    predicted: float
+    measured: float  # on the held-out rows (0 for the all-exact plan: it is the original)
+    seconds_exact: float  # the target nodes' summed time, all exact (cost model)
+    seconds: float  # the same under the plan
+    path: list[Move]
+    verifications: list[Verification]
+    cost: CostModel
+    sensitivity: Sensitivity
+    fit_rows: np.ndarray  # indices into the calibration data: fitting and fine-tuning
+    held_out_rows: np.ndarray  # indices into the calibration data: every score
+    accuracy_before: float | None = None  # held-out top-1 accuracy of the original (labels)
+    accuracy_after: float | None = None  # and of the chosen model
+    options: dict = field(default_factory=dict)
+
+    @property
+    def replaced(self) -> dict[str, int]:
+        return {node: C for node, C in self.plan.items() if C is not None}
+
+    def to_json(self) -> dict:
+        def keyed(times: dict) -> dict:
+            return {"exact" if k is None else str(k): v for k, v in times.items()}
+        return {
+            "metric": self.goal.metric, "limit": self.goal.limit, "plan": self.plan,
+            "predicted": self.predicted, "measured": self.measured,
+            "seconds_exact": self.seconds_exact, "seconds": self.seconds,
+            "fit_rows": len(self.fit_rows), "held_out_rows": len(self.held_out_rows),
+            "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
+            "cost_model": {"batch": self.cost.batch,
+                           "seconds": {n: keyed(t) for n, t in self.cost.seconds.items()}},
+            "sensitivity": {"metric": self.sensitivity.metric, "floor": self.sensitivity.floor,
+                            "scores": {n: keyed(s) for n, s in self.sensitivity.scores.items()}},
+            "path": [asdict(m) for m in self.path],
+            "verifications": [asdict(v) for v in self.verifications],
+            "options": self.options,
+        }
+
+
+# ------------------------------------------------------------------------- the held-out rows
+
+def held_out_split(data: CalibrationData, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) row indices: a seeded fraction held out, stratified by label if any."""
+    n_hold = int(round(fraction * data.rows))
+    if not 0 < fraction < 1 or n_hold < 1 or data.rows - n_hold < 2 * K:
+        raise CalibrationError(f"{data.rows} calibration rows are too few to hold out {fraction:.0%} "
+                               f"and fit on at least {2 * K}")
+    if data.labels is not None:
+        return stratified_split(data.labels, n_hold, seed)
+    hold = np.sort(np.random.default_rng(seed).permutation(data.rows)[:n_hold])
+    return np.setdiff1d(np.arange(data.rows), hold), hold
+
+
+class Scorer:
+    """Scores models on the held-out rows against the original model's first output."""
+
+    def __init__(self, original: onnx.ModelProto, held_out: CalibrationData, metric: str):
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric '{metric}', choose from {', '.join(METRICS)}")
+        self.held_out, self.metric = held_out, metric
+        self.reference = api.first_output(original, held_out)
+        self.baseline = None if held_out.labels is None else accuracy(self.reference, held_out.labels)
+
+    def accuracy(self, model: onnx.ModelProto) -> float:
+        return accuracy(api.first_output(model, self.held_out), self.held_out.labels)
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        if self.metric == "accuracy":
+            return self.baseline - self.accuracy(model)
+        return relative_error(api.first_output(model, self.held_out), self.reference)
+
+
+# ------------------------------------------------------------------------- cost model
+
+def node_model(target: frontend.TargetNode) -> onnx.ModelProto:
+    """The target's exact computation alone, X -> Y: Gemm (on its rows [n, D]) or Conv, with
+    the real weight and bias, then its fused activation as a separate node."""
+    inits = [numpy_helper.from_array(target.weight if target.conv is None else
+                                     np.ascontiguousarray(target.weight.T.reshape(
+                                         target.M, target.conv.in_channels, *target.conv.kernel)), "W")]
+    inputs = ["X", "W"]
+    if target.bias is not None:
+        inits.append(numpy_helper.from_array(target.bias, "B"))
+        inputs.append("B")
+    product = "P" if target.activation else "Y"
+    if target.conv is None:
+        node = helper.make_node("Gemm", inputs, [product], name=target.name)
+        x_shape = ["n", target.D]
+    else:
+        g = target.conv
+        node = helper.make_node("Conv", inputs, [product], name=target.name, kernel_shape=list(g.kernel),
+                                strides=list(g.strides), pads=list(g.pads), dilations=list(g.dilations))
+        x_shape = ["n", g.in_channels, "h", "w"]
+    nodes = [node] + ([helper.make_node(target.activation, [product], ["Y"], name=f"{target.name}/activation")]
+                      if target.activation else [])
+    graph = helper.make_graph(nodes, "node", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def random_params(target: frontend.TargetNode, codebooks: int, rng: np.random.Generator) -> LutParams:
+    """Valid lookup parameters of the target's shape at C codebooks (random values: the
+    kernel's time does not depend on them)."""
+    return LutParams(D=target.D, split_dims=rng.integers(0, target.D, (codebooks, DEPTH)),
+                     thresholds=rng.uniform(0, 1, (codebooks, NODES)).astype(np.float32),
+                     tables=rng.integers(0, 256, (target.M, codebooks, K), dtype=np.uint8), scale=0.01,
+                     offsets=np.zeros(codebooks, np.float32), bias=np.zeros(target.M, np.float32),
+                     relu=target.activation == "Relu")
+
+
+def measure_costs(model: onnx.ModelProto, targets: list[frontend.TargetNode], choices: dict[str, list[int]],
+                  data: CalibrationData, batch: int = 256, repetitions: int = 15, progress=None) -> CostModel:
+    """Time each target node, exact and at each C of choices[node], as one-node models in
+    onnxruntime: one thread, on the node's real input for `batch` calibration rows (repeated
+    if there are fewer), options interleaved, medians of `repetitions`."""
+    if batch < 1:
+        raise ValueError(f"the cost batch must be at least 1, got {batch}")
+    sample = data.subset(np.arange(batch) % data.rows)
+    inputs = collect_activations(model, sample, {t.name: (t.input_name, np.asarray) for t in targets}, batch)
+    rng = np.random.default_rng(0)
+    seconds: dict[str, dict[Option, float]] = {}
+    for target in (progress or list)(targets):
+        exact = frontend.analyse(node_model(target))
+        alone = exact.targets[0]
+        models = {"exact": exact.model}
+        for C in choices[target.name]:
+            models[C] = rewrite(exact.model, [Replacement(alone, random_params(alone, C, rng), {})])
+        X = inputs[target.name] if target.conv is not None else target.rows(inputs[target.name])
+        times = model_latencies(models, {"X": np.ascontiguousarray(X)}, threads=1, repetitions=repetitions)
+        seconds[target.name] = {(None if k == "exact" else k): v for k, v in times.items()}
+        log.info("cost of %s at batch %d: %s", target.name, batch,
+                 ", ".join(f"{'exact' if k is None else f'C={k}'} {1e6 * v:.1f} us"
+                           for k, v in seconds[target.name].items()))
+    return CostModel(batch, seconds)
+
+
+# ------------------------------------------------------------------------- sensitivity
+
+def measure_sensitivity(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
+                        choices: dict[str, list[int]], fit_data: CalibrationData, scorer: Scorer,
+                        fit_options: FitOptions, table_loss: str, batch_size: int = 256,
+                        progress=None) -> Sensitivity:
+    """Each node alone fitted at each C (one-shot, on fit_data) and scored on the held-out rows."""
+    rows = api.target_rows(analysis.model, fit_data, targets, fit_options, batch_size)
+    scores: dict[str, dict[int, float]] = {t.name: {} for t in targets}
+    for target, C in (progress or list)([(t, C) for t in targets for C in choices[t.name]]):
+        rep, _ = api.fit_target(target, rows[target.name], replace(fit_options, codebooks=C), table_loss,
+                                analysis.output_names)
+        scores[target.name][C] = scorer(rewrite(analysis.model, [rep]))
+        log.info("sensitivity of %s at C=%d: %.4f", target.name, C, scores[target.name][C])
+    floor = 1.0 / scorer.held_out.rows if scorer.metric == "accuracy" else 0.0
+    return Sensitivity(scorer.metric, scores, floor)
+
+
+# ------------------------------------------------------------------------- the search
+
+def greedy_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, list[int]]) -> list[Move]:
+    """From all exact, the moves with the most seconds saved per predicted score added, one at
+    a time, until no move saves time (each move saves time, so the walk ends)."""
+    plan: dict[str, Option] = {node: None for node in choices}
+    path: list[Move] = []
+    while True:
+        best, best_key = None, None
+        for node, options in choices.items():
+            now = plan[node]
+            for C in options:
+                saved = cost.seconds[node][now] - cost.seconds[node][C]
+                if saved <= 0:
+                    continue
+                added = sensitivity.charge(node, C) - sensitivity.charge(node, now)
+                key = (saved / max(added, 1e-12), saved)
+                if best_key is None or key > best_key:
+                    best, best_key = (node, C, saved, added), key
+        if best is None:
+            return path
+        node, C, saved, added = best
+        path.append(Move(node, plan[node], C, saved, added, 0.0, 0.0))
+        plan[node] = C
+        path[-1].seconds, path[-1].predicted = cost.total(plan), sensitivity.predict(plan)
+
+
+def plan_at(path: list[Move], moves: int, nodes) -> dict[str, Option]:
+    """The plan after the first `moves` moves of the path."""
+    plan: dict[str, Option] = {node: None for node in nodes}
+    for move in path[:moves]:
+        plan[move.node] = move.after
+    return plan
+
+
+def furthest_within(predicted: list[float], limit: float) -> int:
+    """The last point k of the path with predicted[j] <= limit for every j <= k (0: all exact)."""
+    k = 0
+    while k + 1 < len(predicted) and predicted[k + 1] <= limit + SLACK:
+        k += 1
+    return k
+
+
+def verify_path(path: list[Move], nodes, goal: Goal, floor: float, measure,
+                max_verifications: int = 4) -> tuple[int, list[Verification]]:
+    """(the furthest point of the path verified within the goal, 0 if none; the verifications).
+
+    measure(plan, moves) compiles the plan at that point end to end and returns its score.
+    Starts at the furthest point the predictions allow; over the goal, reverts the last move;
+    within it, rescales the predictions by measured / predicted and steps forward if they
+    allow, never to or past a point that failed.
+    """
+    predicted = [0.0] + [m.predicted for m in path]
+    verifications: list[Verification] = []
+    best, ceiling = 0, len(predicted)  # the furthest point that met the goal; the nearest that failed
+    k = furthest_within(predicted, goal.limit)
+    while best < k < ceiling and len(verifications) < max_verifications:
+        plan = plan_at(path, k, nodes)
+        measured = measure(plan, k)
+        met = measured <= goal.limit + SLACK
+        verifications.append(Verification(k, plan, predicted[k], measured, met))
+        log.info("verified %d moves: predicted %s, measured %s: %s", k, goal.describe(predicted[k]),
+                 goal.describe(measured), "met" if met else "over the target")
+        if not met:  # back off: revert the last move
+            ceiling, k = k, k - 1
+            continue
+        best = k
+        scale = max(measured, floor, 1e-12) / max(predicted[k], floor, 1e-12)
+        k = min(furthest_within([p * scale for p in predicted], goal.limit), ceiling - 1)
+    return best, verifications
+
+
+def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], data: CalibrationData,
+           goal: Goal, options: BudgetOptions, fit_options: FitOptions, table_loss: str, compile_plan,
+           batch_size: int = 256, progress: bool = False, seconds: dict | None = None) -> api.CompileResult:
+    """The fastest plan within the goal, compiled (see the module docstring).
+
+    compile_plan(calibration_data, codebooks={node: C}) compiles one plan end to end (the
+    options of the compile_model call that started the search).
+    """
+    seconds = {} if seconds is None else seconds
+    if not options.candidates or any(int(C) != C or C < 1 for C in options.candidates):
+        raise ValueError(f"candidates must be positive codebook counts, got {options.candidates}")
+    fit_idx, held_idx = held_out_split(data, options.held_out_fraction, fit_options.seed)
+    fit_data, held_out = data.subset(fit_idx), data.subset(held_idx)
+    choices = {t.name: sorted({int(C) for C in options.candidates if C <= t.D}) for t in targets}
+    # too few rows for the largest candidate fail here, before any timing or fitting
+    check_enough_rows(analysis.model, fit_data, targets, lambda t: max(choices[t.name], default=1),
+                      fit_options.max_rows, batch_size)
+    with api._timed(seconds, "cost model"):
+        cost = options.cost_model or measure_costs(analysis.model, targets, choices, fit_data, options.cost_batch,
+                                                   options.repetitions, api._progress(progress, "cost model"))
+        missing = [(n, C) for n, cs in choices.items() for C in [None, *cs] if C not in cost.seconds.get(n, {})]
+        if missing:
+            raise ValueError(f"the cost model has no time for {missing[0][0]} at "
+                             f"{'exact' if missing[0][1] is None else f'C={missing[0][1]}'}")
+    with api._timed(seconds, "sensitivity"):
+        scorer = Scorer(analysis.model, held_out, goal.metric)
+        sensitivity = options.sensitivity or measure_sensitivity(
+            analysis, targets, choices, fit_data, scorer, fit_options, table_loss, batch_size,
+            api._progress(progress, "sensitivity"))
+        if sensitivity.metric != goal.metric or any(C not in sensitivity.scores.get(n, {})
+                                                    for n, cs in choices.items() for C in cs):
+            raise ValueError(f"the given sensitivities do not cover every node and candidate for {goal.metric}")
+    path = greedy_path(cost, sensitivity, choices)
+    for i, m in enumerate(path, 1):
+        log.info("path %d: %s %s -> C=%d saves %.1f us, adds %s (predicted %s)", i, m.node,
+                 "exact" if m.before is None else f"C={m.before}", m.after, 1e6 * m.seconds_saved,
+                 goal.describe(m.score_added), goal.describe(m.predicted))
+    compiled: dict[int, api.CompileResult] = {}
+
+    def measure(plan: dict[str, Option], moves: int) -> float:
+        compiled[moves] = compile_plan(fit_data, codebooks={n: C for n, C in plan.items() if C is not None})
+        return scorer(compiled[moves].model)
+
+    with api._timed(seconds, "verify"):
+        best, verifications = verify_path(path, choices, goal, sensitivity.floor, measure, options.max_verifications)
+    plan = plan_at(path, best, choices)
+    result = compiled[best] if best else _exact_result(analysis, fit_data)
+    result.skipped = list(analysis.skipped) + [
+        frontend.SkippedNode(t.name, t.op_type, _kept_reason(t.name, cost, goal))
+        for t in targets if plan[t.name] is None]
+    result.seconds = seconds
+    used = dict(metric=goal.metric, limit=goal.limit,
+                **{f.name: getattr(options, f.name) for f in fields(options)
+                   if f.name not in ("cost_model", "sensitivity")})
+    result.options = {**result.options, "budget": used}
+    result.budget = BudgetResult(
+        goal, plan, path[best - 1].predicted if best else 0.0,
+        next((v.measured for v in verifications if v.moves == best), 0.0),
+        cost.total({}), cost.total(plan), path, verifications, cost, sensitivity, fit_idx, held_idx,
+        scorer.baseline, None if scorer.baseline is None else scorer.accuracy(result.model), used)
+    return result
+
+
+def _exact_result(analysis: frontend.ModelAnalysis, fit_data: CalibrationData) -> api.CompileResult:
+    result = api.CompileResult(analysis.model, [], [], fit_data.rows)
+    if fit_data.labels is not None:
+        result.accuracy_before = result.accuracy_after = api.evaluate_accuracy(analysis.model, fit_data)
+    return result
+
+
+def _kept_reason(node: str, cost: CostModel, goal: Goal) -> str:
+    times = cost.seconds[node]
+    if all(t >= times[None] for t in times.values()):
+        return f"kept exact by the budget search: lookups are not faster here (batch {cost.batch})"
+    return f"kept exact by the budget search: lookups would not fit within the {goal.metric.replace('_', ' ')} target"
+
+
+def format_budget(budget: BudgetResult) -> str:
+    """The search, step by step, for the terminal."""
+    goal, us = budget.goal, (lambda s: f"{1e6 * s:.1f} us")
+    what = "held-out top-1 accuracy drop" if goal.metric == "accuracy" else "held-out relative output error"
+    lines = [f"budget: {what} at most {goal.describe()}, on {len(budget.held_out_rows)} held-out calibration "
+             f"rows (fitted on {len(budget.fit_rows)})",
+             f"cost model: each node timed alone in onnxruntime, 1 thread, batch {budget.cost.batch}; "
+             f"all exact {us(budget.seconds_exact)}",
+             "path (greedy, most time saved per predicted loss first):"]
+    for i, m in enumerate(budget.path, 1):
+        before = "exact" if m.before is None else f"C={m.before}"
+        lines.append(f"  {i:>2}  {m.node}  {before} -> C={m.after}: saves {us(m.seconds_saved)}, "
+                     f"+{goal.describe(m.score_added)}; nodes {us(m.seconds)}, predicted {goal.describe(m.predicted)}")
+    for v in budget.verifications:
+        lines.append(f"verified after {v.moves} move(s): predicted {goal.describe(v.predicted)}, "
+                     f"measured {goal.describe(v.measured)}: {'met' if v.met else 'over the target'}")
+    chosen = ", ".join(f"{n} {'exact' if C is None else f'C={C}'}" for n, C in budget.plan.items())
+    lines.append(f"chosen: {chosen}; nodes {us(budget.seconds_exact)} -> {us(budget.seconds)} "
+                 f"({budget.seconds_exact / max(budget.seconds, 1e-12):.2f}x), "
+                 f"measured {goal.describe(budget.measured)}")
+    if budget.accuracy_before is not None:
+        lines.append(f"held-out calibration accuracy: original {budget.accuracy_before:.2%}, "
+                     f"chosen {budget.accuracy_after:.2%}")
+    return "\n".join(lines)
