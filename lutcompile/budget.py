@@ -33,7 +33,8 @@ from a candidate set (those not above the node's input width D):
    the one-shot sensitivities assume), and the search steps forward to the furthest point
    the rescaled predictions allow, never to or past a point that failed. At most
    `max_verifications` compiles; the furthest verified point that met the target wins, all
-   exact if none did.
+   exact if none did. When no point is predicted within a non-zero target, the first move is
+   verified anyway, as the predictions ignore what fine-tuning recovers.
 """
 from __future__ import annotations
 
@@ -362,14 +363,18 @@ def verify_path(path: list[Move], nodes, goal: Goal, floor: float, measure,
     """(the furthest point of the path verified within the goal, 0 if none; the verifications).
 
     measure(plan, moves) compiles the plan at that point end to end and returns its score.
-    Starts at the furthest point the predictions allow; over the goal, reverts the last move;
-    within it, rescales the predictions by measured / predicted and steps forward if they
-    allow, never to or past a point that failed.
+    Starts at the furthest point the predictions allow, or, when they allow none and the goal
+    is not 0, probes the first move anyway: the predictions come from one-shot fits, and the
+    fine-tune pass of the real compile often recovers most of a node's loss. Over the goal,
+    reverts the last move; within it, rescales the predictions by measured / predicted and
+    steps forward if they allow, never to or past a point that failed.
     """
     predicted = [0.0] + [m.predicted for m in path]
     verifications: list[Verification] = []
     best, ceiling = 0, len(predicted)  # the furthest point that met the goal; the nearest that failed
     k = furthest_within(predicted, goal.limit)
+    if k == 0 and path and goal.limit > 0:
+        k = 1
     while best < k < ceiling and len(verifications) < max_verifications:
         plan = plan_at(path, k, nodes)
         measured = measure(plan, k)

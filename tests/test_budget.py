@@ -112,6 +112,10 @@ def test_greedy_path_takes_the_most_time_per_loss_first():
     # well within at 2 (0.0035, counted as the floor 0.004: scale 0.29) the rescaled predictions
     # allow 3; at 3 (scale 0.25), 4
     (0.25, 0.02, 4, [(2, True), (3, True), (4, True)], 4),
+    # no point predicted within 0.005: the first move is probed, as fine-tuning may recover it;
+    # within (scale 0.4: 0.0025 counted as the floor 0.004), the rescaled 2 (0.0056) is over
+    (0.25, 0.005, 4, [(1, True)], 1),
+    (2.0, 0.005, 4, [(1, False)], 0),  # the probe fails: all exact
 ])
 def test_verification_backs_off_and_steps_forward(factor, limit, max_verifications, visited, best):
     """Compiles that measure `factor` times the prediction, on the hand-worked path above."""
