@@ -23,9 +23,9 @@ from a candidate set (those not above the node's input width D):
    zero on a finite sample is no proof that a lookup costs nothing.
 4. greedy path: from all exact, repeatedly take the move (one node to a cheaper option,
    exact -> C or C -> a cheaper C) with the most seconds saved per unit of predicted score
-   added, until no move saves time. The plan is the furthest point along that path whose
-   predicted score stays within the target, so a looser target starts at least as far along
-   the same path.
+   added, until no move saves time. Where that path first leaves the target, the moves that
+   still fit it (best ratio first: often the same node at more codebooks) are inserted. The
+   plan is the furthest point whose predicted score stays within the target.
 5. verify and back off: the plan is compiled end to end as compile_model does (fine-tune
    pass on when there are labels) and scored on the held-out rows. Over the target, the
    search reverts the last move and verifies again. Within it, the predictions along the
@@ -317,10 +317,12 @@ def measure_sensitivity(analysis: frontend.ModelAnalysis, targets: list[frontend
 
 # ------------------------------------------------------------------------- the search
 
-def greedy_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, list[int]]) -> list[Move]:
-    """From all exact, the moves with the most seconds saved per predicted score added, one at
-    a time, until no move saves time (each move saves time, so the walk ends)."""
-    plan: dict[str, Option] = {node: None for node in choices}
+def greedy_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, list[int]],
+                start: list[Move] = (), limit: float | None = None) -> list[Move]:
+    """From all exact (or after the moves `start`), the moves with the most seconds saved per
+    predicted score added, one at a time, until no move saves time (each move saves time, so
+    the walk ends). With a limit, only moves that keep the predicted score within it."""
+    plan = plan_at(list(start), len(start), choices)
     path: list[Move] = []
     while True:
         best, best_key = None, None
@@ -328,7 +330,8 @@ def greedy_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, li
             now = plan[node]
             for C in options:
                 saved = cost.seconds[node][now] - cost.seconds[node][C]
-                if saved <= 0:
+                if saved <= 0 or (limit is not None
+                                  and sensitivity.predict({**plan, node: C}) > limit + SLACK):
                     continue
                 added = sensitivity.charge(node, C) - sensitivity.charge(node, now)
                 key = (saved / max(added, 1e-12), saved)
@@ -340,6 +343,20 @@ def greedy_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, li
         path.append(Move(node, plan[node], C, saved, added, 0.0, 0.0))
         plan[node] = C
         path[-1].seconds, path[-1].predicted = cost.total(plan), sensitivity.predict(plan)
+
+
+def budget_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, list[int]],
+                limit: float) -> list[Move]:
+    """The greedy path, with the moves that still fit the limit inserted where it first leaves it.
+
+    The plain path's best-ratio move can overshoot the limit while a smaller move (the same
+    node at more codebooks, say) would fit; so its prefix within the limit is extended by the
+    best-ratio moves that keep the prediction within it, then continued unconstrained (the
+    points past the limit that verification may step forward to)."""
+    path = greedy_path(cost, sensitivity, choices)
+    prefix = path[:furthest_within([0.0] + [m.predicted for m in path], limit)]
+    within = prefix + greedy_path(cost, sensitivity, choices, prefix, limit)
+    return within + greedy_path(cost, sensitivity, choices, within)
 
 
 def plan_at(path: list[Move], moves: int, nodes) -> dict[str, Option]:
@@ -423,7 +440,7 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
         if sensitivity.metric != goal.metric or any(C not in sensitivity.scores.get(n, {})
                                                     for n, cs in choices.items() for C in cs):
             raise ValueError(f"the given sensitivities do not cover every node and candidate for {goal.metric}")
-    path = greedy_path(cost, sensitivity, choices)
+    path = budget_path(cost, sensitivity, choices, goal.limit)
     for i, m in enumerate(path, 1):
         log.info("path %d: %s %s -> C=%d saves %.1f us, adds %s (predicted %s)", i, m.node,
                  "exact" if m.before is None else f"C={m.before}", m.after, 1e6 * m.seconds_saved,

@@ -106,6 +106,23 @@ def test_greedy_path_takes_the_most_time_per_loss_first():
     assert budget.plan_at(path, 3, ["A", "B"]) == {"A": 16, "B": 4}
 
 
+def test_budget_path_inserts_the_moves_that_still_fit():
+    """On the hand-worked path above, a limit of 0.005 is left by its first move (A to 16,
+    0.01); B to 16 (0.002, charged the floor 0.004) still fits, so it comes first, and the
+    path then goes on unconstrained from there."""
+    cost = CostModel(256, {"A": {None: 10.0, 16: 4.0, 4: 2.0}, "B": {None: 6.0, 16: 5.0, 4: 1.0}})
+    sens = Sensitivity("accuracy", {"A": {16: 0.01, 4: 0.05}, "B": {16: 0.002, 4: 0.025}}, floor=0.004)
+    choices = {"A": [4, 16], "B": [4, 16]}
+    path = budget.budget_path(cost, sens, choices, 0.005)
+    assert [(m.node, m.before, m.after) for m in path] == [("B", None, 16), ("A", None, 16), ("B", 16, 4),
+                                                           ("A", 16, 4)]
+    assert [m.predicted for m in path] == pytest.approx([0.004, 0.014, 0.035, 0.075])
+    # where the plain path stays within the limit, nothing changes
+    plain = budget.greedy_path(cost, sens, choices)
+    assert budget.budget_path(cost, sens, choices, 0.02) == plain
+    assert budget.budget_path(cost, sens, choices, 0.0) == plain  # nothing fits 0
+
+
 @pytest.mark.parametrize("factor,limit,max_verifications,visited,best", [
     (2.0, 0.04, 4, [(3, False), (2, True)], 2),  # over at 3: revert one move, 2 is within
     (2.0, 0.04, 1, [(3, False)], 0),  # no compile left: all exact
