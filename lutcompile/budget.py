@@ -27,7 +27,8 @@ from a candidate set (those not above the node's input width D):
    still fit it (best ratio first: often the same node at more codebooks) are inserted. The
    plan is the furthest point whose predicted score stays within the target.
 5. verify and back off: the plan is compiled end to end as compile_model does (fine-tune
-   pass on when there are labels) and scored on the held-out rows. Over the target, the
+   pass on when there are labels), scored on the held-out rows and, whole, timed against the
+   original (a plan that is not faster fails like one over the target). Over the target, the
    search reverts the last move and verifies again. Within it, the predictions along the
    path are rescaled by measured / predicted (the fine-tune pass often recovers more than
    the one-shot sensitivities assume), and the search steps forward to the furthest point
@@ -129,6 +130,8 @@ class BudgetOptions:
     cost_batch: int = 256  # rows per call the nodes are timed at
     repetitions: int = 15  # interleaved timing repetitions per node
     max_verifications: int = 4  # end-to-end compiles at most
+    # time each verified plan, whole, against the original, and fail it unless faster
+    time_whole_model: bool = True
     # to reuse what an earlier search measured (say, with another target): its timings on this
     # machine, and its sensitivities (valid for the same model, calibration data and options)
     cost_model: CostModel | None = None
@@ -154,7 +157,8 @@ class Verification:
     plan: dict[str, Option]
     predicted: float
     measured: float  # on the held-out rows, after the end-to-end compile
-    met: bool
+    met: bool  # within the goal, and the whole compiled model faster than the original
+    faster: bool = True  # the whole compiled model, timed against the original
 
 
 @dataclass
@@ -379,7 +383,10 @@ def verify_path(path: list[Move], nodes, goal: Goal, floor: float, measure,
                 max_verifications: int = 4) -> tuple[int, list[Verification]]:
     """(the furthest point of the path verified within the goal, 0 if none; the verifications).
 
-    measure(plan, moves) compiles the plan at that point end to end and returns its score.
+    measure(plan, moves) compiles the plan at that point end to end and returns its score and
+    whether the whole compiled model runs faster than the original: the cost model times nodes
+    alone, and a lookup node can cost the graph around it more (onnxruntime reorders the
+    blocked layout of the convolutions it sits between), so a point that is not faster fails.
     Starts at the furthest point the predictions allow, or, when they allow none and the goal
     is not 0, probes the first move anyway: the predictions come from one-shot fits, and the
     fine-tune pass of the real compile often recovers most of a node's loss. Over the goal,
@@ -394,11 +401,11 @@ def verify_path(path: list[Move], nodes, goal: Goal, floor: float, measure,
         k = 1
     while best < k < ceiling and len(verifications) < max_verifications:
         plan = plan_at(path, k, nodes)
-        measured = measure(plan, k)
-        met = measured <= goal.limit + SLACK
-        verifications.append(Verification(k, plan, predicted[k], measured, met))
+        measured, faster = measure(plan, k)
+        met = measured <= goal.limit + SLACK and faster
+        verifications.append(Verification(k, plan, predicted[k], measured, met, faster))
         log.info("verified %d moves: predicted %s, measured %s: %s", k, goal.describe(predicted[k]),
-                 goal.describe(measured), "met" if met else "over the target")
+                 goal.describe(measured), "met" if met else "over the target" if faster else "not faster")
         if not met:  # back off: revert the last move
             ceiling, k = k, k - 1
             continue
@@ -447,9 +454,15 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
                  goal.describe(m.score_added), goal.describe(m.predicted))
     compiled: dict[int, api.CompileResult] = {}
 
-    def measure(plan: dict[str, Option], moves: int) -> float:
+    timing_rows = {k: v[:options.cost_batch] for k, v in fit_data.inputs.items()}
+
+    def measure(plan: dict[str, Option], moves: int) -> tuple[float, bool]:
         compiled[moves] = compile_plan(fit_data, codebooks={n: C for n, C in plan.items() if C is not None})
-        return scorer(compiled[moves].model)
+        if not options.time_whole_model:
+            return scorer(compiled[moves].model), True
+        times = model_latencies({"original": analysis.model, "compiled": compiled[moves].model}, timing_rows,
+                                threads=1, repetitions=options.repetitions)
+        return scorer(compiled[moves].model), times["compiled"] < times["original"]
 
     with api._timed(seconds, "verify"):
         best, verifications = verify_path(path, choices, goal, sensitivity.floor, measure, options.max_verifications)

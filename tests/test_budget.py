@@ -45,8 +45,10 @@ def searches(digits_model, calib, flop_cost, tmp_path_factory):
     out = {}
     for limit in (0.03, 0.15):
         path = folder / f"budget_{limit}.onnx"
+        # plans judged by the fixed cost model alone: whole-model timing would tie them to machine noise
+        options = BudgetOptions(cost_model=flop_cost, time_whole_model=False)
         result = lutcompile.compile_model(digits_model, path, calib, max_accuracy_drop=limit,
-                                          budget_options=BudgetOptions(cost_model=flop_cost), progress=False)
+                                          budget_options=options, progress=False)
         out[limit] = (result, path)
     return out
 
@@ -123,24 +125,27 @@ def test_budget_path_inserts_the_moves_that_still_fit():
     assert budget.budget_path(cost, sens, choices, 0.0) == plain  # nothing fits 0
 
 
-@pytest.mark.parametrize("factor,limit,max_verifications,visited,best", [
-    (2.0, 0.04, 4, [(3, False), (2, True)], 2),  # over at 3: revert one move, 2 is within
-    (2.0, 0.04, 1, [(3, False)], 0),  # no compile left: all exact
+@pytest.mark.parametrize("factor,limit,max_verifications,slow,visited,best", [
+    (2.0, 0.04, 4, None, [(3, False), (2, True)], 2),  # over at 3: revert one move, 2 is within
+    (2.0, 0.04, 1, None, [(3, False)], 0),  # no compile left: all exact
     # well within at 2 (0.0035, counted as the floor 0.004: scale 0.29) the rescaled predictions
     # allow 3; at 3 (scale 0.25), 4
-    (0.25, 0.02, 4, [(2, True), (3, True), (4, True)], 4),
+    (0.25, 0.02, 4, None, [(2, True), (3, True), (4, True)], 4),
+    (0.25, 0.02, 4, 3, [(2, True), (3, False)], 2),  # 3 is within but the whole model is not faster
     # no point predicted within 0.005: the first move is probed, as fine-tuning may recover it;
     # within (scale 0.4: 0.0025 counted as the floor 0.004), the rescaled 2 (0.0056) is over
-    (0.25, 0.005, 4, [(1, True)], 1),
-    (2.0, 0.005, 4, [(1, False)], 0),  # the probe fails: all exact
+    (0.25, 0.005, 4, None, [(1, True)], 1),
+    (2.0, 0.005, 4, None, [(1, False)], 0),  # the probe fails: all exact
 ])
-def test_verification_backs_off_and_steps_forward(factor, limit, max_verifications, visited, best):
-    """Compiles that measure `factor` times the prediction, on the hand-worked path above."""
+def test_verification_backs_off_and_steps_forward(factor, limit, max_verifications, slow, visited, best):
+    """Compiles that measure `factor` times the prediction, on the hand-worked path above (the
+    point `slow` is not faster than the original as a whole)."""
     cost = CostModel(256, {"A": {None: 10.0, 16: 4.0, 4: 2.0}, "B": {None: 6.0, 16: 5.0, 4: 1.0}})
     sens = Sensitivity("accuracy", {"A": {16: 0.01, 4: 0.05}, "B": {16: 0.002, 4: 0.025}}, floor=0.004)
     path = budget.greedy_path(cost, sens, {"A": [4, 16], "B": [4, 16]})
     found, verifications = budget.verify_path(path, ["A", "B"], budget.Goal("accuracy", limit), sens.floor,
-                                              lambda plan, moves: factor * sens.predict(plan), max_verifications)
+                                              lambda plan, moves: (factor * sens.predict(plan), moves != slow),
+                                              max_verifications)
     assert [(v.moves, v.met) for v in verifications] == visited
     assert found == best
 
