@@ -22,9 +22,11 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
-def make_session(model: onnx.ModelProto | str, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session of a model proto or file; a proto's external tensors are passed in memory."""
-    options = session_options(threads)
+def make_session(model: onnx.ModelProto | str, threads: int | None = None,
+                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """A CPU session of a model proto or file; a proto's external tensors are passed in memory.
+    `options`, if given, must come from session_options (they register our library)."""
+    options = options or session_options(threads)
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     values = external_data.add_to_session(model, options)  # noqa: F841 (alive until created)

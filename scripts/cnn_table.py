@@ -5,7 +5,8 @@
 Compiles models/fashion_cnn.onnx with the default options on models/fashion_calib.npz
 (2,000 training rows with labels), measures held-out accuracy on the official 10,000-image
 test set (models/fashion_test.npz), and times both models in onnxruntime, one thread, batch 1
-and 256 (interleaved medians). Writes docs/results/cnn_table.md and the README section.
+and 256 (interleaved medians); then profiles both at batch 256 node by node (onnxruntime's
+profiler, nodes it inserts included). Writes docs/results/cnn_table.md and the README section.
 """
 from __future__ import annotations
 
@@ -18,9 +19,35 @@ from lutcompile.calibrate import load_calibration
 from lutcompile.frontend import load_model
 
 from readme_tables import update_readme
-from timing import model_latencies
+from timing import model_latencies, node_times
+from lutcompile.timing import NodeTime
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def profile_table(models: dict, feeds: dict) -> str:
+    """Per-node medians (µs) of each model, in the execution order of the last model, then the
+    nodes only the others run; onnxruntime fuses an activation into its Conv or Gemm and may
+    insert layout reorders (ReorderInput / ReorderOutput) around nodes, so the rows are its
+    nodes, not ours."""
+    times = {}
+    for name, m in models.items():  # the reorders' names differ between sessions: one row for all
+        measured = node_times(m, feeds)
+        per = {t.name: t for t in measured if not t.op_type.startswith("Reorder")}
+        reorders = [t for t in measured if t.op_type.startswith("Reorder")]
+        count = f"{len(reorders)} node" + "s" * (len(reorders) != 1)
+        per["layout reorders inserted by onnxruntime"] = NodeTime("", count, sum(t.seconds for t in reorders))
+        times[name] = per
+    order = list(dict.fromkeys(n for per in reversed(times.values()) for n in per))
+    rows = ["| node (as onnxruntime runs it) | " + " | ".join(f"{n}: µs (op)" for n in models) + " |",
+            "|---|" + "---:|" * len(models)]
+    for node in order:
+        cells = [f"{1e6 * per[node].seconds:,.0f} ({per[node].op_type})" if node in per else "-"
+                 for per in times.values()]
+        rows.append(f"| {node} | " + " | ".join(cells) + " |")
+    totals = [f"**{1e6 * sum(t.seconds for t in per.values()):,.0f}**" for per in times.values()]
+    rows.append("| **sum of nodes** | " + " | ".join(totals) + " |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -47,6 +74,12 @@ def main() -> None:
         f"{lat[1]['exact'] / lat[1]['lut']:.2f}× (one thread, interleaved medians). Replaced: {replaced}. "
         f"Kept exact: {kept}. Compile time {seconds:.0f} s (default options, fine-tune pass on). "
         f"Command: `python scripts/cnn_table.py`.\n")
+    profile = profile_table({"exact": model, f"C={args.codebooks}": result.model},
+                            {"input": test.inputs["input"][:256]})
+    text += (f"\nWhere the time goes at batch 256, one thread (onnxruntime's profiler, median of 20 runs per "
+             f"node; the sum leaves out the session's own overhead; onnxruntime names a Conv fused with its "
+             f"Relu after the Relu's output, so /4/Relu_output_0_nchwc is /3/Conv and /7/Relu_output_0_nchwc "
+             f"is /6/Conv):\n\n{profile}\n")
     (ROOT / "docs/results/cnn_table.md").write_text("# Fashion-MNIST CNN, exact against compiled\n\n" + text)
     update_readme("cnn_table", text)
     print(text)

@@ -15,13 +15,16 @@ import pytest
 
 import lutcompile
 from lutcompile import cli
-from lutcompile.rewrite import params_from_node
-from lutcompile.lut import apply_reference
+from lutcompile.rewrite import geometry_from_node, params_from_node
+from lutcompile.lut import apply_conv_reference, apply_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models/mnist_mlp.onnx"
 CALIB = ROOT / "models/mnist_calib.npz"
 TEST = ROOT / "models/mnist_test.npz"
+CNN = ROOT / "models/fashion_cnn.onnx"
+CNN_CALIB = ROOT / "models/fashion_calib.npz"
+CNN_TEST = ROOT / "models/fashion_test.npz"
 
 
 def run_cli(*args):
@@ -49,21 +52,63 @@ def test_cli_compiles_the_shipped_model(compiled_mlp):
     assert [n.op_type for n in model.graph.node] == ["LutMatMul"] * 4
 
 
-def test_cli_output_runs_in_onnxruntime_and_matches_reference(compiled_mlp):
-    _, out = compiled_mlp
-    x = np.load(TEST)["input"][:500]
-    model = onnx.load(str(out))
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(lutcompile.library_path())
+def node_inputs_in_onnxruntime(model: onnx.ModelProto, feeds: dict) -> dict:
+    """Every value the model's nodes compute, as onnxruntime computes them."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    for n in model.graph.node:
-        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(n.input[0]))
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
+    known = {v.name for v in [*model.graph.output, *model.graph.input, *model.graph.initializer]}
+    for name in dict.fromkeys(x for n in model.graph.node for x in [*n.input, *n.output]):
+        if name and name not in known:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    sess = ort.InferenceSession(probe.SerializeToString(), lutcompile.session_options(),
+                                providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def test_cli_output_runs_in_onnxruntime_and_matches_reference(compiled_mlp):
+    _, out = compiled_mlp
+    model = onnx.load(str(out))
+    x = np.load(TEST)["input"][:500]
+    values = {"input": x, **node_inputs_in_onnxruntime(model, {"input": x})}
     for n in model.graph.node:  # each node, on the input onnxruntime gave it
         want = apply_reference(values[n.input[0]], params_from_node(n))
         np.testing.assert_allclose(values[n.output[0]], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def compiled_cnn(tmp_path_factory):
+    """The shipped CNN compiled by the command line, with options that keep the test short."""
+    folder = tmp_path_factory.mktemp("cli_cnn")
+    calib = np.load(CNN_CALIB)
+    np.savez(folder / "calib.npz", input=calib["input"][:600], labels=calib["labels"][:600])
+    out = folder / "fast_cnn.onnx"
+    proc = run_cli(CNN, "--calib", folder / "calib.npz", "-o", out, "--codebooks", "8", "--partition",
+                   "contiguous", "--table-loss", "ridge", "--no-finetune", "-q")
+    return proc, out
+
+
+def test_cli_compiles_the_shipped_cnn_and_matches_the_reference(compiled_cnn):
+    """Every eligible Conv and Gemm replaced, the too-small first Conv kept with its reason, the
+    interface unchanged, and each lookup node in onnxruntime equal to the numpy reference on
+    the input onnxruntime gave it."""
+    proc, out = compiled_cnn
+    assert proc.returncode == 0, proc.stderr
+    assert "kept exact: /0/Conv (Conv): patch of 1x3x3 = 9 inputs is too small" in proc.stdout
+    original, model = onnx.load(str(CNN)), onnx.load(str(out))
+    assert [(n.name, n.op_type) for n in model.graph.node if n.domain == "ai.lutcompile"] == [
+        ("/3/Conv", "LutConv"), ("/6/Conv", "LutConv"), ("/10/Gemm", "LutMatMul"), ("/12/Gemm", "LutMatMul")]
+    assert [n.op_type for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")] == ["Conv"]
+    assert model.graph.input == original.graph.input and model.graph.output == original.graph.output
+    x = np.load(CNN_TEST)["input"][:64]
+    values = {"input": x, **node_inputs_in_onnxruntime(model, {"input": x})}
+    for n in model.graph.node:
+        if n.op_type == "LutConv":
+            want = apply_conv_reference(values[n.input[0]], params_from_node(n), geometry_from_node(n))
+        elif n.op_type == "LutMatMul":
+            want = apply_reference(values[n.input[0]], params_from_node(n))
+        else:
+            continue
+        np.testing.assert_allclose(values[n.output[0]], want, rtol=1e-6, atol=1e-6, err_msg=n.name)
 
 
 def test_cli_reported_accuracy_is_onnxruntime_accuracy(compiled_mlp):
