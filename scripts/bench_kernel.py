@@ -479,7 +479,9 @@ def us(t: float) -> str:
 
 
 DESIGN = """\
-**Design, and the measurements behind it.**
+**Design, and the measurements behind it.** The kernel was designed on an AMD EPYC 9004 (Zen 4);
+"this core" below is that one, and the last bullet adds what differs on the Intel Xeon of the
+tables above.
 - *Accumulation (AVX-512 path): vpermb + vpdpbusd.* One 64-byte vpermb table holds the
   16-entry tables of 4 codebooks of one output; each row's 4 codes sit in one dword (byte j =
   code + 16j), so one vpermb looks up 64 entries and one vpdpbusd with a vector of ones adds
@@ -521,7 +523,17 @@ DESIGN = """\
   outputs are identical for any thread count. With at most one task (batch 1, small N) the
   kernel runs inline and never touches the pool. The benchmark's sessions block instead of
   spinning (`session.intra_op.allow_spinning = 0`): otherwise the idle pool threads of the
-  sessions not being timed spin on the second core and every 2-thread number is wrong."""
+  sessions not being timed spin on the second core and every 2-thread number is wrong.
+- *On the Intel Xeon (AVX-512 with AMX; the CPU model is masked by the virtual machine).*
+  onnxruntime's fp32 and int8 kernels are faster here than on Zen 4 and ours is slower when X
+  does not fit in L2, so every ratio is smaller. The encode alone (C = 16, 64 split values
+  per row) costs about 85 cycles per row with X in L2 (N = 1024, D = 64 or 128), 140 at
+  D = 512 (X 2 MB), 275 at N = 4096, D = 512 (8 MB) and 670 at D = 2048: bound by fetching
+  X's lines from L3, about 25-50 GB/s on one core. Measured and rejected here: software
+  prefetch of the next row group's split-value lines (into L2: encode 41 -> 57 us at
+  N = 1024, D = 512; into L1 58 us; non-temporal 182 us), and one vgatherdps per split dim
+  instead of scalar loads (85 -> 69 cycles per row in L2, but no faster from L3 and slower at
+  D = 2048, 690 -> 765)."""
 
 
 def report(res: dict, cpu: dict, mic: dict) -> tuple[str, str, list[str]]:
