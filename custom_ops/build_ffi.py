@@ -12,6 +12,9 @@ the AVX2 / AVX-512 code paths are selected per function with GCC target attribut
 picked at run time.  -ffp-contract=off keeps the float epilogue free of fused
 multiply-adds, so every path rounds exactly like the numpy reference.
 """
+import re
+from pathlib import Path
+
 from cffi import FFI
 
 KERNEL_SOURCES = ["custom_ops/lutkernel.c"]
@@ -28,49 +31,28 @@ COMPILE_ARGS = [
     "-Wno-unused-parameter",
 ]
 
-CDEF = """
-#define LUT_OK 0
-#define LUT_EINVAL 1
-#define LUT_ENOMEM 2
-#define LUT_EPATH 3
-#define LUT_PATH_AUTO -1
-#define LUT_PATH_SCALAR 0
-#define LUT_PATH_AVX2 1
-#define LUT_PATH_AVX512 2
+HEADER = "custom_ops/lutkernel.h"
 
-typedef struct lut_plan lut_plan;
 
-int lut_paths_available(void);
-const char *lut_path_name(int path);
-int lut_resolve_path(int requested, char *err, size_t errlen);
+def header_cdef(path: str = HEADER) -> str:
+    """cffi's declarations, read from the C header itself so that the two cannot drift: comments,
+    include guards and extern "C" dropped, each valued #define turned into `#define NAME ...`
+    (cffi's API mode then takes the value from the compiler)."""
+    text = re.sub(r"/\*.*?\*/", "", Path(path).read_text(), flags=re.S)
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            define = re.match(r"#define\s+(\w+)\s+\S", stripped)
+            if define:
+                lines.append(f"#define {define.group(1)} ...")
+        elif stripped not in ('extern "C" {', "}"):
+            lines.append(line)
+    return "\n".join(lines)
 
-int lut_plan_create(lut_plan **out, int64_t D, int64_t M, int64_t C, int64_t K,
-                    const int64_t *split_dims, int64_t n_split,
-                    const float *thresholds, int64_t n_thresholds,
-                    const uint8_t *tables, int64_t n_tables,
-                    float scale,
-                    const float *offsets, int64_t n_offsets,
-                    const float *bias, int64_t n_bias,
-                    int64_t relu, char *err, size_t errlen);
-int lut_encoder_create(lut_plan **out, int64_t D, int64_t C,
-                       const int64_t *split_dims, int64_t n_split,
-                       const float *thresholds, int64_t n_thresholds,
-                       char *err, size_t errlen);
-void lut_plan_destroy(lut_plan *plan);
-int64_t lut_plan_D(const lut_plan *plan);
-int64_t lut_plan_M(const lut_plan *plan);
-int64_t lut_plan_C(const lut_plan *plan);
-
-int lut_encode(const lut_plan *plan, const float *X, int64_t N, uint8_t *codes,
-               int path, char *err, size_t errlen);
-int lut_scan(const lut_plan *plan, const uint8_t *codes, int64_t N, float *Y,
-             int path, char *err, size_t errlen);
-int lut_apply(const lut_plan *plan, const float *X, int64_t N, float *Y,
-              int path, char *err, size_t errlen);
-"""
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
+ffibuilder.cdef(header_cdef())
 ffibuilder.set_source(
     "lutcompile._lutkernel",
     '#include "lutkernel.h"\n',
