@@ -533,7 +533,11 @@ tables above.
   prefetch of the next row group's split-value lines (into L2: encode 41 -> 57 us at
   N = 1024, D = 512; into L1 58 us; non-temporal 182 us), and one vgatherdps per split dim
   instead of scalar loads (85 -> 69 cycles per row in L2, but no faster from L3 and slower at
-  D = 2048, 690 -> 765)."""
+  D = 2048, 690 -> 765), and 128- or 256-row blocks (no change). The fused apply beats a
+  separate encode and scan while X fits in L2 (N = 256, D = 512, M = 100: 11.7 against
+  7.2 + 6.2 us) and loses to them when X streams from L3 (N = 1024: about 79 against 45 + 23):
+  software prefetch did not recover it, and this virtual machine exposes no hardware counters
+  to pin the cause down."""
 
 
 def report(res: dict, cpu: dict, mic: dict) -> tuple[str, str, list[str]]:
