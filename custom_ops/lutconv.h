@@ -6,7 +6,7 @@
  * ascending order, as U "columns", each decoded into (channel, ky, kx). For a tile of output
  * positions, lut_conv_gather copies just those U pixels per position (zero outside the image)
  * into a small dimension-major buffer P[U][tile], through a table of pixel offsets built once
- * per call (every image of a batch has the same geometry), and the op runs the ordinary LutMatMul plan over P
+ * per input size and cached (lut_conv_index_for), and the op runs the ordinary LutMatMul plan over P
  * with its split dims renumbered to columns (lut_conv_split_columns, lut_apply_columns): the
  * SIMD encode and scan of lutkernel.c, bit for bit the semantics of encoding the full patch.
  */

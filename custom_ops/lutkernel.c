@@ -596,9 +596,9 @@ static void encode_block_avx2(const lut_plan *p, rows_view v, int rows, uint8_t 
             continue;
         }
         const int valid = rows - r0 < RG ? rows - r0 : RG;
+        const rows_view group = {v.X + (int64_t)r0 * v.row_stride, v.row_stride, v.col_stride};
         for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) {
             const int64_t c1 = C - c0 < ENC_CH ? C : c0 + ENC_CH;
-            const rows_view group = {v.X + (int64_t)r0 * v.row_stride, v.row_stride, v.col_stride};
             gather_split_values(p, group, valid, c0, c1, vals);
             for (int64_t c = c0; c < c1; c++) {
                 const int32_t *pos = p->gpos + c * LUT_DEPTH;
@@ -749,9 +749,9 @@ static void encode_block_avx512(const lut_plan *p, rows_view v, int rows, uint8_
     const __m512i empty = _mm512_set1_epi32(16); /* q of a padding codebook: code 0 */
     for (int r0 = 0; r0 < rows; r0 += RG) {
         const int valid = rows - r0 < RG ? rows - r0 : RG;
+        const rows_view group = {v.X + (int64_t)r0 * v.row_stride, v.row_stride, v.col_stride};
         for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) { /* ENC_CH is a multiple of 4 */
             const int64_t c1 = C - c0 < ENC_CH ? C : c0 + ENC_CH;
-            const rows_view group = {v.X + (int64_t)r0 * v.row_stride, v.row_stride, v.col_stride};
             gather_split_values(p, group, valid, c0, c1, vals);
             for (int64_t c = c0; c < c1; c += 4) {
                 __m512i q[4];
@@ -816,17 +816,21 @@ static ALWAYS_INLINE void accumulate_avx512(const uint8_t *codes, const uint8_t 
     for (int i = n; i < TILE; i++) acc[i] = _mm512_setzero_si512();
 }
 
+/* The epilogue of every AVX-512 scan: float(acc) * scale + base, then ReLU (y > 0 ? y : +0)
+ * if the plan has one; the operations and their order are the scalar path's. */
+AVX512_TARGET
+static ALWAYS_INLINE __m512 dequantise_avx512(const lut_plan *p, __m512i acc, __m512 vscale, __m512 vbase) {
+    const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepu32_ps(acc), vscale), vbase);
+    return p->relu ? _mm512_max_ps(y, _mm512_setzero_ps()) : y;
+}
+
 /* Outputs m0..m0+mc-1 (mc <= 4) of acc[0..3] (lane j = row j) for rows 0..nr-1 of Y. */
 AVX512_TARGET
 static ALWAYS_INLINE void store4_avx512(const lut_plan *p, const __m512i acc[4], int64_t m0,
                                         int mc, int nr, float *Y) {
     __m512 f[4];
-    for (int i = 0; i < 4; i++) {
-        const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepu32_ps(acc[i]),
-                                                     _mm512_set1_ps(p->scale)),
-                                       _mm512_set1_ps(p->base[m0 + i]));
-        f[i] = p->relu ? _mm512_max_ps(y, _mm512_setzero_ps()) : y;
-    }
+    for (int i = 0; i < 4; i++)
+        f[i] = dequantise_avx512(p, acc[i], _mm512_set1_ps(p->scale), _mm512_set1_ps(p->base[m0 + i]));
     const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(f[0], f[1]));
     const __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(f[0], f[1]));
     const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(f[2], f[3]));
@@ -871,7 +875,6 @@ AVX512_TARGET
 static void scan_block_avx512_columns(const lut_plan *p, const uint8_t *blk, int rows, float *Y, int64_t ldy) {
     const int64_t M = p->M, Cq = p->Cq;
     const __m512 vscale = _mm512_set1_ps(p->scale);
-    const __m512 zero = _mm512_setzero_ps();
     for (int64_t t = 0; t < p->T; t++) {
         const int64_t m0 = t * TILE;
         const int mc = M - m0 < TILE ? (int)(M - m0) : TILE;
@@ -882,9 +885,7 @@ static void scan_block_avx512_columns(const lut_plan *p, const uint8_t *blk, int
             const int nr = rows - r0 < RG ? rows - r0 : RG;
             const __mmask16 rmask = (__mmask16)((1u << nr) - 1u);
             for (int i = 0; i < mc; i++) {
-                __m512 y = _mm512_cvtepu32_ps(acc[i]);
-                y = _mm512_add_ps(_mm512_mul_ps(y, vscale), _mm512_set1_ps(p->base[m0 + i]));
-                if (p->relu) y = _mm512_max_ps(y, zero); /* y > 0 ? y : +0 */
+                const __m512 y = dequantise_avx512(p, acc[i], vscale, _mm512_set1_ps(p->base[m0 + i]));
                 if (nr == RG)
                     _mm512_storeu_ps(Y + (m0 + i) * ldy + r0, y);
                 else
@@ -901,7 +902,6 @@ static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, f
     (void)scratch;
     const int64_t M = p->M, Cq = p->Cq;
     const __m512 vscale = _mm512_set1_ps(p->scale);
-    const __m512 zero = _mm512_setzero_ps();
     for (int64_t t = 0; t < p->T; t++) {
         const int64_t m0 = t * TILE;
         const int mc = M - m0 < TILE ? (int)(M - m0) : TILE;
@@ -922,9 +922,7 @@ static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, f
             for (int i = 0; i < TILE; i++) f[i] = _mm512_castsi512_ps(acc[i]);
             transpose16_avx512(f);
             for (int j = 0; j < nr; j++) {
-                __m512 y = _mm512_cvtepu32_ps(_mm512_castps_si512(f[j]));
-                y = _mm512_add_ps(_mm512_mul_ps(y, vscale), vbase);
-                if (p->relu) y = _mm512_max_ps(y, zero); /* y > 0 ? y : +0 */
+                const __m512 y = dequantise_avx512(p, _mm512_castps_si512(f[j]), vscale, vbase);
                 float *dst = Y + (int64_t)(r0 + j) * M + m0;
                 if (mc == TILE)
                     _mm512_storeu_ps(dst, y);
