@@ -17,10 +17,9 @@ from pathlib import Path
 import lutcompile
 from lutcompile.calibrate import load_calibration
 from lutcompile.frontend import load_model
+from lutcompile.timing import model_latencies, node_times
 
 from readme_tables import update_readme
-from timing import model_latencies, node_times
-from lutcompile.timing import NodeTime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,22 +29,20 @@ def profile_table(models: dict, feeds: dict) -> str:
     nodes only the others run; onnxruntime fuses an activation into its Conv or Gemm and may
     insert layout reorders (ReorderInput / ReorderOutput) around nodes, so the rows are its
     nodes, not ours."""
-    times = {}
+    times = {}  # model -> {row: (seconds, what ran)}
     for name, m in models.items():  # the reorders' names differ between sessions: one row for all
         measured = node_times(m, feeds)
-        per = {t.name: t for t in measured if not t.op_type.startswith("Reorder")}
         reorders = [t for t in measured if t.op_type.startswith("Reorder")]
-        count = f"{len(reorders)} node" + "s" * (len(reorders) != 1)
-        per["layout reorders inserted by onnxruntime"] = NodeTime("", count, sum(t.seconds for t in reorders))
-        times[name] = per
+        times[name] = {t.name: (t.seconds, t.op_type) for t in measured if t not in reorders}
+        times[name]["layout reorders inserted by onnxruntime"] = (
+            sum(t.seconds for t in reorders), f"{len(reorders)} node" + "s" * (len(reorders) != 1))
     order = list(dict.fromkeys(n for per in reversed(times.values()) for n in per))
     rows = ["| node (as onnxruntime runs it) | " + " | ".join(f"{n}: µs (op)" for n in models) + " |",
             "|---|" + "---:|" * len(models)]
     for node in order:
-        cells = [f"{1e6 * per[node].seconds:,.0f} ({per[node].op_type})" if node in per else "-"
-                 for per in times.values()]
+        cells = [f"{1e6 * per[node][0]:,.0f} ({per[node][1]})" if node in per else "-" for per in times.values()]
         rows.append(f"| {node} | " + " | ".join(cells) + " |")
-    totals = [f"**{1e6 * sum(t.seconds for t in per.values()):,.0f}**" for per in times.values()]
+    totals = [f"**{1e6 * sum(seconds for seconds, _ in per.values()):,.0f}**" for per in times.values()]
     rows.append("| **sum of nodes** | " + " | ".join(totals) + " |")
     return "\n".join(rows)
 

@@ -33,9 +33,9 @@ from lutcompile.calibrate import CalibrationData, load_calibration
 from lutcompile.finetune import FinetuneOptions, train
 from lutcompile.fit import FitOptions
 from lutcompile.frontend import load_model
+from lutcompile.timing import model_latencies
 
 from readme_tables import update_readme
-from timing import model_latencies
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_MNIST = {1: 36.1, 2: 36.3, 4: 52.0, 8: 70.5, 16: 84.9}
