@@ -21,7 +21,9 @@ struct cached_index {
     int32_t *index;
 };
 
-#define FAIL(...) do { if (err && errlen) snprintf(err, errlen, __VA_ARGS__); return LUT_EINVAL; } while (0)
+#define FAIL_WITH(code, ...) do { if (err && errlen) snprintf(err, errlen, __VA_ARGS__); return code; } while (0)
+#define FAIL(...) FAIL_WITH(LUT_EINVAL, __VA_ARGS__)
+#define OUT_OF_MEMORY() FAIL_WITH(LUT_ENOMEM, "out of memory creating the LutConv patch encoder")
 
 static int compare_int64(const void *a, const void *b) {
     const int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
@@ -58,20 +60,18 @@ int lut_conv_create(lut_conv **out, int64_t in_channels, const int64_t kernel[2]
     if (D != in_channels * kernel[0] * kernel[1])
         FAIL("D = %lld but in_channels*kh*kw = %lld", (long long)D, (long long)(in_channels * kernel[0] * kernel[1]));
     if (C < 1 || C >= big) FAIL("C = %lld out of range", (long long)C);
-    if (n_split != C * LUT_DEPTH) FAIL("split_dims has %lld values, expected C*4 = %lld", (long long)n_split, (long long)(C * LUT_DEPTH));
-    for (int64_t i = 0; i < n_split; i++)
-        if (split_dims[i] < 0 || split_dims[i] >= D)
-            FAIL("split_dims value %lld at index %lld is outside [0, D=%lld)", (long long)split_dims[i], (long long)i, (long long)D);
+    const int split_rc = lut_check_split_dims(D, C, split_dims, n_split, err, errlen);
+    if (split_rc != LUT_OK) return split_rc;
 
     lut_conv *c = calloc(1, sizeof *c);
-    if (!c) return LUT_ENOMEM;
+    if (!c) OUT_OF_MEMORY();
     /* the distinct split dims in ascending order (sorted, then deduplicated): the columns */
     int64_t *dims = malloc(sizeof(int64_t) * (size_t)n_split);
     c->columns = malloc(sizeof(int64_t) * (size_t)n_split);
     if (!dims || !c->columns) {
         free(dims);
         lut_conv_destroy(c);
-        return LUT_ENOMEM;
+        OUT_OF_MEMORY();
     }
     memcpy(dims, split_dims, sizeof(int64_t) * (size_t)n_split);
     qsort(dims, (size_t)n_split, sizeof(int64_t), compare_int64);
@@ -91,7 +91,7 @@ int lut_conv_create(lut_conv **out, int64_t in_channels, const int64_t kernel[2]
     if (!c->chan || !c->ky || !c->kx) {
         free(dims);
         lut_conv_destroy(c);
-        return LUT_ENOMEM;
+        OUT_OF_MEMORY();
     }
     c->cin = in_channels; c->kh = kernel[0]; c->kw = kernel[1];
     c->sh = strides[0]; c->sw = strides[1]; c->dh = dilations[0]; c->dw = dilations[1];

@@ -23,8 +23,9 @@ extern "C" {
 typedef struct lut_conv lut_conv;
 
 /* Validates the geometry against the split dims (the other LutMatMul checks are lut_plan's):
- * in_channels, kernel, strides and dilations >= 1, pads >= 0, D == in_channels*kh*kw,
- * n_split == C*4, split dims in [0, D). Copies what it keeps. */
+ * in_channels, kernel, strides and dilations >= 1, pads >= 0, D == in_channels*kh*kw, and
+ * the split dims with lut_check_split_dims (n_split == C*4, each in [0, D)), so the op checks
+ * them once, here, and builds its one plan over the renumbered columns. Copies what it keeps. */
 int lut_conv_create(lut_conv **out, int64_t in_channels, const int64_t kernel[2],
                     const int64_t strides[2], const int64_t pads[4], const int64_t dilations[2],
                     int64_t D, int64_t C, const int64_t *split_dims, int64_t n_split,

@@ -31,19 +31,24 @@
  * on Zen 4 in registers: about 46 lookups/cycle, against 21 for vpshufb plus exact 16-bit
  * widening; docs/results/bench_kernel.md.)  A tile is 16 outputs x 16 rows: 16 accumulators,
  * transposed 16x16 in registers, then dequantised (+bias, ReLU) and stored as 16
- * consecutive floats per row (a last tile of at most 4 outputs gets a 4-wide epilogue).  Tables are repacked at plan time as [tile][group][16][64] so
- * a tile's tables are one contiguous stream, kept in L1 while the tile visits the block's
- * four row groups.
+ * consecutive floats per row (a last tile of at most 4 outputs gets a 4-wide epilogue).
+ *
+ * Tables: a plan holds them once, in the AVX-512 layout [tile][group][16][64] (see "table
+ * layout" below), so a tile's tables are one contiguous stream, kept in L1 while the tile
+ * visits the block's four row groups.  The scalar and AVX2 scans read the same bytes by index
+ * arithmetic: output m, codebook c is 16 bytes at tab_output(m) + tab_codebook(c).
  *
  * Scan, AVX2: codes are one byte per row and codebook (blk[c*BLOCK + row]), 32 rows per
  * register; each output's 16-byte table is broadcast to both lanes and looked up with
- * vpshufb.  The looked-up bytes are accumulated exactly in 16-bit lanes with two
- * accumulators per output:
+ * vpshufb, four outputs at a time (four consecutive slots of one tile, 64 bytes apart: a
+ * group of 4 codebooks of the 4 outputs is 256 contiguous bytes).  The looked-up bytes are
+ * accumulated exactly in 16-bit lanes with two accumulators per output:
  *   all += v (as 16-bit lanes: even-row byte + 256 * odd-row byte, mod 2^16)
  *   odd += v >> 8 (per 16-bit lane: the odd-row byte)
  * so that odd-row sums = odd and even-row sums = all - (odd << 8) (mod 2^16), exact while a
- * chunk holds at most 257 codebooks (257 * 255 = 65535).  Longer C is split into chunks
- * whose sums are flushed into uint32 accumulators, so any C works.
+ * chunk holds at most 257 codebooks (257 * 255 = 65535).  Longer C is split into chunks of
+ * 64 groups (256 codebooks) whose sums are flushed into uint32 accumulators, so any C works.
+ * The scan runs over whole groups: the codebooks past C have zero tables and code 0.
  * The uint32 sums are kept in "phase" order: 32-bit lane p of phase q holds row 4p+q of
  * the register's rows (q = 0: even & 0xffff, 1: odd & 0xffff, 2: even >> 16,
  * 3: odd >> 16); the epilogue converts to float, applies scale/base/relu, transposes
@@ -65,8 +70,8 @@
 #define BLOCK 64   /* rows per block */
 #define RG 16      /* rows per encode group (SIMD lanes of a tree walk) */
 #define ENC_CH 16  /* codebooks per split-value copy (vals: 16*4*16 floats = 4 KB) */
-#define MB 8       /* AVX2: outputs per packed table group */
-#define CHUNK 257  /* AVX2: codebooks per exact uint16 accumulation chunk */
+#define AVX2_OUTS 4 /* AVX2: outputs per scan pass */
+#define CHUNK_GROUPS 64 /* AVX2: groups of 4 codebooks per exact uint16 accumulation chunk */
 #define TILE 16    /* AVX-512: outputs per tile */
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -76,19 +81,26 @@
 struct lut_plan {
     int64_t D, M, C;
     int64_t Cq;       /* ceil(C / 4): groups of four codebooks */
-    int64_t G;        /* AVX2: ceil(M / MB) */
-    int64_t T;        /* AVX-512: ceil(M / TILE) */
+    int64_t T;        /* ceil(M / TILE): tiles of 16 outputs */
     int relu;
     float scale;
     int32_t *split;   /* [C][4] */
     int32_t *gdim;    /* [C*4]: per chunk of ENC_CH codebooks, its split dims in ascending */
     int32_t *gpos;    /* order, and where in that order (c, l)'s value is (see gather)     */
     float *thr;       /* [C][16]: thr[c][q] = threshold of 1-based heap node q; [c][0] = 0 */
-    uint8_t *tables;  /* [M][C][16] (scalar path) */
-    uint8_t *tab2;    /* AVX2: [G][C][MB][16], zero padded past M; NULL if unsupported */
-    uint8_t *tab5;    /* AVX-512: [T][Cq][TILE][64], zero padded; NULL if unsupported */
-    float *base;      /* [max(G*MB, T*TILE)] bias + offset_total, zero padded */
+    uint8_t *tab;     /* the tables, once, for every path: [T][Cq][TILE][64], zero padded
+                       * past M and C (see tab_output); NULL in an encode-only plan */
+    float *base;      /* [T*TILE] bias + offset_total, zero padded */
 };
+
+/* table layout: tile t = m / TILE, group g = c / 4, slot i = m % TILE hold the 64 bytes
+ * tables[m][4g .. 4g+3][0..15]; output m's 16 entries of codebook c start at byte
+ * tab_output(p, m) + tab_codebook(c).  Four consecutive outputs 4k..4k+3 are four consecutive
+ * slots of one tile (TILE is a multiple of 4). */
+static inline int64_t tab_output(const lut_plan *p, int64_t m) {
+    return ((m / TILE) * p->Cq * TILE + m % TILE) * 64;
+}
+static inline int64_t tab_codebook(int64_t c) { return (c / 4) * TILE * 64 + (c % 4) * LUT_K; }
 
 /* The rows an encoder reads: row r's dimension d is X[r*row_stride + d*col_stride]
  * (row-major X[N][D]: D, 1; dimension-major Xt[D][ld], as LutConv gathers it: 1, ld). */
@@ -113,10 +125,11 @@ static int set_err(char *err, size_t errlen, int code, const char *fmt, ...) {
     return code;
 }
 
+static size_t round64(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
 static void *alloc64(size_t bytes) {
-    size_t rounded = (bytes + 63) & ~(size_t)63;
-    if (rounded == 0) rounded = 64;
-    return aligned_alloc(64, rounded);
+    const size_t rounded = round64(bytes);
+    return aligned_alloc(64, rounded ? rounded : 64);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -218,9 +231,7 @@ void lut_plan_destroy(lut_plan *plan) {
     free(plan->gdim);
     free(plan->gpos);
     free(plan->thr);
-    free(plan->tables);
-    free(plan->tab2);
-    free(plan->tab5);
+    free(plan->tab);
     free(plan->base);
     free(plan);
 }
@@ -244,6 +255,42 @@ int lut_check_sizes(int64_t D, int64_t M, int64_t C, int64_t K, char *err, size_
     return LUT_OK;
 }
 
+/* attribute `name` must have `expected` values (`formula`, e.g. "C*4") at a non-NULL data */
+static int check_count(const char *name, const char *formula, int64_t expected, int64_t got,
+                       const void *data, char *err, size_t errlen) {
+    if (got != expected)
+        return set_err(err, errlen, LUT_EINVAL, "attribute '%s' must have %s = %lld values, got %lld",
+                       name, formula, (long long)expected, (long long)got);
+    if (!data) return set_err(err, errlen, LUT_EINVAL, "attribute '%s' is missing (NULL)", name);
+    return LUT_OK;
+}
+
+/* check_count, and every value finite */
+static int check_finite(const char *name, const char *formula, int64_t expected, int64_t got,
+                        const float *data, char *err, size_t errlen) {
+    const int rc = check_count(name, formula, expected, got, data, err, errlen);
+    if (rc != LUT_OK) return rc;
+    for (int64_t i = 0; i < got; i++)
+        if (!isfinite(data[i]))
+            return set_err(err, errlen, LUT_EINVAL, "attribute '%s' value at index %lld is not finite (%g)",
+                           name, (long long)i, (double)data[i]);
+    return LUT_OK;
+}
+
+int lut_check_split_dims(int64_t D, int64_t C, const int64_t *split_dims, int64_t n_split,
+                         char *err, size_t errlen) {
+    const int rc = check_count("split_dims", "C*4", C * LUT_DEPTH, n_split, split_dims, err, errlen);
+    if (rc != LUT_OK) return rc;
+    for (int64_t i = 0; i < n_split; i++)
+        if (split_dims[i] < 0 || split_dims[i] >= D)
+            return set_err(err, errlen, LUT_EINVAL,
+                           "attribute 'split_dims' value %lld at index %lld (codebook %lld, "
+                           "level %lld) is outside [0, D=%lld)",
+                           (long long)split_dims[i], (long long)i, (long long)(i / LUT_DEPTH),
+                           (long long)(i % LUT_DEPTH), (long long)D);
+    return LUT_OK;
+}
+
 static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, int64_t C,
                       int64_t K, const int64_t *split_dims, int64_t n_split,
                       const float *thresholds, int64_t n_thresholds, const uint8_t *tables,
@@ -264,26 +311,9 @@ static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, in
     } else {
         M = 0;
     }
-    if (n_split != C * LUT_DEPTH)
-        return set_err(err, errlen, LUT_EINVAL,
-                       "attribute 'split_dims' must have C*4 = %lld values, got %lld",
-                       (long long)(C * LUT_DEPTH), (long long)n_split);
-    if (!split_dims)
-        return set_err(err, errlen, LUT_EINVAL, "attribute 'split_dims' is missing (NULL)");
-    for (int64_t i = 0; i < n_split; i++)
-        if (split_dims[i] < 0 || split_dims[i] >= D)
-            return set_err(err, errlen, LUT_EINVAL,
-                           "attribute 'split_dims' value %lld at index %lld (codebook %lld, "
-                           "level %lld) is outside [0, D=%lld)",
-                           (long long)split_dims[i], (long long)i, (long long)(i / LUT_DEPTH),
-                           (long long)(i % LUT_DEPTH), (long long)D);
-    if (n_thresholds != C * LUT_NODES)
-        return set_err(err, errlen, LUT_EINVAL,
-                       "attribute 'thresholds' must have C*15 = %lld values, got %lld",
-                       (long long)(C * LUT_NODES), (long long)n_thresholds);
-    if (!thresholds)
-        return set_err(err, errlen, LUT_EINVAL, "attribute 'thresholds' is missing (NULL)");
-    int64_t G = 0;
+    int crc = lut_check_split_dims(D, C, split_dims, n_split, err, errlen);
+    if (crc == LUT_OK) crc = check_count("thresholds", "C*15", C * LUT_NODES, n_thresholds, thresholds, err, errlen);
+    if (crc != LUT_OK) return crc;
     if (!encoder_only) {
         /* padded M * padded C * 16 without overflow (M, C < 2^40, 2^24 already; be explicit) */
         if (M + TILE > INT64_MAX / ((C + 4) * LUT_K))
@@ -296,39 +326,18 @@ static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, in
                            (long long)n_tables);
         if (!tables)
             return set_err(err, errlen, LUT_EINVAL, "attribute 'tables' is missing (NULL)");
-        if (n_offsets != C)
-            return set_err(err, errlen, LUT_EINVAL,
-                           "attribute 'offsets' must have C = %lld values, got %lld",
-                           (long long)C, (long long)n_offsets);
-        if (!offsets)
-            return set_err(err, errlen, LUT_EINVAL, "attribute 'offsets' is missing (NULL)");
-        for (int64_t c = 0; c < C; c++)
-            if (!isfinite(offsets[c]))
-                return set_err(err, errlen, LUT_EINVAL,
-                               "attribute 'offsets' value at index %lld is not finite (%g)",
-                               (long long)c, (double)offsets[c]);
-        if (n_bias != M)
-            return set_err(err, errlen, LUT_EINVAL,
-                           "attribute 'bias' must have M = %lld values, got %lld",
-                           (long long)M, (long long)n_bias);
-        if (!bias) return set_err(err, errlen, LUT_EINVAL, "attribute 'bias' is missing (NULL)");
-        for (int64_t m = 0; m < M; m++)
-            if (!isfinite(bias[m]))
-                return set_err(err, errlen, LUT_EINVAL,
-                               "attribute 'bias' value at index %lld is not finite (%g)",
-                               (long long)m, (double)bias[m]);
-        G = (M + MB - 1) / MB;
+        crc = check_finite("offsets", "C", C, n_offsets, offsets, err, errlen);
+        if (crc == LUT_OK) crc = check_finite("bias", "M", M, n_bias, bias, err, errlen);
+        if (crc != LUT_OK) return crc;
     }
 
 
     lut_plan *p = (lut_plan *)calloc(1, sizeof *p);
     if (!p) return set_err(err, errlen, LUT_ENOMEM, "out of memory creating the LutMatMul plan");
-    const int paths = lut_paths_available();
     p->D = D;
     p->M = M;
     p->C = C;
     p->Cq = (C + 3) / 4;
-    p->G = G;
     p->T = (M + TILE - 1) / TILE;
     p->relu = (int)relu;
     p->scale = encoder_only ? 1.0f : scale;
@@ -359,39 +368,19 @@ static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, in
         memcpy(p->thr + c * 16 + 1, thresholds + c * LUT_NODES, LUT_NODES * sizeof(float));
     }
     if (!encoder_only) {
-        const int64_t Mpad = G * MB > p->T * TILE ? G * MB : p->T * TILE;
-        size_t tbytes = (size_t)M * (size_t)C * LUT_K;
-        p->tables = (uint8_t *)alloc64(tbytes);
+        const int64_t Mpad = p->T * TILE;
+        const size_t tbytes = (size_t)Mpad * (size_t)p->Cq * 4 * LUT_K;
+        p->tab = (uint8_t *)alloc64(tbytes);
         p->base = (float *)alloc64((size_t)Mpad * sizeof(float));
-        if (!p->tables || !p->base) goto oom;
-        memcpy(p->tables, tables, tbytes);
+        if (!p->tab || !p->base) goto oom;
         float offset_total = 0.0f;
         for (int64_t c = 0; c < C; c++) offset_total = offset_total + offsets[c];
         for (int64_t m = 0; m < Mpad; m++) p->base[m] = m < M ? bias[m] + offset_total : 0.0f;
-        if (paths & (1 << LUT_PATH_AVX2)) {
-            size_t pbytes = (size_t)G * (size_t)C * MB * LUT_K;
-            p->tab2 = (uint8_t *)alloc64(pbytes);
-            if (!p->tab2) goto oom;
-            memset(p->tab2, 0, pbytes);
-            for (int64_t m = 0; m < M; m++) {
-                int64_t g = m / MB, i = m % MB;
-                for (int64_t c = 0; c < C; c++)
-                    memcpy(p->tab2 + ((g * C + c) * MB + i) * LUT_K,
-                           p->tables + (m * C + c) * LUT_K, LUT_K);
-            }
-        }
-        if (paths & (1 << LUT_PATH_AVX512)) {
-            /* tile t, group g, slot i: the 64 bytes tables[16t+i][4g .. 4g+3][0..15] */
-            size_t pbytes = (size_t)p->T * (size_t)p->Cq * TILE * 64;
-            p->tab5 = (uint8_t *)alloc64(pbytes);
-            if (!p->tab5) goto oom;
-            memset(p->tab5, 0, pbytes);
-            for (int64_t m = 0; m < M; m++) {
-                int64_t t = m / TILE, i = m % TILE;
-                for (int64_t c = 0; c < C; c++)
-                    memcpy(p->tab5 + ((t * p->Cq + c / 4) * TILE + i) * 64 + (c % 4) * LUT_K,
-                           p->tables + (m * C + c) * LUT_K, LUT_K);
-            }
+        memset(p->tab, 0, tbytes);
+        for (int64_t m = 0; m < M; m++) {
+            uint8_t *dst = p->tab + tab_output(p, m);
+            for (int64_t c = 0; c < C; c++)
+                memcpy(dst + tab_codebook(c), tables + (m * C + c) * LUT_K, LUT_K);
         }
     }
     *out = p;
@@ -498,7 +487,8 @@ static void encode_block_scalar(const lut_plan *p, rows_view v, int rows, uint8_
     }
 }
 
-/* column layout; Y points at the block's first output row */
+/* column layout; Y points at the block's first output row.  The tables are read in the
+ * order they are stored: per tile of 16 outputs, group by group, each slot's 64 bytes. */
 static void scan_block_scalar(const lut_plan *p, const uint8_t *blk, int rows, float *Y,
                               uint32_t *scratch) {
     (void)scratch;
@@ -506,13 +496,23 @@ static void scan_block_scalar(const lut_plan *p, const uint8_t *blk, int rows, f
     const float scale = p->scale;
     for (int j = 0; j < rows; j++) {
         float *y = Y + (int64_t)j * M;
-        for (int64_t m = 0; m < M; m++) {
-            const uint8_t *t = p->tables + m * C * LUT_K;
-            uint32_t acc = 0;
-            for (int64_t c = 0; c < C; c++) acc += t[c * LUT_K + blk[c * BLOCK + j]];
-            float v = (float)acc * scale + p->base[m];
-            if (p->relu) v = v > 0.0f ? v : 0.0f;
-            y[m] = v;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+            const int mc = M - m0 < TILE ? (int)(M - m0) : TILE;
+            const uint8_t *s = p->tab + tab_output(p, m0);
+            uint32_t acc[TILE] = {0};
+            for (int64_t c0 = 0; c0 < C; c0 += 4, s += TILE * 64) {
+                /* the group's codes as offsets into a slot's 64 bytes (tab_codebook); a
+                 * codebook past C reads entry 0 of its table, which is zero padding */
+                int q[4];
+                for (int k = 0; k < 4; k++) q[k] = k * LUT_K + (c0 + k < C ? blk[(c0 + k) * BLOCK + j] : 0);
+                for (int i = 0; i < mc; i++)
+                    acc[i] += (uint32_t)(s[i * 64 + q[0]] + s[i * 64 + q[1]] + s[i * 64 + q[2]] + s[i * 64 + q[3]]);
+            }
+            for (int i = 0; i < mc; i++) {
+                float v = (float)acc[i] * scale + p->base[m0 + i];
+                if (p->relu) v = v > 0.0f ? v : 0.0f;
+                y[m0 + i] = v;
+            }
         }
     }
 }
@@ -590,6 +590,7 @@ static void encode_block_avx2(const lut_plan *p, rows_view v, int rows, uint8_t 
     _Alignas(64) float vals[ENC_CH * LUT_DEPTH * RG];
     const int64_t C = p->C;
     const __m256i sixteen = _mm256_set1_epi32(16);
+    memset(blk + C * BLOCK, 0, (size_t)(p->Cq * 4 - C) * BLOCK); /* the last group's padding */
     for (int r0 = 0; r0 < BLOCK; r0 += RG) {
         if (r0 >= rows) {
             for (int64_t c = 0; c < C; c++) memset(blk + c * BLOCK + r0, 0, RG);
@@ -628,30 +629,35 @@ static inline __m256 u32_to_ps_avx2(__m256i a, int small) {
 AVX2_TARGET
 static void scan_block_avx2(const lut_plan *p, const uint8_t *blk, int rows, float *Y,
                             uint32_t *acc32) {
-    const int64_t M = p->M, C = p->C, G = p->G;
+    const int64_t M = p->M, C = p->C, Cq = p->Cq;
     const __m256 vscale = _mm256_set1_ps(p->scale);
     const __m256 zero = _mm256_setzero_ps();
     const __m256i lo16 = _mm256_set1_epi32(0xffff);
     const int small = C <= SIGNED_CVT_MAX_C;
     const int relu = p->relu;
-    for (int r0 = 0; r0 < rows; r0 += 32) {
-        const int hrows = rows - r0 < 32 ? rows - r0 : 32;
-        for (int64_t g = 0; g < G; g++) {
-            for (int s = 0; s < 2; s++) {
-                const int64_t m0 = g * MB + s * 4;
-                if (m0 >= M) break;
-                const int mb = M - m0 < 4 ? (int)(M - m0) : 4;
-                const uint8_t *tg = p->tab2 + g * C * MB * LUT_K + s * 4 * LUT_K;
-                for (int64_t c0 = 0; c0 < C; c0 += CHUNK) {
-                    const int64_t c1 = C - c0 < CHUNK ? C : c0 + CHUNK;
-                    __m256i aa0 = _mm256_setzero_si256(), aa1 = aa0, aa2 = aa0, aa3 = aa0;
-                    __m256i ao0 = aa0, ao1 = aa0, ao2 = aa0, ao3 = aa0;
-                    for (int64_t c = c0; c < c1; c++) {
-                        const __m256i codes = _mm256_loadu_si256((const __m256i *)(blk + c * BLOCK + r0));
-                        const uint8_t *t = tg + c * MB * LUT_K;
+    /* outputs outer, rows inner: the 4 outputs' tables (C*64 bytes) stay in L1 for the
+     * block's second half */
+    for (int64_t m0 = 0; m0 < M; m0 += AVX2_OUTS) {
+        const int mb = M - m0 < AVX2_OUTS ? (int)(M - m0) : AVX2_OUTS;
+        /* slots m0 .. m0+3 of one tile, 64 bytes apart; padding slots are zeros */
+        const uint8_t *tg = p->tab + tab_output(p, m0);
+        for (int r0 = 0; r0 < rows; r0 += 32) {
+            const int hrows = rows - r0 < 32 ? rows - r0 : 32;
+            for (int64_t g0 = 0; g0 < Cq; g0 += CHUNK_GROUPS) {
+                const int64_t g1 = Cq - g0 < CHUNK_GROUPS ? Cq : g0 + CHUNK_GROUPS;
+                __m256i aa0 = _mm256_setzero_si256(), aa1 = aa0, aa2 = aa0, aa3 = aa0;
+                __m256i ao0 = aa0, ao1 = aa0, ao2 = aa0, ao3 = aa0;
+                for (int64_t g = g0; g < g1; g++) {
+                    const uint8_t *codes_g = blk + g * 4 * BLOCK + r0, *tab_g = tg + g * TILE * 64;
+                    /* codebook 4g + k: 16 bytes per slot.  Two codebooks per iteration: all
+                     * four unrolled spill registers, and both are slower (a few %) */
+#pragma GCC unroll 2
+                    for (int k = 0; k < 4; k++) {
+                        const __m256i codes = _mm256_loadu_si256((const __m256i *)(codes_g + k * BLOCK));
+                        const uint8_t *t = tab_g + k * LUT_K;
                         __m256i v;
 #define AVX2_STEP(i, aa, ao)                                                                      \
-    v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(t + 16 * (i)))), codes); \
+    v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(t + 64 * (i)))), codes); \
     ao = _mm256_add_epi16(ao, _mm256_srli_epi16(v, 8));                                           \
     aa = _mm256_add_epi16(aa, v);
                         AVX2_STEP(0, aa0, ao0)
@@ -660,54 +666,54 @@ static void scan_block_avx2(const lut_plan *p, const uint8_t *blk, int rows, flo
                         AVX2_STEP(3, aa3, ao3)
 #undef AVX2_STEP
                     }
-                    __m256i aas[4] = {aa0, aa1, aa2, aa3}, aos[4] = {ao0, ao1, ao2, ao3};
-                    for (int i = 0; i < 4; i++) {
-                        const __m256i even = _mm256_sub_epi16(aas[i], _mm256_slli_epi16(aos[i], 8));
-                        __m256i ph[4];
-                        ph[0] = _mm256_and_si256(even, lo16);
-                        ph[1] = _mm256_and_si256(aos[i], lo16);
-                        ph[2] = _mm256_srli_epi32(even, 16);
-                        ph[3] = _mm256_srli_epi32(aos[i], 16);
-                        for (int q = 0; q < 4; q++) {
-                            __m256i *dst = (__m256i *)(acc32 + (i * 4 + q) * 8);
-                            if (c0 == 0)
-                                _mm256_store_si256(dst, ph[q]);
-                            else
-                                _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), ph[q]));
-                        }
+                }
+                __m256i aas[4] = {aa0, aa1, aa2, aa3}, aos[4] = {ao0, ao1, ao2, ao3};
+                for (int i = 0; i < 4; i++) {
+                    const __m256i even = _mm256_sub_epi16(aas[i], _mm256_slli_epi16(aos[i], 8));
+                    __m256i ph[4];
+                    ph[0] = _mm256_and_si256(even, lo16);
+                    ph[1] = _mm256_and_si256(aos[i], lo16);
+                    ph[2] = _mm256_srli_epi32(even, 16);
+                    ph[3] = _mm256_srli_epi32(aos[i], 16);
+                    for (int q = 0; q < 4; q++) {
+                        __m256i *dst = (__m256i *)(acc32 + (i * 4 + q) * 8);
+                        if (g0 == 0)
+                            _mm256_store_si256(dst, ph[q]);
+                        else
+                            _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), ph[q]));
                     }
                 }
-                /* epilogue: float, transpose 4 outputs x 8 lanes per phase, store rows */
-                const __m128i smask = _mm_setr_epi32(mb > 0 ? -1 : 0, mb > 1 ? -1 : 0,
-                                                     mb > 2 ? -1 : 0, mb > 3 ? -1 : 0);
-                for (int q = 0; q < 4; q++) {
-                    __m256 f[4];
-                    for (int i = 0; i < 4; i++) {
-                        __m256i a = _mm256_load_si256((const __m256i *)(acc32 + (i * 4 + q) * 8));
-                        __m256 y = _mm256_mul_ps(u32_to_ps_avx2(a, small), vscale);
-                        y = _mm256_add_ps(y, _mm256_set1_ps(p->base[m0 + i]));
-                        if (relu) y = _mm256_max_ps(y, zero); /* y > 0 ? y : +0 (NaN -> 0) */
-                        f[i] = y;
-                    }
-                    const __m256 t0 = _mm256_unpacklo_ps(f[0], f[1]), t1 = _mm256_unpackhi_ps(f[0], f[1]);
-                    const __m256 t2 = _mm256_unpacklo_ps(f[2], f[3]), t3 = _mm256_unpackhi_ps(f[2], f[3]);
-                    __m256 sv[4];
-                    sv[0] = _mm256_shuffle_ps(t0, t2, 0x44); /* lane p = 4L + 0 */
-                    sv[1] = _mm256_shuffle_ps(t0, t2, 0xEE); /* 4L + 1 */
-                    sv[2] = _mm256_shuffle_ps(t1, t3, 0x44); /* 4L + 2 */
-                    sv[3] = _mm256_shuffle_ps(t1, t3, 0xEE); /* 4L + 3 */
-                    for (int k = 0; k < 4; k++) {
-                        for (int half = 0; half < 2; half++) {
-                            const int lanep = 4 * half + k;
-                            const int r = 4 * lanep + q;
-                            if (r >= hrows) continue;
-                            const __m128 row = half ? _mm256_extractf128_ps(sv[k], 1) : _mm256_castps256_ps128(sv[k]);
-                            float *dst = Y + (int64_t)(r0 + r) * M + m0;
-                            if (mb == 4)
-                                _mm_storeu_ps(dst, row);
-                            else
-                                _mm_maskstore_ps(dst, smask, row);
-                        }
+            }
+            /* epilogue: float, transpose 4 outputs x 8 lanes per phase, store rows */
+            const __m128i smask = _mm_setr_epi32(mb > 0 ? -1 : 0, mb > 1 ? -1 : 0,
+                                                 mb > 2 ? -1 : 0, mb > 3 ? -1 : 0);
+            for (int q = 0; q < 4; q++) {
+                __m256 f[4];
+                for (int i = 0; i < 4; i++) {
+                    __m256i a = _mm256_load_si256((const __m256i *)(acc32 + (i * 4 + q) * 8));
+                    __m256 y = _mm256_mul_ps(u32_to_ps_avx2(a, small), vscale);
+                    y = _mm256_add_ps(y, _mm256_set1_ps(p->base[m0 + i]));
+                    if (relu) y = _mm256_max_ps(y, zero); /* y > 0 ? y : +0 (NaN -> 0) */
+                    f[i] = y;
+                }
+                const __m256 t0 = _mm256_unpacklo_ps(f[0], f[1]), t1 = _mm256_unpackhi_ps(f[0], f[1]);
+                const __m256 t2 = _mm256_unpacklo_ps(f[2], f[3]), t3 = _mm256_unpackhi_ps(f[2], f[3]);
+                __m256 sv[4];
+                sv[0] = _mm256_shuffle_ps(t0, t2, 0x44); /* lane p = 4L + 0 */
+                sv[1] = _mm256_shuffle_ps(t0, t2, 0xEE); /* 4L + 1 */
+                sv[2] = _mm256_shuffle_ps(t1, t3, 0x44); /* 4L + 2 */
+                sv[3] = _mm256_shuffle_ps(t1, t3, 0xEE); /* 4L + 3 */
+                for (int k = 0; k < 4; k++) {
+                    for (int half = 0; half < 2; half++) {
+                        const int lanep = 4 * half + k;
+                        const int r = 4 * lanep + q;
+                        if (r >= hrows) continue;
+                        const __m128 row = half ? _mm256_extractf128_ps(sv[k], 1) : _mm256_castps256_ps128(sv[k]);
+                        float *dst = Y + (int64_t)(r0 + r) * M + m0;
+                        if (mb == 4)
+                            _mm_storeu_ps(dst, row);
+                        else
+                            _mm_maskstore_ps(dst, smask, row);
                     }
                 }
             }
@@ -878,7 +884,7 @@ static void scan_block_avx512_columns(const lut_plan *p, const uint8_t *blk, int
     for (int64_t t = 0; t < p->T; t++) {
         const int64_t m0 = t * TILE;
         const int mc = M - m0 < TILE ? (int)(M - m0) : TILE;
-        const uint8_t *tab = p->tab5 + t * Cq * TILE * 64;
+        const uint8_t *tab = p->tab + tab_output(p, m0); /* the tile's [Cq][TILE][64] */
         for (int r0 = 0; r0 < rows; r0 += RG) {
             __m512i acc[TILE];
             accumulate_tile_avx512(blk + (size_t)r0 * 4, tab, Cq, mc, acc);
@@ -906,7 +912,7 @@ static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, f
         const int64_t m0 = t * TILE;
         const int mc = M - m0 < TILE ? (int)(M - m0) : TILE;
         const __mmask16 smask = (__mmask16)((1u << mc) - 1u);
-        const uint8_t *tab = p->tab5 + t * Cq * TILE * 64;
+        const uint8_t *tab = p->tab + tab_output(p, m0); /* the tile's [Cq][TILE][64] */
         const __m512 vbase = _mm512_load_ps(p->base + m0);
         for (int r0 = 0; r0 < rows; r0 += RG) {
             const uint8_t *codes = blk + (size_t)r0 * 4;
@@ -942,8 +948,8 @@ typedef struct {
     void (*scan)(const lut_plan *, const uint8_t *blk, int rows, float *Y, uint32_t *scratch);
 } path_ops;
 
-/* indexed by LUT_PATH_*; a path is only used once lut_resolve_path found it supported, and
- * a supported SIMD path always has its repacked tables (tab2 / tab5) in a full plan */
+/* indexed by LUT_PATH_*; a path is only used once lut_resolve_path found it supported; all
+ * of them read the plan's one table layout */
 static const path_ops PATH_OPS[LUT_NUM_PATHS] = {
     {LAYOUT_COLUMN, encode_block_scalar, scan_block_scalar},
     {LAYOUT_COLUMN, encode_block_avx2, scan_block_avx2},
@@ -952,10 +958,34 @@ static const path_ops PATH_OPS[LUT_NUM_PATHS] = {
 
 enum { MODE_ENCODE, MODE_SCAN, MODE_APPLY };
 
-/* X's rows are read through (x_row_stride, x_col_stride): see rows_view */
+#define STACK_BLK 16384 /* a block's codes live on the stack up to C = 256 */
+
+/* The heap scratch of one call on resolved path rp, in two 64-byte aligned pieces: the block's
+ * codes when they outgrow STACK_BLK (blk_heap_bytes), then, for dimension-major output
+ * (columns: ldy > 0) on the paths that scan row-major, one block's outputs, which are then
+ * transposed into place. */
+static size_t blk_heap_bytes(const lut_plan *p) {
+    const size_t blk_bytes = (size_t)p->Cq * 4 * BLOCK;
+    return blk_bytes > STACK_BLK ? round64(blk_bytes) : 0;
+}
+static size_t work_bytes(const lut_plan *p, int rp, int columns) {
+    const size_t rowwise = columns && rp != LUT_PATH_AVX512 ? round64(sizeof(float) * (size_t)(BLOCK * p->M)) : 0;
+    return blk_heap_bytes(p) + rowwise;
+}
+
+size_t lut_apply_columns_work(const lut_plan *plan, int path) {
+    const int rp = lut_resolve_path(path, NULL, 0);
+    if (!plan || plan->M == 0 || rp < 0) return 0;
+    return work_bytes(plan, rp, 1);
+}
+
+/* X's rows are read through (x_row_stride, x_col_stride): see rows_view.  work[work_len]:
+ * the caller's scratch (lut_apply_columns); when it is NULL, too small or not 64-byte aligned,
+ * the call allocates its own. */
 static int run_blocks(int mode, const lut_plan *p, const float *X, int64_t x_row_stride,
                       int64_t x_col_stride, const uint8_t *codes_in, int64_t N, uint8_t *codes_out,
-                      float *Y, int64_t ldy, int path, char *err, size_t errlen) {
+                      float *Y, int64_t ldy, void *work, size_t work_len, int path, char *err,
+                      size_t errlen) {
     static const char *const names[] = {"lut_encode", "lut_scan", "lut_apply"};
     const char *fn = names[mode];
     if (!p) return set_err(err, errlen, LUT_EINVAL, "%s: plan is NULL", fn);
@@ -971,24 +1001,20 @@ static int run_blocks(int mode, const lut_plan *p, const float *X, int64_t x_row
 
     const path_ops *ops = &PATH_OPS[rp];
     const int64_t M = p->M, C = p->C;
-    _Alignas(64) uint8_t stack_blk[16384];
-    _Alignas(64) uint32_t scratch[MB * 4 * 16];
-    uint8_t *blk = stack_blk;
-    const size_t blk_bytes = (size_t)p->Cq * 4 * BLOCK;
-    if (blk_bytes > sizeof stack_blk) {
-        blk = (uint8_t *)alloc64(blk_bytes);
-        if (!blk) return set_err(err, errlen, LUT_ENOMEM, "%s: out of memory (%zu bytes)", fn, blk_bytes);
-    }
+    _Alignas(64) uint8_t stack_blk[STACK_BLK];
+    _Alignas(64) uint32_t scratch[AVX2_OUTS * 4 * 8];
     /* dimension-major output (ldy > 0): AVX-512 stores it straight from its accumulators;
      * the other paths scan a block row-major into `rowwise`, then transpose it */
-    float *rowwise = NULL;
-    if (ldy > 0 && rp != LUT_PATH_AVX512) {
-        rowwise = (float *)alloc64(sizeof(float) * (size_t)(BLOCK * M));
-        if (!rowwise) {
-            if (blk != stack_blk) free(blk);
-            return set_err(err, errlen, LUT_ENOMEM, "%s: out of memory (%lld outputs)", fn, (long long)M);
-        }
+    const size_t need = work_bytes(p, rp, ldy > 0);
+    uint8_t *heap = NULL;
+    if (need > 0 && (!work || work_len < need || ((uintptr_t)work & 63) != 0)) {
+        heap = (uint8_t *)alloc64(need);
+        if (!heap) return set_err(err, errlen, LUT_ENOMEM, "%s: out of memory (%zu bytes)", fn, need);
+        work = heap;
     }
+    const size_t blk_heap = blk_heap_bytes(p);
+    uint8_t *blk = blk_heap ? (uint8_t *)work : stack_blk;
+    float *rowwise = need > blk_heap ? (float *)(void *)((uint8_t *)work + blk_heap) : NULL;
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
         const int rows = N - n0 < BLOCK ? (int)(N - n0) : BLOCK;
         if (mode == MODE_SCAN)
@@ -1007,31 +1033,32 @@ static int run_blocks(int mode, const lut_plan *p, const float *X, int64_t x_row
                 for (int r = 0; r < rows; r++) Y[m * ldy + n0 + r] = rowwise[(int64_t)r * M + m];
         }
     }
-    if (blk != stack_blk) free(blk);
-    free(rowwise);
+    free(heap);
     return LUT_OK;
 }
 
 int lut_encode(const lut_plan *plan, const float *X, int64_t N, uint8_t *codes, int path,
                char *err, size_t errlen) {
-    return run_blocks(MODE_ENCODE, plan, X, plan ? plan->D : 0, 1, NULL, N, codes, NULL, 0, path, err, errlen);
+    return run_blocks(MODE_ENCODE, plan, X, plan ? plan->D : 0, 1, NULL, N, codes, NULL, 0, NULL, 0, path,
+                      err, errlen);
 }
 
 int lut_scan(const lut_plan *plan, const uint8_t *codes, int64_t N, float *Y, int path,
              char *err, size_t errlen) {
-    return run_blocks(MODE_SCAN, plan, NULL, 0, 0, codes, N, NULL, Y, 0, path, err, errlen);
+    return run_blocks(MODE_SCAN, plan, NULL, 0, 0, codes, N, NULL, Y, 0, NULL, 0, path, err, errlen);
 }
 
 int lut_apply(const lut_plan *plan, const float *X, int64_t N, float *Y, int path, char *err,
               size_t errlen) {
-    return run_blocks(MODE_APPLY, plan, X, plan ? plan->D : 0, 1, NULL, N, NULL, Y, 0, path, err, errlen);
+    return run_blocks(MODE_APPLY, plan, X, plan ? plan->D : 0, 1, NULL, N, NULL, Y, 0, NULL, 0, path, err,
+                      errlen);
 }
 
 int lut_apply_columns(const lut_plan *plan, const float *Xt, int64_t ldx, int64_t N, float *Yt,
-                      int64_t ldy, int path, char *err, size_t errlen) {
+                      int64_t ldy, void *work, size_t work_len, int path, char *err, size_t errlen) {
     if (ldx < N || ldx < 1 || ldy < N || ldy < 1)
         return set_err(err, errlen, LUT_EINVAL,
                        "lut_apply_columns: ldx = %lld and ldy = %lld must be >= max(N = %lld, 1)",
                        (long long)ldx, (long long)ldy, (long long)N);
-    return run_blocks(MODE_APPLY, plan, Xt, 1, ldx, NULL, N, NULL, Yt, ldy, path, err, errlen);
+    return run_blocks(MODE_APPLY, plan, Xt, 1, ldx, NULL, N, NULL, Yt, ldy, work, work_len, path, err, errlen);
 }

@@ -63,8 +63,14 @@ int lut_resolve_path(int requested, char *err, size_t errlen);
  * LUT_EINVAL with a message naming the first bad attribute ("attribute 'M' must ..."). */
 int lut_check_sizes(int64_t D, int64_t M, int64_t C, int64_t K, char *err, size_t errlen);
 
-/* An immutable, validated LutMatMul parameter set with its tables repacked for every
- * supported path.  Thread-safe to use concurrently once created. */
+/* LUT_OK if split_dims holds n_split == C*4 values in [0, D), else LUT_EINVAL with a message
+ * naming the first bad one ("attribute 'split_dims' ..."); lut_plan_create's check. */
+int lut_check_split_dims(int64_t D, int64_t C, const int64_t *split_dims, int64_t n_split,
+                         char *err, size_t errlen);
+
+/* An immutable, validated LutMatMul parameter set holding its tables once, repacked into one
+ * layout that every path reads (scalar, AVX2 and AVX-512 alike).  Thread-safe to use
+ * concurrently once created. */
 typedef struct lut_plan lut_plan;
 
 /* Validates and copies everything (the caller keeps ownership of its arrays).
@@ -109,9 +115,16 @@ int lut_apply(const lut_plan *plan, const float *X, int64_t N, float *Y,
 
 /* lut_apply with X and Y dimension-major: row n's dimension d is Xt[d*ldx + n] and its
  * output m goes to Yt[m*ldy + n]; ldx, ldy >= N.  LutConv's layout: the gathered patches
- * (each split dim's rows one contiguous run) in, NCHW out. */
+ * (each split dim's rows one contiguous run) in, NCHW out.
+ * work[work_len]: scratch for the call, 64-byte aligned, of at least
+ * lut_apply_columns_work(plan, path) bytes, so that a caller making many small calls (one per
+ * tile of positions) allocates it once; when it is NULL or smaller, the call allocates (and
+ * frees) its own.  A buffer must not be shared by concurrent calls. */
 int lut_apply_columns(const lut_plan *plan, const float *Xt, int64_t ldx, int64_t N, float *Yt,
-                      int64_t ldy, int path, char *err, size_t errlen);
+                      int64_t ldy, void *work, size_t work_len, int path, char *err, size_t errlen);
+
+/* The scratch bytes lut_apply_columns needs on `path` (0: none, or an unsupported path). */
+size_t lut_apply_columns_work(const lut_plan *plan, int path);
 
 #ifdef __cplusplus
 }

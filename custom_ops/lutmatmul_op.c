@@ -185,7 +185,9 @@ static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D,
     return st;
 }
 
-/* Everything that can fail; on success k->plan is set.  tables are read last. */
+/* Everything that can fail; on success k->plan (and for LutConv k->conv) is set.  tables are
+ * read last.  Each attribute is validated once: the geometry and split dims by lut_conv_create
+ * (LutConv), everything else by the one lut_plan_create. */
 static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     const OrtApi *api = k->api;
     const char *label = k->label;
@@ -253,8 +255,17 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     void *tdata = NULL;
     if ((st = api->GetTensorMutableData(tables, &tdata))) goto done; /* [51] */
 
+    /* LutConv runs the plan over the gathered split pixels (lutconv.h): U columns, the split
+     * dims renumbered to them */
+    int64_t plan_D = D;
+    const int64_t *plan_split = split;
+    if (k->conv_requested) {
+        if ((st = build_conv(k, info, D, C, split, (int64_t)n_split))) goto done;
+        plan_D = lut_conv_columns(k->conv);
+        plan_split = lut_conv_split_columns(k->conv);
+    }
     const int64_t n_tables = M * C * LUT_K; /* the dims, which lut_check_sizes bounded */
-    int rc = lut_plan_create(&k->plan, D, M, C, K, split, (int64_t)n_split, thresholds,
+    int rc = lut_plan_create(&k->plan, plan_D, M, C, K, plan_split, (int64_t)n_split, thresholds,
                              (int64_t)n_thr, (const uint8_t *)tdata, n_tables, scale, offsets,
                              (int64_t)n_off, bias, (int64_t)n_bias, relu, err, sizeof err);
     if (rc != LUT_OK) {
@@ -265,21 +276,6 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     k->D = D;
     k->M = M;
     k->C = C;
-    if (k->conv_requested) {
-        if ((st = build_conv(k, info, D, C, split, (int64_t)n_split))) goto done;
-        /* LutConv runs the same plan over the gathered split pixels (lutconv.h): U columns,
-         * split dims renumbered to them; everything else as validated above */
-        lut_plan *gathered = NULL;
-        rc = lut_plan_create(&gathered, lut_conv_columns(k->conv), M, C, K, lut_conv_split_columns(k->conv),
-                             (int64_t)n_split, thresholds, (int64_t)n_thr, (const uint8_t *)tdata, n_tables,
-                             scale, offsets, (int64_t)n_off, bias, (int64_t)n_bias, relu, err, sizeof err);
-        if (rc != LUT_OK) {
-            st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "%s: %s", label, err);
-            goto done;
-        }
-        lut_plan_destroy(k->plan);
-        k->plan = gathered;
-    }
 
 done:
     if (tinfo) api->ReleaseTensorTypeAndShapeInfo(tinfo); /* [99] */
@@ -363,9 +359,15 @@ static void run_task(void *arg, size_t index) {
         memcpy(job->err, err, sizeof err);
 }
 
-/* LutConv: tasks are (image, tile of CONV_TILE output positions); each gathers the split
- * pixels of its patches straight from the image into P[U][tile] and applies the plan (SIMD
- * encode and scan) to it, writing the outputs straight into NCHW. */
+/* LutConv: the work items are (image, tile of CONV_TILE output positions); each gathers the
+ * split pixels of its patches straight from the image into P[U][tile] and applies the plan
+ * (SIMD encode and scan) to it, writing the outputs straight into NCHW.  Workers claim items
+ * from a shared counter until none is left, each through one scratch buffer (P and the
+ * kernel's work, lut_apply_columns_work) allocated on its first item and freed when it runs
+ * out: one allocation per worker and call, not per tile.  The thread pool is handed one task
+ * per item, so every one of its threads can become a worker whatever their number; the tasks
+ * that start after the counter ran out return at once.  Which worker computes an item does
+ * not change its result. */
 #define CONV_TILE 64
 #define CONV_LD (CONV_TILE + 16) /* a gathered column, with lut_conv_gather's slack */
 
@@ -374,29 +376,43 @@ typedef struct ConvJob {
     const float *X;
     const int32_t *index; /* lut_conv_index of this call's H x W */
     float *Y;
-    int64_t H, W, in_image, positions, tiles;
+    int64_t H, W, in_image, positions, tiles, items;
+    size_t p_bytes, work_bytes; /* a worker's scratch: P[U][CONV_LD], then the kernel's work */
+    int64_t next;               /* the next item to claim */
     int failed;
     char err[256];
 } ConvJob;
 
-static void run_conv_task(void *arg, size_t index) {
+static void conv_fail(ConvJob *job, const char *err) {
+    if (__atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0) snprintf(job->err, sizeof job->err, "%s", err);
+}
+
+static void run_conv_worker(void *arg, size_t task) {
+    (void)task; /* tasks are interchangeable: see above */
     ConvJob *job = (ConvJob *)arg;
     const LutKernel *k = job->k;
-    const int64_t n = (int64_t)index / job->tiles, first = (int64_t)index % job->tiles * CONV_TILE;
-    const int64_t rows = job->positions - first < CONV_TILE ? job->positions - first : CONV_TILE;
-    const int64_t U = lut_conv_columns(k->conv);
-    float *P = (float *)malloc(sizeof(float) * (size_t)(U * CONV_LD)); /* [U][CONV_LD], U <= 4C < 2^26 */
-    char err[256] = "out of memory";
-    int rc = LUT_ENOMEM;
-    if (P) {
+    uint8_t *scratch = NULL;
+    char err[256];
+    while (!__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE)) {
+        const int64_t item = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (item >= job->items) break;
+        if (!scratch && !(scratch = (uint8_t *)aligned_alloc(64, job->p_bytes + job->work_bytes))) {
+            conv_fail(job, "out of memory for a worker's patch buffer");
+            break;
+        }
+        const int64_t n = item / job->tiles, first = item % job->tiles * CONV_TILE;
+        const int64_t rows = job->positions - first < CONV_TILE ? job->positions - first : CONV_TILE;
+        float *P = (float *)(void *)scratch;
         lut_conv_gather(k->conv, job->X + n * job->in_image, job->H, job->W, job->index, first, rows, CONV_LD,
                         k->path, P);
-        rc = lut_apply_columns(k->plan, P, CONV_LD, rows, job->Y + n * k->M * job->positions + first,
-                               job->positions, k->path, err, sizeof err);
+        if (lut_apply_columns(k->plan, P, CONV_LD, rows, job->Y + n * k->M * job->positions + first,
+                              job->positions, scratch + job->p_bytes, job->work_bytes, k->path, err,
+                              sizeof err) != LUT_OK) {
+            conv_fail(job, err);
+            break;
+        }
     }
-    if (rc != LUT_OK && __atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0)
-        memcpy(job->err, err, sizeof err);
-    free(P);
+    free(scratch);
 }
 
 static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtValue *x, const int64_t *dims,
@@ -438,6 +454,10 @@ static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtVal
     job.in_image = dims[1] * dims[2] * dims[3];
     job.positions = OH * OW;
     job.tiles = (job.positions + CONV_TILE - 1) / CONV_TILE;
+    job.items = dims[0] * job.tiles; /* <= N * M * OH * OW, checked above */
+    /* U <= 4C < 2^26 columns of CONV_LD floats, rounded to whole cache lines */
+    job.p_bytes = (sizeof(float) * (size_t)(lut_conv_columns(k->conv) * CONV_LD) + 63) & ~(size_t)63;
+    job.work_bytes = lut_apply_columns_work(k->plan, k->path);
     if (!lut_conv_index_fits(k->conv, dims[2], dims[3]))
         return make_status(api, ORT_INVALID_ARGUMENT, "%s: an image of %lld x %lld x %lld exceeds 2^31 values",
                            k->label, (long long)dims[1], (long long)dims[2], (long long)dims[3]);
@@ -446,11 +466,10 @@ static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtVal
     if (!job.index)
         return make_status(api, ORT_FAIL, "%s: out of memory for the patch index (%lld x %lld offsets)", k->label,
                            (long long)lut_conv_columns(k->conv), (long long)job.positions);
-    const int64_t tasks = dims[0] * job.tiles;
-    if (tasks <= 1)
-        run_conv_task(&job, 0);
+    if (job.items <= 1)
+        run_conv_worker(&job, 0);
     else
-        st = api->KernelContext_ParallelFor(ctx, run_conv_task, (size_t)tasks, 0, &job); /* [274] */
+        st = api->KernelContext_ParallelFor(ctx, run_conv_worker, (size_t)job.items, 0, &job); /* [274] */
     free(owned);
     if (st) return st;
     if (job.failed) return make_status(api, ORT_FAIL, "%s: %s", k->label, job.err);
@@ -661,25 +680,49 @@ __attribute__((destructor)) static void release_domains(void) {
     }
 }
 
+/* The error RegisterCustomOps returns when the runtime's API is not the one ort_abi.h
+ * declares.  It cannot come from the version-ORT_API_VERSION table (missing, or failing the
+ * probe), so it is made with version 1's CreateStatus: slot 0 of every OrtApi version, and
+ * every onnxruntime serves version 1.  Only if even that is missing is the message printed
+ * to stderr instead (there is no other way to tell this runtime), and NULL returned. */
+static OrtStatus *abi_error(const OrtApiBase *base, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static OrtStatus *abi_error(const OrtApiBase *base, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    const OrtApi *v1 = base->GetApi ? base->GetApi(1) : NULL;
+    if (v1 && v1->CreateStatus) return v1->CreateStatus(ORT_FAIL, msg); /* [0] */
+    fprintf(stderr, "%s\n", msg);
+    return NULL;
+}
+
 LUT_EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
                                                      const OrtApiBase *api_base) {
-    if (!api_base) return NULL;
-    const OrtApi *api = api_base->GetApi(ORT_API_VERSION);
-    if (!api) {
-        fprintf(stderr,
-                "lutcompile: onnxruntime %s does not provide C API version %d; "
-                "LutMatMul is not registered\n",
-                api_base->GetVersionString ? api_base->GetVersionString() : "?", ORT_API_VERSION);
-        return NULL;
-    }
+    if (!api_base) return NULL; /* nothing to report an error through */
+    const char *version = api_base->GetVersionString ? api_base->GetVersionString() : NULL;
+    if (!version) version = "(no version string)";
+    const OrtApi *api = api_base->GetApi ? api_base->GetApi(ORT_API_VERSION) : NULL;
+    if (!api)
+        return abi_error(api_base,
+                         "lutcompile: onnxruntime %s does not provide C API version %d, which the "
+                         "LutMatMul and LutConv ops need (onnxruntime 1.17 or newer); they are "
+                         "not registered", version, ORT_API_VERSION);
     /* cheap check that the first slots of the table are where ort_abi.h says */
-    OrtStatus *probe = api->CreateStatus(ORT_INVALID_GRAPH, "lutcompile-abi-probe"); /* [0] */
-    if (!probe || api->GetErrorCode(probe) != ORT_INVALID_GRAPH ||            /* [1] */
-        strcmp(api->GetErrorMessage(probe), "lutcompile-abi-probe") != 0) {   /* [2] */
-        fprintf(stderr, "lutcompile: the onnxruntime C API table does not match ort_abi.h; "
-                        "LutMatMul is not registered\n");
-        return NULL;
-    }
+    static const char probe_text[] = "lutcompile-abi-probe";
+    OrtStatus *probe = api->CreateStatus ? api->CreateStatus(ORT_INVALID_GRAPH, probe_text) : NULL; /* [0] */
+    const char *said = probe && api->GetErrorMessage ? api->GetErrorMessage(probe) : NULL;          /* [2] */
+    if (!said || strcmp(said, probe_text) != 0 || !api->GetErrorCode ||
+        api->GetErrorCode(probe) != ORT_INVALID_GRAPH) /* [1] */
+        /* the probe status is left unreleased: with slots out of place, this table's
+         * ReleaseStatus cannot be trusted either */
+        return abi_error(api_base,
+                         "lutcompile: the C API version %d table of onnxruntime %s does not match "
+                         "lutcompile's declarations (ort_abi.h: CreateStatus, GetErrorCode and "
+                         "GetErrorMessage at slots 0-2); the LutMatMul and LutConv ops are not "
+                         "registered", ORT_API_VERSION, version);
     api->ReleaseStatus(probe); /* [93] */
 
     OrtCustomOpDomain *domain = NULL;

@@ -1,0 +1,238 @@
+"""Stage 2, calibration: load the calibration set and capture each target's input activations.
+
+Activations are captured by running the model in onnxruntime with the wanted tensors added as
+graph outputs, one batch at a time, so memory is bounded by one batch plus what is stored.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..ops.spec import K
+from ..onnx_io.sessions import iter_batches, make_session
+
+LABELS_KEY = "labels"
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT8: np.int8,
+}
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """How the calibration stage runs the model and what it keeps."""
+
+    batch_size: int = 256  # rows per onnxruntime run
+    max_rows: int = 20000  # rows kept per node (a seeded sample: Conv patches, or rows of 3-D inputs)
+    seed: int = 0
+
+
+class CalibrationError(ValueError):
+    """The calibration data does not fit the model."""
+
+
+@dataclass
+class CalibrationData:
+    inputs: dict[str, np.ndarray]  # one array per model input, rows first
+    labels: np.ndarray | None = None  # int64 class ids, one per row
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def subset(self, rows: slice | np.ndarray) -> "CalibrationData":
+        return CalibrationData({k: v[rows] for k, v in self.inputs.items()},
+                               None if self.labels is None else self.labels[rows])
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    init = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in init]
+
+
+def _read_all(reader) -> dict[str, np.ndarray]:
+    """Drain an onnxruntime.quantization CalibrationDataReader (get_next() -> dict | None)."""
+    batches: dict[str, list[np.ndarray]] = {}
+    while (item := reader.get_next()) is not None:
+        for key, value in item.items():
+            batches.setdefault(key, []).append(np.asarray(value))
+    if not batches:
+        raise CalibrationError("the calibration data reader returned no data")
+    return {k: np.concatenate(v) for k, v in batches.items()}
+
+
+def load_calibration(source, model: onnx.ModelProto) -> CalibrationData:
+    """Calibration data, checked against the model inputs, from an .npz path, a dict of arrays,
+    or an object shaped like onnxruntime.quantization's CalibrationDataReader.
+
+    A single-input model accepts any single key; `labels`, when present, holds class ids.
+    """
+    if isinstance(source, CalibrationData):
+        source = {**source.inputs, **({} if source.labels is None else {LABELS_KEY: source.labels})}
+    if hasattr(source, "get_next"):
+        source = _read_all(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise CalibrationError(f"calibration file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except ValueError as exc:
+            raise CalibrationError(f"{path}: cannot load without pickle ({exc})") from exc
+        except Exception as exc:
+            raise CalibrationError(f"{path} is not a readable .npz file ({type(exc).__name__})") from exc
+    else:
+        arrays = {k: np.asarray(v) for k, v in dict(source).items()}
+    labels = arrays.pop(LABELS_KEY, None)
+    wanted = _graph_inputs(model)
+    if not arrays:
+        raise CalibrationError("calibration data holds no input arrays")
+    if len(wanted) == 1 and len(arrays) == 1:
+        arrays = {wanted[0].name: next(iter(arrays.values()))}
+    inputs: dict[str, np.ndarray] = {}
+    for vi in wanted:
+        if vi.name not in arrays:
+            raise CalibrationError(
+                f"calibration data has no array for model input '{vi.name}' (keys: {sorted(arrays)})")
+        inputs[vi.name] = _check_input(vi, arrays[vi.name])
+    counts = {len(v) for v in inputs.values()}
+    if len(counts) != 1:
+        raise CalibrationError(f"calibration inputs have different row counts: {sorted(counts)}")
+    n = counts.pop()
+    if labels is not None:
+        if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
+            raise CalibrationError(
+                f"labels must be {n} integer class ids, got dtype {labels.dtype} shape {labels.shape}")
+        labels = labels.astype(np.int64)
+    return CalibrationData(inputs, labels)
+
+
+def _check_input(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
+    elem = vi.type.tensor_type.elem_type
+    dtype = _ONNX_TO_NUMPY.get(elem)
+    if dtype is None:
+        raise CalibrationError(f"model input '{vi.name}' has an unsupported element type {elem}")
+    if arr.dtype.kind not in "fiub":
+        raise CalibrationError(f"calibration array '{vi.name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    if np.issubdtype(dtype, np.floating) != np.issubdtype(arr.dtype, np.floating):
+        raise CalibrationError(f"calibration array '{vi.name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    dims = vi.type.tensor_type.shape.dim
+    if arr.ndim != len(dims):
+        raise CalibrationError(
+            f"calibration array '{vi.name}' has shape {arr.shape}, the model expects rank {len(dims)}")
+    for axis, d in enumerate(dims):
+        if axis > 0 and d.HasField("dim_value") and d.dim_value != arr.shape[axis]:
+            raise CalibrationError(
+                f"calibration array '{vi.name}' has shape {arr.shape}, dimension {axis} must be {d.dim_value}")
+    if len(arr) == 0:
+        raise CalibrationError(f"calibration array '{vi.name}' has no rows")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise CalibrationError(f"calibration array '{vi.name}' holds NaN or Inf values")
+    return arr
+
+
+def last_axis_rows(value: np.ndarray) -> np.ndarray:
+    return value.reshape(-1, value.shape[-1])
+
+
+def collect_activations(model: onnx.ModelProto, data: CalibrationData,
+                        requests: list[str] | dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
+                        batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
+    """Rows [n, D] of tensors over the calibration data.
+
+    `requests` is a list of tensor names (each flattened to its last axis), or a dict
+    key -> (tensor name, view), where `view` maps one batch's value to its rows: swapped axes,
+    or a sample of convolution patches, so that memory stays bounded by one batch plus the
+    rows kept. `model` may contain lookup nodes (it runs with our kernel registered), which is
+    how the fine-tune pass sees activations produced by already-replaced layers.
+    """
+    if not isinstance(requests, dict):
+        requests = {name: (name, last_axis_rows) for name in requests}
+    wanted = [n for n in dict.fromkeys(t for t, _ in requests.values()) if n not in data.inputs]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in wanted:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = make_session(probe)
+    collected: dict[str, list[np.ndarray]] = {key: [] for key in requests}
+    for rows, outs in iter_batches(session, data.inputs, wanted or [session.get_outputs()[0].name],
+                                   batch_size, progress):
+        values = dict(zip(wanted, outs))
+        values.update({k: v[rows] for k, v in data.inputs.items()})
+        for key, (name, view) in requests.items():
+            collected[key].append(view(np.asarray(values[name], dtype=np.float32)))
+    return {k: np.concatenate(v) for k, v in collected.items()}
+
+
+def minimum_rows(codebooks: int) -> int:
+    """Calibration rows a node needs for `codebooks` codebooks: one per table entry, since the
+    tables (codebooks x K entries per output) are fitted by regression on the rows."""
+    return codebooks * K
+
+
+def require_rows(node: str, rows: int, codebooks: int) -> None:
+    """A one-line CalibrationError, naming the minimum, when `rows` are too few."""
+    need = minimum_rows(codebooks)
+    if rows < need:
+        raise CalibrationError(f"node {node} gets {rows} calibration rows; {codebooks} codebook(s) need at least "
+                               f"{need} ({K} per codebook): give more rows or ask for fewer codebooks")
+
+
+def patches_per_image(max_rows: int, images: int) -> int:
+    """Conv patches kept per calibration image, so that all images give about max_rows rows."""
+    return -(-max_rows // images)
+
+
+def _row_count(target, per_image: int, value: np.ndarray) -> np.ndarray:
+    """[rows target.rows would return for this batch], without building them."""
+    if target.conv is None:
+        return np.array([value.size // target.D])
+    OH, OW = target.conv.output_size(*value.shape[2:])
+    return np.array([value.shape[0] * min(OH * OW, per_image)])
+
+
+def check_enough_rows(model: onnx.ModelProto, data: CalibrationData, targets: list,
+                      codebooks: Callable[[object], int], max_rows: int, batch_size: int = 256) -> None:
+    """Fail, before any fitting, when a target (a frontend.TargetNode) would get fewer rows
+    than `codebooks(target)` codebooks need. The rows per calibration sample follow from the
+    shapes, so one batch of the model's run in onnxruntime counts them."""
+    if not targets:
+        return
+    sample = data.subset(slice(0, batch_size))
+    per_image = patches_per_image(max_rows, data.rows)
+    counts = collect_activations(model, sample, {t.name: (t.input_name, partial(_row_count, t, per_image))
+                                                 for t in targets}, batch_size)
+    for t in targets:
+        rows = int(counts[t.name].sum()) * data.rows // sample.rows
+        require_rows(t.name, min(rows, max_rows), codebooks(t))
+
+
+def target_rows(model: onnx.ModelProto, data: CalibrationData, targets: list,
+                options: CalibrateOptions, progress=None) -> dict[str, np.ndarray]:
+    """Each target's input rows [n, D] over the calibration data, from a run of `model` in
+    onnxruntime: a Conv's patches sampled per image, and every node's rows bounded by
+    options.max_rows (a seeded sample, in row order)."""
+    rng = np.random.default_rng(options.seed)
+    per_image = patches_per_image(options.max_rows, data.rows)
+    rows = collect_activations(
+        model, data, {t.name: (t.input_name, partial(t.rows, rng=rng, per_image=per_image)) for t in targets},
+        options.batch_size, progress=progress)
+    for name, X in rows.items():
+        if len(X) > options.max_rows:
+            rows[name] = X[np.sort(rng.choice(len(X), options.max_rows, replace=False))]
+    return rows

@@ -1,0 +1,240 @@
+"""Stage 3, fit: learn one node's hash trees and lookup tables (MADDNESS, Blalock & Guttag 2021).
+
+Per codebook, a balanced binary regression tree of depth 4 hashes the row's subvector to one
+of K = 16 leaves. Each level picks ONE split dimension for all its 2**level nodes (that is
+what makes the hash vectorisable) and one threshold per node, greedily, to minimise the
+within-bucket squared error of the subvectors. Tables are then fitted jointly for all
+codebooks by ridge regression of the exact product on the one-hot codes, and quantised to
+8 bits with a per-codebook offset and one shared scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from ..ops.spec import DEPTH, K, NODES, LutParams, apply_reference, encode_reference
+from .partition import PARTITIONS, partition
+from ..errors import OptionsError
+
+
+TABLE_LOSSES = ("ridge", "mse", "kl")
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How one node's trees and tables are fitted (its codebook count is the plan's, per node)."""
+
+    partition: str = "opq"  # how input dimensions are split among codebooks (partition.PARTITIONS)
+    # ridge tables only, or then optimised for the MSE after the activation; "kl" is MSE, but KL
+    # between softmaxes on the node producing the logits
+    table_loss: str = "kl"
+    table_reg: float = 1.0  # lambda pulling optimised tables towards the ridge tables (relative)
+    table_steps: int = 60  # L-BFGS iterations of the loss-aware table optimisation
+    ridge: float = 1.0  # lambda of the ridge regression that fits the tables
+    split_candidates: int = 16  # split dimensions tried per level, highest within-bucket SSE first
+    # buckets homogeneous in the codebook's contribution to the output ("output"), or in its
+    # input subvector as in MADDNESS ("input")
+    tree_objective: str = "output"
+    seed: int = 0
+
+    def check(self) -> None:
+        """A one-line ValueError for an unknown partition or table loss."""
+        if self.table_loss not in TABLE_LOSSES:
+            raise OptionsError(f"unknown table loss '{self.table_loss}', choose from {', '.join(TABLE_LOSSES)}")
+        if self.partition not in PARTITIONS:
+            raise OptionsError(f"unknown partition '{self.partition}', choose from {', '.join(PARTITIONS)}")
+
+
+@dataclass
+class NodeFit:
+    params: LutParams
+    groups: list[np.ndarray]  # the input dimensions of each codebook
+    relative_error: float  # ||Y_lut - Y|| / ||Y|| on the fitting rows, after the activation
+
+
+def _best_split(values: np.ndarray, rows: np.ndarray) -> tuple[float, np.float32]:
+    """(SSE after the best split of `rows` [n, s] on `values` [n], threshold); x > t goes right."""
+    n = len(values)
+    if n == 0:
+        return 0.0, np.float32(0.0)
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    X = rows[order].astype(np.float64)
+    X -= X.mean(axis=0)  # centring keeps the cumulative sums well conditioned
+    total_sse = float(np.sum(X * X))
+    if n < 2 or v[0] == v[-1]:
+        return total_sse, np.float32(v[-1])
+    cs = np.cumsum(X, axis=0)[:-1]  # sums of the first k rows, k = 1..n-1
+    cs2 = np.cumsum(np.sum(X * X, axis=1))[:-1]
+    k = np.arange(1, n, dtype=np.float64)
+    tot = cs[-1] + X[-1]
+    left = cs2 - np.sum(cs * cs, axis=1) / k
+    right = (total_sse - cs2) - np.sum((tot - cs) ** 2, axis=1) / (n - k)
+    loss = left + right
+    loss[v[:-1] == v[1:]] = np.inf  # a threshold cannot separate equal values
+    best = int(np.argmin(loss))
+    lo, hi = v[best], v[best + 1]
+    t = np.float32((np.float64(lo) + np.float64(hi)) / 2)
+    if not lo <= t < hi:
+        t = np.float32(lo)
+    return float(loss[best]), t
+
+
+def learn_tree(X: np.ndarray, dims: np.ndarray, candidates: int = 4,
+               target: np.ndarray | None = None,
+               dim_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(split_dims [4] absolute, thresholds [15] heap-ordered) of one codebook's tree.
+
+    Buckets are made homogeneous in `target` [N, q]: by default the subvector X[:, dims]
+    itself (MADDNESS); the fitter may pass the codebook's contribution to the output instead.
+    Candidate split dimensions are ranked by within-bucket SSE times `dim_weights`.
+    """
+    sub = X[:, dims]
+    target = sub if target is None else target
+    node = np.zeros(len(X), dtype=np.int64)
+    split_dims = np.zeros(DEPTH, dtype=np.int32)
+    thresholds = np.zeros(NODES, dtype=np.float32)
+    for level in range(DEPTH):
+        n_nodes = 1 << level
+        members = [np.flatnonzero(node == i) for i in range(n_nodes)]
+        # rank dimensions by their squared error within the current buckets
+        sse = sum(((sub[m] - sub[m].mean(axis=0)) ** 2).sum(axis=0) for m in members if len(m))
+        if dim_weights is not None:
+            sse = sse * dim_weights
+        ranked = np.argsort(-np.asarray(sse), kind="stable")[:candidates]
+        best = None
+        for j in ranked:
+            splits = [_best_split(sub[m, j], target[m]) for m in members]
+            loss = sum(s[0] for s in splits)
+            if best is None or loss < best[0]:
+                best = (loss, j, [s[1] for s in splits])
+        _, j, node_thresholds = best
+        split_dims[level] = dims[j]
+        thresholds[n_nodes - 1:2 * n_nodes - 1] = node_thresholds
+        node = 2 * node + (sub[:, j] > thresholds[n_nodes - 1 + node])
+    return split_dims, thresholds
+
+
+def _learn_codebook_tree(X: np.ndarray, dims: np.ndarray, weight: np.ndarray, options: FitOptions):
+    if options.tree_objective == "input":
+        return learn_tree(X, dims, options.split_candidates)
+    if options.tree_objective != "output":
+        raise OptionsError(f"unknown tree objective '{options.tree_objective}'")
+    # the codebook's own contribution to the product: what its 16 table rows must reproduce
+    w = weight[dims].astype(np.float64)
+    contribution = X[:, dims].astype(np.float64) @ w
+    return learn_tree(X, dims, options.split_candidates, contribution, np.sum(w * w, axis=1))
+
+
+def one_hot(codes: np.ndarray) -> np.ndarray:
+    """float64 [N, C*16] indicator of each row's code in each codebook."""
+    N, C = codes.shape
+    G = np.zeros((N, C * K))
+    G[np.arange(N)[:, None], np.arange(C) * K + codes] = 1.0
+    return G
+
+
+def ridge_tables(codes: np.ndarray, target: np.ndarray, ridge: float) -> np.ndarray:
+    """float64 [C, 16, M] tables minimising ||G T - target||^2 + ridge ||T||^2."""
+    G = one_hot(codes)
+    gram = G.T @ G
+    gram[np.diag_indices_from(gram)] += ridge
+    T = scipy.linalg.solve(gram, G.T @ target, assume_a="pos")
+    return T.reshape(codes.shape[1], K, -1)
+
+
+def quantise_tables(T: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    """(uint8 [M, C, 16], scale, offsets [C]) with T ~= scale * q + offsets[c]."""
+    offsets = T.min(axis=(1, 2))
+    span = float((T.max(axis=(1, 2)) - offsets).max())
+    scale = np.float32(span / 255.0) if span > 0 else np.float32(1.0)
+    q = np.clip(np.rint((T - offsets[:, None, None]) / np.float64(scale)), 0, 255).astype(np.uint8)
+    return q.transpose(2, 0, 1), float(scale), offsets.astype(np.float32)
+
+
+def activate(y: np.ndarray, activation: str | None) -> np.ndarray:
+    if activation is None:
+        return y
+    if activation == "Relu":
+        return np.maximum(y, 0)
+    raise ValueError(f"unsupported activation {activation}")
+
+
+def relative_error(approx: np.ndarray, exact: np.ndarray) -> float:
+    denom = float(np.linalg.norm(exact))
+    return float(np.linalg.norm(approx - exact)) / (denom if denom > 0 else 1.0)
+
+
+def fit_node(X: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, activation: str | None,
+             codebooks: int, options: FitOptions = FitOptions(),
+             target: np.ndarray | None = None) -> NodeFit:
+    """Fit the lookup replacement of `activation(X @ weight + bias)` on the rows of X [N, D],
+    at `codebooks` codebooks (at most D).
+
+    `target` [N, M], when given, is the pre-activation output to reproduce instead of
+    X @ weight + bias: the original network's, when X comes from a network whose earlier
+    layers are already lookups, so each node also corrects the errors of those before it.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    D, M = weight.shape
+    if X.ndim != 2 or X.shape[1] != D:
+        raise ValueError(f"activations of shape {X.shape} do not match a weight of shape {weight.shape}")
+    groups = partition(X, codebooks, options.partition, options.seed)
+    trees = [_learn_codebook_tree(X, g, weight, options) for g in groups]
+    split_dims = np.stack([t[0] for t in trees])
+    thresholds = np.stack([t[1] for t in trees])
+    codes = encode_reference(X, split_dims, thresholds)
+    b = np.zeros(M, dtype=np.float32) if bias is None else bias.astype(np.float32)
+    product = X.astype(np.float64) @ weight.astype(np.float64) if target is None else \
+        np.asarray(target, dtype=np.float64) - b
+    T = ridge_tables(codes, product, options.ridge)
+    if options.table_loss != "ridge":
+        T = optimise_tables(codes, T, product + b, b, activation, options)
+    tables, scale, offsets = quantise_tables(T)
+    params = LutParams(D=D, split_dims=split_dims, thresholds=thresholds, tables=tables,
+                       scale=scale, offsets=offsets, bias=b, relu=activation == "Relu")
+    exact = activate(product + b, activation)
+    return NodeFit(params, groups, relative_error(apply_reference(X, params), exact))
+
+
+def optimise_tables(codes: np.ndarray, T0: np.ndarray, exact: np.ndarray, bias: np.ndarray,
+                    activation: str | None, options: FitOptions) -> np.ndarray:
+    """Tables minimising loss(act(exact), act(G T + b)) + reg * ||T - T0||^2 (ITLUMM).
+
+    The loss is taken after the node's activation: relative MSE, or for the logits layer the
+    KL divergence between the softmaxes of the exact and the approximate outputs. Both terms
+    are normalised by the target's scale, so `table_reg` is unit-free.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    options.check()
+    C, _, M = T0.shape
+    idx = torch.from_numpy(codes.astype(np.int64) + np.arange(C) * K)
+    T0_t = torch.from_numpy(T0.reshape(C * K, M))
+    b = torch.from_numpy(bias.astype(np.float64))
+    target = torch.from_numpy(activate(exact, activation))
+    act = (lambda y: torch.relu(y)) if activation == "Relu" else (lambda y: y)
+    if options.table_loss == "kl":
+        target = F.log_softmax(target, dim=1)
+    norm_t = float(torch.mean(T0_t ** 2)) or 1.0
+    norm_y = float(torch.mean(target ** 2)) or 1.0
+    T = T0_t.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([T], lr=1, max_iter=options.table_steps, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        y = act(F.embedding_bag(idx, T, mode="sum") + b)
+        if options.table_loss == "kl":
+            loss = F.kl_div(F.log_softmax(y, dim=1), target, log_target=True, reduction="batchmean")
+        else:
+            loss = torch.mean((y - target) ** 2) / norm_y
+        loss = loss + options.table_reg * torch.mean((T - T0_t) ** 2) / norm_t
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return T.detach().numpy().reshape(C, K, M)

@@ -1,0 +1,323 @@
+"""An ONNX graph as a differentiable torch program, for the fine-tune pass.
+
+A small interpreter over the op set lutcompile meets in MLPs and CNNs, rather than a
+converter: the fine-tune pass needs LutMatMul nodes in the forward (frozen, or with trainable
+tables), chosen initializers as trainable parameters, and the updated values written back to
+the same ONNX initializers. The tests hold its outputs to onnxruntime's on the same models.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from ..onnx_io import external_data
+from ..ops.spec import DOMAIN, DEPTH, K, LutParams
+
+
+class UnsupportedOp(ValueError):
+    """The graph holds an op the torch program cannot run."""
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for a in node.attribute:
+        value = onnx.helper.get_attribute_value(a)
+        if isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+        elif isinstance(value, bytes):
+            value = value.decode()
+        out[a.name] = value
+    return out
+
+
+def fake_quantise(T: torch.Tensor) -> torch.Tensor:
+    """T [C, 16, M] rounded to the kernel's 8-bit grid, with a straight-through gradient."""
+    offsets = T.amin(dim=(1, 2), keepdim=True)
+    scale = (T - offsets).amax().clamp_min(1e-12) / 255.0
+    q = torch.clamp(torch.round((T - offsets) / scale), 0, 255)
+    return T + (q * scale + offsets - T).detach()
+
+
+class LutModule(torch.nn.Module):
+    """LutMatMul in torch: codes from the frozen trees, output from (optionally trainable) tables."""
+
+    def __init__(self, params: LutParams, train_tables: bool = False):
+        super().__init__()
+        self.D, self.C, self.M, self.relu = params.D, params.C, params.M, params.relu
+        self.register_buffer("split_dims", torch.from_numpy(params.split_dims.astype(np.int64)))
+        self.register_buffer("thresholds", torch.from_numpy(params.thresholds))
+        # tables in float: q * scale + offset[c], laid out [C, 16, M]
+        T = params.tables.transpose(1, 2, 0).astype(np.float32) * np.float32(params.scale)
+        T = T + params.offsets[:, None, None]
+        self.tables = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(T)), requires_grad=train_tables)
+        self.bias = torch.nn.Parameter(torch.from_numpy(params.bias.copy()), requires_grad=train_tables)
+        self.quantised = params  # the frozen values, reproduced exactly when nothing trains
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        node = torch.zeros(x.shape[0], self.C, dtype=torch.int64, device=x.device)
+        cols = torch.arange(self.C, device=x.device)
+        for level in range(DEPTH):
+            values = x[:, self.split_dims[:, level]]
+            thr = self.thresholds[cols, (1 << level) - 1 + node]
+            node = 2 * node + (values > thr).long()
+        return node
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.D).float()
+        idx = self.codes(flat) + torch.arange(self.C, device=x.device) * K
+        T = fake_quantise(self.tables) if self.tables.requires_grad else self.tables
+        y = F.embedding_bag(idx, T.reshape(self.C * K, self.M), mode="sum") + self.bias
+        if self.relu:
+            y = torch.relu(y)
+        return y.reshape(*lead, self.M)
+
+    def export_params(self) -> LutParams:
+        """The trained tables re-quantised into LutParams (trees unchanged)."""
+        from .fit import quantise_tables
+        T = self.tables.detach().double().numpy()
+        tables, scale, offsets = quantise_tables(T)
+        p = self.quantised
+        return LutParams(p.D, p.split_dims, p.thresholds, tables, scale, offsets,
+                         self.bias.detach().numpy().astype(np.float32), p.relu)
+
+
+class LutConvModule(torch.nn.Module):
+    """LutConv in torch: unfold the NCHW input into patches, look them up, fold back."""
+
+    def __init__(self, lut: LutModule, geometry):
+        super().__init__()
+        self.lut, self.g = lut, geometry
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.g
+        top, left, bottom, right = g.pads
+        N, _, H, W = x.shape
+        OH, OW = g.output_size(H, W)
+        cols = F.unfold(F.pad(x, (left, right, top, bottom)), g.kernel, dilation=g.dilations, stride=g.strides)
+        y = self.lut(cols.transpose(1, 2))  # [N, OH*OW, M]
+        return y.transpose(1, 2).reshape(N, -1, OH, OW)
+
+
+def _pads(attrs: dict, spatial: int) -> list[int]:
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnsupportedOp(f"auto_pad={attrs['auto_pad']} is not supported")
+    return list(attrs.get("pads", [0] * (2 * spatial)))
+
+
+def _pad_input(x: torch.Tensor, pads: list[int], value: float = 0.0) -> tuple[torch.Tensor, int | None]:
+    """Symmetric pads become the conv's own padding; asymmetric ones are applied first."""
+    n = len(pads) // 2
+    begin, end = pads[:n], pads[n:]
+    if begin == end:
+        return x, begin
+    torch_pads = []
+    for b, e in zip(reversed(begin), reversed(end)):
+        torch_pads += [b, e]
+    return F.pad(x, torch_pads, value=value), [0] * n
+
+
+def _conv(x, w, b=None, **a):
+    spatial = w.dim() - 2
+    x, padding = _pad_input(x, _pads(a, spatial))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return conv(x, w, b, stride=a.get("strides", 1), padding=padding,
+                dilation=a.get("dilations", 1), groups=a.get("group", 1))
+
+
+def _pool(kind):
+    def run(x, **a):
+        spatial = x.dim() - 2
+        x, padding = _pad_input(x, _pads(a, spatial), value=-math.inf if kind == "max" else 0.0)
+        k = a["kernel_shape"]
+        stride = a.get("strides", [1] * spatial)
+        ceil = bool(a.get("ceil_mode", 0))
+        if kind == "max":
+            fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
+            return fn(x, k, stride, padding, dilation=a.get("dilations", 1), ceil_mode=ceil)
+        fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
+        return fn(x, k, stride, padding, ceil_mode=ceil,
+                  count_include_pad=bool(a.get("count_include_pad", 0)))
+    return run
+
+
+def _gemm(a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
+    y = alpha * ((a.t() if transA else a) @ (b.t() if transB else b))
+    return y if c is None else y + beta * c
+
+
+def _reshape(x, shape, allowzero=0):
+    shape = [int(s) for s in shape.tolist()]
+    if not allowzero:
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _flatten(x, axis=1):
+    axis = axis % x.dim() if x.dim() else 0
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def _axes(node_axes, axes_input):
+    if axes_input is not None:
+        return [int(v) for v in axes_input.tolist()]
+    return list(node_axes) if node_axes is not None else None
+
+
+def _squeeze(x, axes=None, **a):
+    axes = _axes(a.get("axes"), axes)
+    if axes is None:
+        return x.squeeze()
+    for ax in sorted((ax % x.dim() for ax in axes), reverse=True):
+        x = x.squeeze(ax)
+    return x
+
+
+def _unsqueeze(x, axes=None, **a):
+    axes = _axes(a.get("axes"), axes)
+    rank = x.dim() + len(axes)
+    for ax in sorted(ax % rank for ax in axes):
+        x = x.unsqueeze(ax)
+    return x
+
+
+def _softmax(x, axis=-1, opset=13):
+    if opset < 13 and axis % x.dim() != x.dim() - 1:  # old semantics: flatten from axis
+        shape = x.shape
+        return torch.softmax(x.reshape(*shape[:axis], -1), dim=-1).reshape(shape)
+    return torch.softmax(x, dim=axis)
+
+
+def _batchnorm(x, scale, bias, mean, var, epsilon=1e-5, **_):
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + epsilon) * scale.reshape(shape) \
+        + bias.reshape(shape)
+
+
+def _clip(x, lo=None, hi=None, min=None, max=None):
+    lo = lo if lo is not None else min
+    hi = hi if hi is not None else max
+    return torch.clamp(x, min=None if lo is None else float(lo), max=None if hi is None else float(hi))
+
+
+_ONNX_TORCH_DTYPE = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 11: torch.float64}
+
+OPS: dict[str, Callable] = {
+    "Gemm": _gemm,
+    "MatMul": lambda a, b: a @ b,
+    "Add": lambda a, b: a + b,
+    "Sub": lambda a, b: a - b,
+    "Mul": lambda a, b: a * b,
+    "Div": lambda a, b: a / b,
+    "Relu": lambda x: torch.relu(x),
+    "LeakyRelu": lambda x, alpha=0.01: F.leaky_relu(x, alpha),
+    "Sigmoid": lambda x: torch.sigmoid(x),
+    "Tanh": lambda x: torch.tanh(x),
+    "Identity": lambda x: x,
+    "Dropout": lambda x, *_, **__: x,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": lambda x, perm=None: x.permute(*(perm if perm is not None else reversed(range(x.dim())))),
+    "Conv": _conv,
+    "MaxPool": _pool("max"),
+    "AveragePool": _pool("avg"),
+    "GlobalAveragePool": lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
+    "BatchNormalization": _batchnorm,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Concat": lambda *xs, axis: torch.cat(xs, dim=axis),
+    "Shape": lambda x, start=0, end=None: torch.tensor(x.shape[start:end], dtype=torch.int64),
+    "Gather": lambda x, i, axis=0: torch.index_select(x, axis, i.reshape(-1).long()).reshape(
+        *x.shape[:axis], *i.shape, *x.shape[axis + 1:]),
+    "Cast": lambda x, to, **_: x.to(_ONNX_TORCH_DTYPE[to]),
+    "Clip": _clip,
+}
+
+
+class TorchProgram(torch.nn.Module):
+    """Runs an ONNX graph in torch. Initializers named in `trainable` become parameters."""
+
+    def __init__(self, model: onnx.ModelProto, trainable: set[str] = frozenset(),
+                 train_tables: bool = False):
+        super().__init__()
+        graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.input_names = [i.name for i in graph.input
+                            if i.name not in {t.name for t in graph.initializer}]
+        self.output_names = [o.name for o in graph.output]
+        self.nodes = list(graph.node)
+        self.params = torch.nn.ParameterDict()
+        self.luts = torch.nn.ModuleDict()
+        self._slot: dict[str, str] = {}  # tensor name -> key in self.params
+        self._constants: dict[str, torch.Tensor] = {}
+        for t in graph.initializer:
+            value = torch.from_numpy(np.array(external_data.tensor_array(t)))
+            if t.name in trainable:
+                key = f"p{len(self.params)}"
+                self.params[key] = torch.nn.Parameter(value.float())
+                self._slot[t.name] = key
+            else:
+                self._constants[t.name] = value
+        from ..ops.node_format import geometry_from_node, params_from_node
+        for node in self.nodes:
+            if node.domain == DOMAIN:
+                lut = LutModule(params_from_node(node), train_tables)
+                geometry = geometry_from_node(node)
+                self.luts[node.name] = lut if geometry is None else LutConvModule(lut, geometry)
+            elif node.op_type == "Constant":
+                a = _attrs(node)
+                value = a.get("value", a.get("value_float", a.get("value_floats", a.get("value_int"))))
+                self._constants[node.output[0]] = torch.as_tensor(np.asarray(value))
+            elif node.op_type not in OPS:
+                raise UnsupportedOp(f"op {node.op_type} (node {node.name}) is not supported by the fine-tune pass")
+        self._node_attrs = [_attrs(n) for n in self.nodes]
+
+    def forward(self, *inputs: torch.Tensor, outputs: list[str] | None = None) -> list[torch.Tensor]:
+        env: dict[str, torch.Tensor] = dict(self._constants)
+        env.update({name: self.params[key] for name, key in self._slot.items()})
+        env.update(zip(self.input_names, inputs))
+        for node, attrs in zip(self.nodes, self._node_attrs):
+            if node.op_type == "Constant" and node.domain == "":
+                continue
+            args = [env[n] if n else None for n in node.input]
+            while args and args[-1] is None:
+                args.pop()
+            if node.domain == DOMAIN:
+                result = self.luts[node.name](args[0])
+            else:
+                kwargs = {k: v for k, v in attrs.items()}
+                if node.op_type == "Softmax":
+                    kwargs["opset"] = self.opset
+                if node.op_type in ("Squeeze", "Unsqueeze") and len(args) == 2:
+                    kwargs["axes"] = args.pop()
+                result = OPS[node.op_type](*args, **kwargs)
+            results = result if isinstance(result, tuple) else (result,)
+            env.update(zip(node.output, results))
+        return [env[n] for n in (outputs or self.output_names)]
+
+    def trained_initializers(self) -> dict[str, np.ndarray]:
+        return {name: self.params[key].detach().numpy() for name, key in self._slot.items()}
+
+    def write_back(self, model: onnx.ModelProto) -> None:
+        """Copy trained initializers and tables into `model` (which this program was built from)."""
+        from ..ops.node_format import set_lut_attributes
+        trained = self.trained_initializers()
+        for i, t in enumerate(model.graph.initializer):
+            if t.name not in trained:
+                continue
+            value = trained[t.name].astype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            if external_data.is_attached(t):  # stays outside the proto (a model over 2 GB)
+                external_data.attach(t, value)
+            else:
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, t.name))
+        for node in model.graph.node:
+            lut = self.luts[node.name] if node.domain == DOMAIN else None
+            lut = getattr(lut, "lut", lut)  # a LutConvModule wraps its LutModule
+            if lut is not None and lut.tables.requires_grad:
+                set_lut_attributes(node, lut.export_params())

@@ -1,0 +1,325 @@
+"""The compile report: `lutcompile MODEL ... --report DIR`, or `compile_model(..., report_dir=DIR)`.
+
+`write_report(result, directory)` writes two files:
+
+- report.json, every figure of the compile, schema "lutcompile.report/1":
+
+    {
+      "schema": "lutcompile.report/1",
+      "lutcompile_version": str,
+      "created": str,                          # ISO 8601, UTC
+      "calibration_rows": int,
+      "accuracy": {"before": float | null,     # top-1 on the calibration data (null without labels)
+                   "after": float | null},
+      "stages": [{"stage": str, "accuracy": float}],   # the fine-tune pass, in order
+      "seconds": {stage: float},               # compile time per stage (frontend, calibrate, fit, ...)
+      "total_seconds": float,
+      "options": {...},                        # CompileResult.options: the options used
+      "nodes": [{"name": str, "op_type": str, "D": int, "M": int, "codebooks": int,
+                 "partition": str, "table_loss": str, "activation": str | null,
+                 "relative_error": float, "bytes_before": int, "bytes_after": int, ...}],
+                                               # every NodeReport field, as the API reports it
+      "skipped": [{"name": str, "op_type": str, "reason": str}],   # nodes kept exact, and why
+      "totals": {"nodes": int, "skipped": int, "bytes_before": int, "bytes_after": int},
+      "budget": {...}                          # only after an automatic budget search (max_accuracy_drop
+                                               # or max_output_error): BudgetResult.to_json(), budget.py
+    }
+
+- report.html, a self-contained page (no scripts, no external files: it opens offline) with
+  the same figures as tables and three plots drawn by matplotlib, inlined as SVG: per-node
+  relative error (`#plot-error`), calibration accuracy at each stage of the fine-tune pass
+  (`#plot-stages`), and parameter bytes before and after per node (`#plot-bytes`).
+
+matplotlib is needed for the plots; without it the page is written with its tables and a note.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import html
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = "lutcompile.report/1"
+PLOTS = ("plot-error", "plot-stages", "plot-bytes")
+log = logging.getLogger("lutcompile")
+
+
+def _jsonable(value):
+    """Plain JSON values from dataclasses, tuples, numpy scalars and arrays, paths."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def report_data(result) -> dict:
+    """The content of report.json for a CompileResult."""
+    from .. import __version__
+    nodes = [_jsonable(n) for n in result.nodes]
+    return {
+        "schema": SCHEMA,
+        "lutcompile_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "calibration_rows": int(result.calibration_rows),
+        "accuracy": {"before": _jsonable(result.accuracy_before), "after": _jsonable(result.accuracy_after)},
+        "stages": [{"stage": str(s), "accuracy": _jsonable(a)} for s, a in result.stages],
+        "seconds": {k: float(v) for k, v in result.seconds.items()},
+        "total_seconds": float(sum(result.seconds.values())),
+        "options": _jsonable(result.options),
+        "nodes": nodes,
+        "skipped": [_jsonable(s) for s in result.skipped],
+        "totals": {"nodes": len(nodes), "skipped": len(result.skipped),
+                   "bytes_before": int(sum(n["bytes_before"] for n in nodes)),
+                   "bytes_after": int(sum(n["bytes_after"] for n in nodes))},
+    } | ({} if getattr(result, "budget", None) is None else {"budget": _jsonable(result.budget.to_json())})
+
+
+def write_report(result, directory: str | os.PathLike) -> Path:
+    """Write report.json and report.html for a CompileResult into `directory` (created if
+    needed); returns the path of report.html."""
+    from ..onnx_io.export import OutputError, write_atomic
+    folder = Path(directory)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create report directory {folder}: {exc.strerror or exc}") from exc
+    data = report_data(result)
+    page = render_html(data)
+    try:
+        write_atomic(folder / "report.json", (json.dumps(data, indent=2) + "\n").encode())
+        write_atomic(folder / "report.html", page.encode("utf-8"))
+    except OSError as exc:
+        raise OutputError(f"cannot write the report into {folder}: {exc.strerror or exc}") from exc
+    log.info("wrote %s and %s", folder / "report.json", folder / "report.html")
+    return folder / "report.html"
+
+
+# ---------------------------------------------------------------- plots
+
+def _svg(fig) -> str:
+    import matplotlib
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "lutcompile"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _figure(width=4.8, height=3.3):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=100)
+    return fig, fig.add_subplot()
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#555")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _short(names: list[str]) -> list[str]:
+    return [n if len(n) <= 18 else n[:8] + "…" + n[-8:] for n in names]
+
+
+def plot_errors(data: dict) -> str:
+    fig, ax = _figure()
+    nodes = data["nodes"]
+    if not nodes:
+        _empty(ax, "no node was replaced")
+    else:
+        x = np.arange(len(nodes))
+        errors = [n["relative_error"] or 0.0 for n in nodes]
+        bars = ax.bar(x, errors, color="#3b6ea8")
+        ax.bar_label(bars, labels=[f"{e:.3f}" for e in errors], fontsize=8, padding=2)
+        ax.set_xticks(x, _short([n["name"] for n in nodes]), rotation=30 if len(nodes) > 4 else 0,
+                      ha="right" if len(nodes) > 4 else "center", fontsize=8)
+        ax.set_ylabel("relative error ||Y_lut - Y|| / ||Y||")
+        ax.set_ylim(0, max(errors) * 1.18 or 1)
+    ax.set_title("Per-node relative error (calibration rows)")
+    ax.grid(axis="y", alpha=0.3)
+    return _svg(fig)
+
+
+def plot_stages(data: dict) -> str:
+    fig, ax = _figure()
+    acc = data["accuracy"]
+    points = []
+    if acc["before"] is not None:
+        points.append(("original", acc["before"]))
+    points += [(s["stage"], s["accuracy"]) for s in data["stages"] if s["accuracy"] is not None]
+    if acc["after"] is not None and (not data["stages"] or data["stages"][-1]["accuracy"] != acc["after"]):
+        points.append(("compiled", acc["after"]))
+    if not points:
+        _empty(ax, "no labels in the calibration data:\nno accuracy to plot")
+    else:
+        x = np.arange(len(points))
+        y = [100 * p[1] for p in points]
+        ax.plot(x, y, marker="o", color="#c0392b")
+        for xi, yi in zip(x, y):
+            ax.annotate(f"{yi:.2f}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=8)
+        labels = [p[0].replace("after ", "after\n") for p in points]
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_ylabel("top-1 accuracy, %")
+        lo, hi = min(y), max(y)
+        pad = max(2.0, 0.15 * (hi - lo))
+        ax.set_ylim(max(0, lo - pad), min(106, hi + pad))
+        if not data["stages"]:
+            ax.text(0.02, 0.04, "no fine-tune pass: original and compiled only", transform=ax.transAxes,
+                    fontsize=8, color="#555")
+    ax.set_title("Calibration accuracy at each stage")
+    ax.grid(axis="y", alpha=0.3)
+    return _svg(fig)
+
+
+def plot_bytes(data: dict) -> str:
+    fig, ax = _figure()
+    nodes = data["nodes"]
+    if not nodes:
+        _empty(ax, "no node was replaced")
+    else:
+        x = np.arange(len(nodes))
+        before = [n["bytes_before"] for n in nodes]
+        after = [n["bytes_after"] for n in nodes]
+        ax.bar(x - 0.2, before, 0.4, label="before (float32 weight + bias)", color="#7f8c8d")
+        ax.bar(x + 0.2, after, 0.4, label="after (lookup tables, trees, bias)", color="#27ae60")
+        for xi, b, a in zip(x, before, after):
+            ax.annotate(f"{b / a:.1f}x" if a else "", (xi, max(b, a)), textcoords="offset points",
+                        xytext=(0, 3), ha="center", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylim(min(after + before) / 2, max(after + before) * 4)
+        ax.set_xticks(x, _short([n["name"] for n in nodes]), rotation=30 if len(nodes) > 4 else 0,
+                      ha="right" if len(nodes) > 4 else "center", fontsize=8)
+        ax.set_ylabel("parameter bytes (log scale)")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_title("Parameter bytes before and after")
+    ax.grid(axis="y", alpha=0.3)
+    return _svg(fig)
+
+
+# ---------------------------------------------------------------- page
+
+_CSS = """
+body { font-family: "DejaVu Sans", "Liberation Sans", Arial, sans-serif; margin: 24px 32px; color: #222; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; }
+.meta { color: #666; font-size: 13px; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 16px 0; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 10px 14px; min-width: 150px; background: #fafafa; }
+.card .label { font-size: 12px; color: #666; } .card .value { font-size: 19px; font-weight: bold; margin-top: 2px; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(360px, 1fr)); gap: 14px; max-width: 1500px; }
+figure { margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: 8px; background: #fff; }
+figure svg { display: block; width: 100%; height: auto; }
+figcaption { font-size: 12px; color: #555; margin-top: 4px; max-width: 560px; }
+table { border-collapse: collapse; font-size: 13px; } th, td { border-bottom: 1px solid #e3e3e3; padding: 4px 10px; text-align: left; }
+th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+pre { background: #f6f6f6; padding: 10px; font-size: 12px; overflow-x: auto; max-width: 1100px; }
+.note { color: #8a5300; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+def _table(head: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+    out = ["<table><thead><tr>", *[f"<th>{_e(h)}</th>" for h in head], "</tr></thead><tbody>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td class=\"num\">{_e(c)}</td>" if i in numeric else f"<td>{_e(c)}</td>"
+                                    for i, c in enumerate(r)) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def render_html(data: dict) -> str:
+    """report.html's text for report_data(result)."""
+    try:
+        plots = {"plot-error": plot_errors(data), "plot-stages": plot_stages(data),
+                 "plot-bytes": plot_bytes(data)}
+        plot_note = ""
+    except ImportError:
+        plots = {}
+        plot_note = "<p class=\"note\">matplotlib is not installed: plots omitted (pip install matplotlib).</p>"
+        log.warning("matplotlib is not installed: report.html has no plots")
+    captions = {
+        "plot-error": "||Y_lut − Y|| / ||Y|| per replaced node on the calibration rows, after the node's "
+                      "fused activation.",
+        "plot-stages": "Top-1 accuracy on the calibration data: the original model, after each step of "
+                       "the fine-tune pass, and the compiled model, all run in onnxruntime.",
+        "plot-bytes": "Bytes of each node's parameters: float32 weight and bias before; uint8 tables, "
+                      "split dimensions, thresholds, offsets and bias after. Labels give the ratio.",
+    }
+    acc, totals = data["accuracy"], data["totals"]
+    ratio = totals["bytes_before"] / totals["bytes_after"] if totals["bytes_after"] else None
+    cards = [
+        ("nodes replaced", f"{totals['nodes']}"),
+        ("kept exact", f"{totals['skipped']}"),
+        ("accuracy before → after", f"{_pct(acc['before'])} → {_pct(acc['after'])}"
+         if acc["before"] is not None else "no labels"),
+        ("parameter bytes", f"{totals['bytes_before']:,} → {totals['bytes_after']:,}"
+         + (f" ({ratio:.1f}x)" if ratio else "")),
+        ("compile time", f"{data['total_seconds']:.1f} s"),
+    ]
+    nodes_rows = [[n["name"], n["op_type"], f"{n['D']} x {n['M']}", n["codebooks"], n["partition"],
+                   n["table_loss"], n.get("activation") or "-", f"{n['relative_error']:.4f}"
+                   if n["relative_error"] is not None else "-", f"{n['bytes_before']:,}", f"{n['bytes_after']:,}",
+                   f"{n['bytes_before'] / n['bytes_after']:.1f}x" if n["bytes_after"] else "-"]
+                  for n in data["nodes"]]
+    parts = [
+        "<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        "<title>lutcompile report</title>", f"<style>{_CSS}</style></head><body>",
+        "<h1>lutcompile compile report</h1>",
+        f"<div class=\"meta\">lutcompile {_e(data['lutcompile_version'])} · {_e(data['created'])} · "
+        f"{data['calibration_rows']} calibration rows · options: codebooks="
+        f"{_e(data['options'].get('codebooks'))}, partition={_e(data['options'].get('partition'))}, "
+        f"table_loss={_e(data['options'].get('table_loss'))}, finetune={_e(data['options'].get('finetune'))}</div>",
+        "<div class=\"cards\">" + "".join(
+            f"<div class=\"card\"><div class=\"label\">{_e(k)}</div><div class=\"value\">{_e(v)}</div></div>"
+            for k, v in cards) + "</div>",
+        "<h2>Plots</h2>", plot_note, "<div class=\"plots\">",
+    ]
+    for key in PLOTS:
+        if key in plots:
+            parts.append(f"<figure id=\"{key}\">{plots[key]}<figcaption>{_e(captions[key])}</figcaption></figure>")
+    parts.append("</div>")
+    parts += ["<h2>Replaced nodes</h2>",
+              _table(["node", "op", "D x M", "C", "partition", "tables", "activation", "rel. error",
+                      "bytes before", "bytes after", "ratio"], nodes_rows, {3, 7, 8, 9, 10})
+              if nodes_rows else "<p>No node was replaced.</p>"]
+    parts += ["<h2>Kept exact</h2>",
+              _table(["node", "op", "reason"], [[s["name"], s["op_type"], s["reason"]] for s in data["skipped"]])
+              if data["skipped"] else "<p>Every candidate node was replaced.</p>"]
+    if data["stages"]:
+        parts += ["<h2>Fine-tune pass</h2>",
+                  _table(["stage", "calibration accuracy"], [[s["stage"], _pct(s["accuracy"])] for s in data["stages"]],
+                         {1})]
+    parts += ["<h2>Compile time</h2>",
+              _table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in data["seconds"].items()]
+                     + [["total", f"{data['total_seconds']:.2f}"]], {1}),
+              "<h2>Options</h2>", f"<pre>{_e(json.dumps(data['options'], indent=2))}</pre>",
+              "<p class=\"meta\">The same figures are in report.json beside this page.</p>",
+              "</body></html>"]
+    return "\n".join(p for p in parts if p)
