@@ -41,6 +41,7 @@ typedef struct OrtSession OrtSession;
 typedef struct OrtValue OrtValue;
 typedef struct OrtRunOptions OrtRunOptions;
 typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtTypeInfo OrtTypeInfo; /* a session input's or output's type */
 typedef struct OrtSessionOptions OrtSessionOptions;
 typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtKernelInfo OrtKernelInfo;
@@ -159,7 +160,22 @@ struct OrtApi {
                                                   const OrtCustomOp *op);        /* [27] */
     OrtStatus *(ORT_API_CALL *AddCustomOpDomain)(OrtSessionOptions *options,
                                                  OrtCustomOpDomain *custom_op_domain); /* [28] */
-    void *slots_29_47[19];                                                       /* [29..47] */
+    void *slot_29;                                                               /* [29] */
+    OrtStatus *(ORT_API_CALL *SessionGetInputCount)(const OrtSession *session,
+                                                    size_t *out);                /* [30] */
+    OrtStatus *(ORT_API_CALL *SessionGetOutputCount)(const OrtSession *session,
+                                                     size_t *out);               /* [31] */
+    void *slot_32;                                                               /* [32] */
+    OrtStatus *(ORT_API_CALL *SessionGetInputTypeInfo)(const OrtSession *session, size_t index,
+                                                       OrtTypeInfo **type_info); /* [33] */
+    void *slots_34_35[2];                                                        /* [34..35] */
+    OrtStatus *(ORT_API_CALL *SessionGetInputName)(const OrtSession *session, size_t index,
+                                                   OrtAllocator *allocator,
+                                                   char **value);                /* [36] */
+    OrtStatus *(ORT_API_CALL *SessionGetOutputName)(const OrtSession *session, size_t index,
+                                                    OrtAllocator *allocator,
+                                                    char **value);               /* [37] */
+    void *slots_38_47[10];                                                       /* [38..47] */
     OrtStatus *(ORT_API_CALL *CreateTensorAsOrtValue)(OrtAllocator *allocator,
                                                       const int64_t *shape, size_t shape_len,
                                                       ONNXTensorElementDataType type,
@@ -169,7 +185,11 @@ struct OrtApi {
         size_t shape_len, ONNXTensorElementDataType type, OrtValue **out);       /* [49] */
     OrtStatus *(ORT_API_CALL *IsTensor)(const OrtValue *value, int *out);        /* [50] */
     OrtStatus *(ORT_API_CALL *GetTensorMutableData)(OrtValue *value, void **out); /* [51] */
-    void *slots_52_59[8];                                                        /* [52..59] */
+    void *slots_52_54[3];                                                        /* [52..54] */
+    /* out is owned by type_info (do not release it); NULL if the type is not a tensor */
+    OrtStatus *(ORT_API_CALL *CastTypeInfoToTensorInfo)(const OrtTypeInfo *type_info,
+                                                        const OrtTensorTypeAndShapeInfo **out); /* [55] */
+    void *slots_56_59[4];                                                        /* [56..59] */
     OrtStatus *(ORT_API_CALL *GetTensorElementType)(const OrtTensorTypeAndShapeInfo *info,
                                                     ONNXTensorElementDataType *out); /* [60] */
     OrtStatus *(ORT_API_CALL *GetDimensionsCount)(const OrtTensorTypeAndShapeInfo *info,
@@ -185,7 +205,9 @@ struct OrtApi {
     void *slots_66_68[3];                                                        /* [66..68] */
     OrtStatus *(ORT_API_CALL *CreateCpuMemoryInfo)(OrtAllocatorType type, OrtMemType mem_type,
                                                    OrtMemoryInfo **out);         /* [69] */
-    void *slots_70_77[8];                                                        /* [70..77] */
+    void *slots_70_75[6];                                                        /* [70..75] */
+    OrtStatus *(ORT_API_CALL *AllocatorFree)(OrtAllocator *allocator, void *p);  /* [76] */
+    void *slot_77;                                                               /* [77] */
     OrtStatus *(ORT_API_CALL *GetAllocatorWithDefaultOptions)(OrtAllocator **out); /* [78] */
     void *slots_79_84[6];                                                        /* [79..84] */
     OrtStatus *(ORT_API_CALL *KernelInfoGetAttribute_float)(const OrtKernelInfo *info,
@@ -212,7 +234,8 @@ struct OrtApi {
     void (ORT_API_CALL *ReleaseMemoryInfo)(OrtMemoryInfo *input);                /* [94] */
     void (ORT_API_CALL *ReleaseSession)(OrtSession *input);                      /* [95] */
     void (ORT_API_CALL *ReleaseValue)(OrtValue *input);                          /* [96] */
-    void *slots_97_98[2];                                                        /* [97..98] */
+    void *slot_97;                                                               /* [97] */
+    void (ORT_API_CALL *ReleaseTypeInfo)(OrtTypeInfo *input);                    /* [98] */
     void (ORT_API_CALL *ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *input); /* [99] */
     void (ORT_API_CALL *ReleaseSessionOptions)(OrtSessionOptions *input);        /* [100] */
     void (ORT_API_CALL *ReleaseCustomOpDomain)(OrtCustomOpDomain *input);        /* [101] */
@@ -335,6 +358,15 @@ ORT_ABI_SLOT(KernelInfoGetAttribute_tensor, 236);
 ORT_ABI_SLOT(KernelInfo_GetNodeName, 244);
 ORT_ABI_SLOT(GetBuildInfoString, 254);
 ORT_ABI_SLOT(KernelContext_ParallelFor, 274);
+/* used by the C serving host, custom_ops/host/lut_host.c */
+ORT_ABI_SLOT(SessionGetInputCount, 30);
+ORT_ABI_SLOT(SessionGetOutputCount, 31);
+ORT_ABI_SLOT(SessionGetInputTypeInfo, 33);
+ORT_ABI_SLOT(SessionGetInputName, 36);
+ORT_ABI_SLOT(SessionGetOutputName, 37);
+ORT_ABI_SLOT(CastTypeInfoToTensorInfo, 55);
+ORT_ABI_SLOT(AllocatorFree, 76);
+ORT_ABI_SLOT(ReleaseTypeInfo, 98);
 _Static_assert(sizeof(OrtApi) == 275 * sizeof(void *), "OrtApi declared through slot 274");
 _Static_assert(offsetof(OrtCustomOp, GetInputCharacteristic) == 10 * sizeof(void *),
                "OrtCustomOp layout");
