@@ -8,14 +8,14 @@
 The compiler (and torch, which it needs) is imported on first use, so serving code that only
 wants `library_path()` or `session_options()` starts fast.
 """
-from .kernel import library_path
+from .ops.kernel import library_path
 
-__all__ = ["compile_model", "CompileResult", "NodeReport", "evaluate_accuracy",
+__all__ = ["compile_model", "CompileOptions", "CompileResult", "NodeReport", "evaluate_accuracy",
            "library_path", "session_options"]
 __version__ = "0.1.0"
 
-_LAZY = {"compile_model": "api", "CompileResult": "api", "NodeReport": "api",
-         "evaluate_accuracy": "api", "session_options": "runtime"}
+_LAZY = {"compile_model": "api", "CompileOptions": "api", "CompileResult": "api", "NodeReport": "api",
+         "evaluate_accuracy": "api", "session_options": "onnx_io.sessions"}
 
 
 def __getattr__(name: str):

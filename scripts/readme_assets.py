@@ -21,8 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lutcompile import cli
-
+from lutcompile.tools import cli
 from readme_tables import update_readme
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 import lutcompile
-from lutcompile.calibrate import CalibrationData, load_calibration
-from lutcompile.finetune import FinetuneOptions, train
-from lutcompile.fit import FitOptions
-from lutcompile.frontend import load_model
-from lutcompile.timing import model_latencies
+from lutcompile.compile.calibrate import CalibrationData, load_calibration
+from lutcompile.compile.finetune import FinetuneOptions, train
+from lutcompile.compile.fit import FitOptions
+from lutcompile.compile.frontend import load_model
+from lutcompile.onnx_io.timing import model_latencies
 
 from readme_tables import update_readme
 

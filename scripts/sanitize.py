@@ -30,7 +30,8 @@ from build_ffi import COMPILE_ARGS, INCLUDE_DIRS, KERNEL_SOURCES, ORT_SOURCES  #
 from fuzz_cases import CASES, build_base_models, run_isolated  # noqa: E402
 from readme_tables import update_readme  # noqa: E402
 
-from lutcompile import cli, kernel  # noqa: E402
+from lutcompile.ops import kernel  # noqa: E402
+from lutcompile.tools import cli  # noqa: E402
 
 BUILD = ROOT / "build" / "sanitize"
 SANITIZE_FLAGS = ["-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]

@@ -95,3 +95,20 @@ def fuzz_models(tmp_path_factory):
     """The folder of fuzz_cases.build_base_models: the digits MLP and the small CNN, compiled."""
     from fuzz_cases import build_base_models
     return build_base_models(tmp_path_factory.mktemp("fuzz_models"))
+
+
+@pytest.fixture(scope="session")
+def fast_cnn(tmp_path_factory):
+    """The shipped Fashion-MNIST CNN compiled once for the tests that read or serve a compiled CNN:
+    (CompileResult, path of fast.onnx). The fastest fit (8 codebooks, ridge tables, contiguous
+    groups, 128 calibration images: 16 rows per codebook for the Gemm nodes, no fine-tuning),
+    since those tests check the compiled graph, not its accuracy."""
+    from pathlib import Path
+
+    import lutcompile
+    models = Path(__file__).resolve().parent.parent / "models"
+    out = tmp_path_factory.mktemp("fast_cnn") / "fast.onnx"
+    calib = {"input": np.load(models / "fashion_calib.npz")["input"][:128]}
+    result = lutcompile.compile_model(models / "fashion_cnn.onnx", out, calib, codebooks=8, finetune=False,
+                                      table_loss="ridge", partition="contiguous", progress=False)
+    return result, out

@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the child process runs this file as a script
     sys.path.insert(0, str(REPO))
 
-from lutcompile.lut import CONV_OP_TYPE, DOMAIN, OP_TYPE, apply_conv_reference, apply_reference  # noqa: E402
-from lutcompile.rewrite import geometry_from_node, params_from_node  # noqa: E402
+from lutcompile.ops.spec import CONV_OP_TYPE, DOMAIN, OP_TYPE, apply_conv_reference, apply_reference  # noqa: E402
+from lutcompile.ops.node_format import geometry_from_node, params_from_node  # noqa: E402
 
 SEED = 20261123
 CASES = 600

@@ -15,8 +15,8 @@ from onnxruntime.quantization import CalibrationDataReader
 import lutcompile
 from conftest import mlp_model
 from fuzz_cases import cnn_model
-from lutcompile import api
-from lutcompile.calibrate import CalibrationError
+from lutcompile.compile import methods
+from lutcompile.compile.calibrate import CalibrationError
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models/mnist_mlp.onnx"
@@ -130,6 +130,6 @@ def _never_fit(*args, **kwargs):
     (cnn_model, {"image": np.ones((2, 1, 8, 8), np.float32)}, 4, "node conv_b gets 18 calibration rows"),
 ])
 def test_too_few_rows_fail_before_any_fit(monkeypatch, model, rows, codebooks, message):
-    monkeypatch.setattr(api, "fit_node", _never_fit)
+    monkeypatch.setattr(methods, "fit_node", _never_fit)
     with pytest.raises(CalibrationError, match="^" + re.escape(message)):
         lutcompile.compile_model(model(), None, rows, codebooks=codebooks, finetune=True, progress=False)

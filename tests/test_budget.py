@@ -16,9 +16,11 @@ import onnxruntime as ort
 import pytest
 
 import lutcompile
-from lutcompile import budget, cli, frontend
-from lutcompile.budget import BudgetOptions, CostModel, Sensitivity
-from lutcompile.calibrate import load_calibration
+from lutcompile.budget import search as budget
+from lutcompile.tools import cli
+from lutcompile.compile import frontend
+from lutcompile.budget.search import BudgetOptions, CostModel, Sensitivity
+from lutcompile.compile.calibrate import load_calibration
 
 CANDIDATES = (4, 8, 16, 32, 64)
 
@@ -66,6 +68,7 @@ def lookups(path) -> dict[str, int]:
             for n in onnx.load(str(path)).graph.node if n.op_type == "LutMatMul"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [0.03, 0.15])
 def test_chosen_model_meets_the_accuracy_target_on_held_out_rows(searches, digits_model, calib, limit):
     result, path = searches[limit]

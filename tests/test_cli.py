@@ -14,9 +14,10 @@ import onnxruntime as ort
 import pytest
 
 import lutcompile
-from lutcompile import calibrate, cli
-from lutcompile.rewrite import geometry_from_node, params_from_node
-from lutcompile.lut import DOMAIN, apply_conv_reference, apply_reference
+from lutcompile.compile import calibrate
+from lutcompile.tools import cli
+from lutcompile.ops.node_format import geometry_from_node, params_from_node
+from lutcompile.ops.spec import DOMAIN, apply_conv_reference, apply_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models/mnist_mlp.onnx"
@@ -39,6 +40,7 @@ def compiled_mlp(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.slow
 def test_cli_compiles_the_shipped_model(compiled_mlp):
     proc, out = compiled_mlp
     assert proc.returncode == 0, proc.stderr
@@ -60,6 +62,7 @@ def lookup_values_in_onnxruntime(model: onnx.ModelProto, x: np.ndarray) -> dict[
     return calibrate.collect_activations(model, data, {t: (t, np.asarray) for t in names}, batch_size=len(x))
 
 
+@pytest.mark.slow
 def test_cli_output_runs_in_onnxruntime_and_matches_reference(compiled_mlp):
     _, out = compiled_mlp
     model = onnx.load(str(out))
@@ -81,6 +84,7 @@ def compiled_cnn(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.slow
 def test_cli_compiles_the_shipped_cnn_and_matches_the_reference(compiled_cnn):
     """Every eligible Conv and Gemm replaced, the too-small first Conv kept with its reason, the
     interface unchanged, and each lookup node in onnxruntime equal to the numpy reference on
@@ -104,6 +108,7 @@ def test_cli_compiles_the_shipped_cnn_and_matches_the_reference(compiled_cnn):
         np.testing.assert_allclose(values[n.output[0]], want, rtol=1e-6, atol=1e-6, err_msg=n.name)
 
 
+@pytest.mark.slow
 def test_cli_reported_accuracy_is_onnxruntime_accuracy(compiled_mlp):
     proc, out = compiled_mlp
     test = np.load(TEST)
@@ -216,6 +221,7 @@ def run_until_interrupted(args, when: str):
     return proc.wait(timeout=600), lines
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [["--no-finetune"], []], ids=["mid-fit", "mid-finetune"])
 def test_ctrl_c_leaves_no_output_and_the_input_untouched(tmp_path, options):
     """Ctrl-C after the first node is fitted (during the next fits, or the fine-tune pass that
@@ -230,6 +236,7 @@ def test_ctrl_c_leaves_no_output_and_the_input_untouched(tmp_path, options):
     assert [p.name for p in tmp_path.iterdir()] == ["in.onnx"]  # nor any .lutcompile-*.tmp
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_midway_leaves_the_previous_output(tmp_path):
     """The output write hits the file-size limit (EFBIG, as a full disk would fail it) after
     64 KiB of the ~160 KiB model: exit 5 with one line; the previous output file is intact and

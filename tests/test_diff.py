@@ -14,10 +14,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 import lutcompile
-from lutcompile import cli
-from lutcompile.diff import diff_models
-from lutcompile.inspection import inspect_model
-from lutcompile.rewrite import params_from_node
+from lutcompile.tools import cli
+from lutcompile.tools.diff import diff_models
+from lutcompile.tools.inspection import inspect_model
+from lutcompile.ops.node_format import params_from_node
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models/mnist_mlp.onnx"
@@ -111,11 +111,15 @@ DIFF_SCHEMA = {
 }
 INSPECT_SCHEMA = {
     "schema": str, "model": (str, None), "consistent": bool, "opset": dict,
-    "lookup_nodes": [{"name": str, "domain": str, "inputs": [str], "outputs": [str], "D": (int, None),
-                      "M": (int, None), "C": (int, None), "K": (int, None), "relu": (bool, None),
-                      "partition": (str, None), "table_loss": (str, None), "source_op": (str, None),
-                      "scale": (float, None), "threshold_range": (None, [float]),
-                      "split_dims_used": (int, None), "param_bytes": int, "problems": [str]}],
+    "lookup_nodes": [{"name": str, "op_type": str, "domain": str, "inputs": [str], "outputs": [str],
+                      "D": (int, None), "M": (int, None), "C": (int, None), "K": (int, None),
+                      "relu": (bool, None), "partition": (str, None), "table_loss": (str, None),
+                      "source_op": (str, None), "scale": (float, None), "threshold_range": (None, [float]),
+                      "split_dims_used": (int, None), "param_bytes": int,
+                      "conv": (None, {"in_channels": (int, None), "kernel_shape": (None, [int]),
+                                      "strides": (None, [int]), "pads": (None, [int]),
+                                      "dilations": (None, [int])}),
+                      "problems": [str]}],
     "exact_nodes": [{"name": str, "op_type": str}],
     "problems": [str],
 }
@@ -220,8 +224,10 @@ def test_diff_follows_helper_transposes_of_a_constant_left_product():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     fast = lutcompile.compile_model(model, None, {"x": x}, **FAST).model
-    if [n.op_type for n in fast.graph.node] != ["Transpose", "LutMatMul", "Transpose"]:
-        pytest.skip("this frontend does not compile a constant-left MatMul through transposes")
+    ops = [n.op_type for n in fast.graph.node]
+    assert ops == ["Transpose", "LutMatMul", "Transpose"], (
+        f"the compiler no longer turns MatMul(W, x) into Transpose -> LutMatMul -> Transpose (it gave {ops}); "
+        "this test checks that diff follows the helper Transposes, so give it a model that still has them")
     d = diff_models(model, fast, {"x": x})
     left = d.node("left")
     assert left.status == "replaced" and (left.a.D, left.a.M) == (left.b.D, left.b.M) == (16, 6)
@@ -288,6 +294,89 @@ def test_diff_json_schema(capsys, compiled):
     assert same["identical"] is True and same["calibration"] is None
 
 
+def _constant_model(value: onnx.TensorProto) -> onnx.ModelProto:
+    """y = x + c, c from a Constant node."""
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], name="const", value=value),
+         helper.make_node("Add", ["x", "c"], ["y"], name="add")], "constant",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_diff_compares_tensor_attributes_by_value_not_by_bytes():
+    c = np.array([[1.0, np.nan, -2.5]], np.float32)
+    a = _constant_model(numpy_helper.from_array(c))
+    assert not a.graph.node[0].attribute[0].t.HasField("name")
+    named = onnx.ModelProto()
+    named.CopyFrom(a)
+    named.graph.node[0].attribute[0].t.name = ""  # as onnx-graphsurgeon writes it
+    typed = _constant_model(helper.make_tensor("", onnx.TensorProto.FLOAT, [1, 3], c.reshape(-1).tolist()))
+    for same in (named, typed):  # the same values, serialised differently
+        assert (same.graph.node[0].attribute[0].SerializeToString()
+                != a.graph.node[0].attribute[0].SerializeToString())
+        d = diff_models(a, same)
+        assert [(n.name, n.status, n.changes) for n in d.nodes] == [("const", "unchanged", []),
+                                                                    ("add", "unchanged", [])]
+        assert d.identical
+    other = _constant_model(numpy_helper.from_array(c * 2))
+    d = diff_models(a, other)
+    assert d.node("const").status == "changed" and d.node("const").changes == ["attributes: value"]
+    assert d.node("add").status == "changed" and d.node("add").changes == ["parameters: c"]
+    for changed in (c.astype(np.float64), c.reshape(3), np.array([[1.0, 0.0, -2.5]], np.float32)):
+        d = diff_models(a, _constant_model(numpy_helper.from_array(changed)))  # dtype, shape, the NaN
+        assert d.node("const").changes == ["attributes: value"], changed
+
+
+def _gemm_model(**attrs) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.eye(3, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], name="gemm", **attrs)], "gemm",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_diff_compares_other_attributes_by_type_and_value():
+    nan = _gemm_model(alpha=float("nan"), transB=1)
+    assert diff_models(nan, _gemm_model(alpha=float("nan"), transB=1)).identical  # NaN equals NaN
+    for other in (_gemm_model(alpha=0.5, transB=1), _gemm_model(transB=1)):
+        assert diff_models(nan, other).node("gemm").changes == ["attributes: alpha"]
+    one = _gemm_model(alpha=1.0)
+    assert diff_models(one, _gemm_model(alpha=1)).node("gemm").changes == ["attributes: alpha"]  # FLOAT vs INT
+    assert diff_models(one, _gemm_model(alpha=1.0, transB=0)).node("gemm").changes == ["attributes: transB"]
+
+
+def test_inspect_summarises_a_long_list_of_exact_products(capsys, tmp_path):
+    """A transformer leaves dozens of MatMuls exact: the text names a few, --json all."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    names = [f"/model/layers.{i}/self_attn/{p}_proj/MatMul" for i in range(20) for p in ("q", "k", "v")]
+    for i, name in enumerate(names):
+        inits.append(numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"t{i}"], name=name))
+        x = f"t{i}"
+    nodes.append(helper.make_node("Gemm", [x, "w0"], ["y"], name="/lm_head/Gemm"))
+    graph = helper.make_graph(nodes, "long", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "long.onnx"
+    onnx.save(model, str(path))
+    code, text, _ = run_cli(capsys, "inspect", path)
+    assert code == 0
+    line = next(l for l in text.splitlines() if l.startswith("exact MatMul/Gemm/Conv left:"))
+    assert line == (f"exact MatMul/Gemm/Conv left: 61 (60 MatMul, 1 Gemm): {names[0]} (MatMul), "
+                    f"{names[1]} (MatMul), {names[2]} (MatMul) and 58 more (--json lists them all)")
+    code, text, _ = run_cli(capsys, "inspect", path, "--json")
+    data = json.loads(text)
+    assert data["exact_nodes"] == [{"name": n, "op_type": "MatMul"} for n in names] + [
+        {"name": "/lm_head/Gemm", "op_type": "Gemm"}]
+
+
 @pytest.mark.parametrize("make_args,code,message", [
     (lambda t, out: ["diff", t / "missing.onnx", out], cli.EXIT_MODEL, "not found"),
     (lambda t, out: ["diff", MODEL, CALIB], cli.EXIT_MODEL, "not an ONNX model"),
@@ -336,6 +425,7 @@ def test_inspect_lists_lookup_nodes_with_their_configuration(capsys, compiled):
         assert info["split_dims_used"] == len(np.unique(p.split_dims))
         assert info["inputs"] == list(node.input) and info["outputs"] == list(node.output)
         assert info["partition"] == "contiguous" and info["source_op"] == "Gemm"
+        assert info["op_type"] == "LutMatMul" and info["conv"] is None
         assert info["param_bytes"] == (p.tables.nbytes + p.split_dims.nbytes + p.thresholds.nbytes
                                        + p.offsets.nbytes + p.bias.nbytes)
     code, text, _ = run_cli(capsys, "inspect", out)
@@ -350,8 +440,10 @@ def test_inspect_of_partial_and_uncompiled_models(capsys, partial):
     data = inspect_model(partial).to_json()
     assert [n["name"] for n in data["lookup_nodes"]] == ["/2/Gemm"]
     assert data["exact_nodes"] == [{"name": n, "op_type": "Gemm"} for n in ("/0/Gemm", "/4/Gemm", "/6/Gemm")]
+    code, text, _ = run_cli(capsys, "inspect", partial)
+    assert "exact MatMul/Gemm/Conv left: /0/Gemm (Gemm), /4/Gemm (Gemm), /6/Gemm (Gemm)" in text.splitlines()
     code, text, _ = run_cli(capsys, "inspect", MODEL)
-    assert code == 0 and text.splitlines()[0].startswith("no LutMatMul nodes")
+    assert code == 0 and text.splitlines()[0].startswith("no LutMatMul or LutConv nodes")
 
 
 def _corrupt(node, name, value):

@@ -17,12 +17,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import lutcompile
-from lutcompile import external_data, frontend
-from lutcompile.fit import FitOptions
-from lutcompile.lut import DOMAIN
-from lutcompile.reference import reference_evaluator
-from lutcompile.rewrite import params_from_node
-from lutcompile.runtime import make_session
+from lutcompile.onnx_io import external_data
+from lutcompile.compile import frontend
+from lutcompile.compile.fit import FitOptions
+from lutcompile.ops.spec import DOMAIN
+from lutcompile.ops.reference import reference_evaluator
+from lutcompile.ops.node_format import params_from_node
+from lutcompile.onnx_io.sessions import make_session
 
 D, M, N = 16, 6, 256  # 4 codebooks of 4 binary inputs
 EXACT_FIT = dict(codebooks=D // 4, partition="contiguous", table_loss="ridge", finetune=False, progress=False,
@@ -248,10 +249,10 @@ def test_lutconv_kernel_matches_the_reference_bit_for_bit(pads, strides, dilatio
     model = conv_model(pads, strides, dilations)
     x = binary_images() * np.random.default_rng(1).random((64, 4, 9, 8)).astype(np.float32)
     result = lutcompile.compile_model(model, None, {"x": x}, codebooks=4, finetune=False, progress=False)
-    from lutcompile.reference import reference_evaluator
+    from lutcompile.ops.reference import reference_evaluator
     got = run(result.model, {"x": x}, True)[0]
     np.testing.assert_array_equal(got, reference_evaluator(result.model).run(None, {"x": x})[0])
-    for path in lutcompile.kernel.available_paths():  # every kernel path, any thread count
+    for path in lutcompile.ops.kernel.available_paths():  # every kernel path, any thread count
         monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
         for threads in (1, 2):
             sess = ort.InferenceSession(result.model.SerializeToString(), lutcompile.session_options(threads),
@@ -299,7 +300,7 @@ def export_torch(exporter: str, path) -> onnx.ModelProto:
     else:
         torch.onnx.export(net, example, str(path), input_names=["x"], output_names=["logits"], opset_version=17,
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    return lutcompile.frontend.load_model(path)
+    return lutcompile.compile.frontend.load_model(path)
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])

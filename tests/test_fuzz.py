@@ -10,9 +10,7 @@ import subprocess
 import pytest
 
 from fuzz_cases import CASES, run_isolated
-from lutcompile import kernel
-
-
+from lutcompile.ops import kernel
 def test_fuzz_cases_end_in_an_error_or_a_correct_run(fuzz_models):
     run = run_isolated(fuzz_models, kernel.library_path())
     assert run.failures() == []

@@ -9,11 +9,11 @@ from scipy.special import log_softmax
 from sklearn.linear_model import LogisticRegression
 
 import lutcompile
-from lutcompile import calibrate
-from lutcompile.fit import FitOptions, fit_node
-from lutcompile.lut import apply_reference
-from lutcompile.partition import partition
-from lutcompile.torch_program import TorchProgram
+from lutcompile.compile import calibrate
+from lutcompile.compile.fit import FitOptions, fit_node
+from lutcompile.ops.spec import apply_reference
+from lutcompile.compile.partition import partition
+from lutcompile.compile.torch_program import TorchProgram
 
 from conftest import mlp_model
 
@@ -60,7 +60,7 @@ def test_r2_never_worse_than_contiguous_on_correlated_inputs(correlated_classifi
     Xtr, Xte, W, b = correlated_classifier
     err = {}
     for method in ("contiguous", "r2"):
-        params = fit_node(Xtr, W, b, None, FitOptions(codebooks=C, partition=method)).params
+        params = fit_node(Xtr, W, b, None, C, FitOptions(partition=method, table_loss="ridge")).params
         exact = Xte @ W + b
         err[method] = np.linalg.norm(apply_reference(Xte, params) - exact) / np.linalg.norm(exact)
     assert err["r2"] <= err["contiguous"], err
@@ -80,7 +80,7 @@ def test_kl_tables_beat_ridge_tables_in_kl(classifier_layer, C):
     Xtr, Xte, W, b = classifier_layer
     result = {}
     for loss in ("ridge", "kl"):
-        params = fit_node(Xtr, W, b, None, FitOptions(codebooks=C, table_loss=loss)).params
+        params = fit_node(Xtr, W, b, None, C, FitOptions(partition="contiguous", table_loss=loss)).params
         result[loss] = (kl(Xtr @ W + b, apply_reference(Xtr, params)),
                         kl(Xte @ W + b, apply_reference(Xte, params)))
     assert result["kl"][0] < result["ridge"][0], result  # on the rows it was fitted to
@@ -91,8 +91,8 @@ def test_mse_tables_beat_ridge_after_relu(digits_mlp, digits_split):
     Xtr = digits_split[0]
     W, b = digits_mlp[0]
     exact = np.maximum(Xtr @ W + b, 0)
-    err = {loss: np.linalg.norm(apply_reference(Xtr, fit_node(Xtr, W, b, "Relu", FitOptions(
-        codebooks=4, table_loss=loss)).params) - exact) for loss in ("ridge", "mse")}
+    err = {loss: np.linalg.norm(apply_reference(Xtr, fit_node(Xtr, W, b, "Relu", 4, FitOptions(
+        partition="contiguous", table_loss=loss)).params) - exact) for loss in ("ridge", "mse")}
     assert err["mse"] < err["ridge"], err
 
 

@@ -15,11 +15,24 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lutcompile import kernel
-from lutcompile.lut import DOMAIN, OP_TYPE, LutParams, apply_reference, encode_reference, scan_reference
+import lutcompile
+from lutcompile.ops import kernel
+from lutcompile.ops.spec import DOMAIN, OP_TYPE, LutParams, apply_reference, encode_reference, scan_reference
+from lutcompile.ops.spec import CONV_OP_TYPE, ConvGeometry, apply_conv_reference, im2col_reference
 
 REPO = Path(__file__).resolve().parents[1]
-PATHS = kernel.available_paths()
+AVAILABLE = kernel.available_paths()
+# what a CPU lacks when kernel.available_paths() leaves a path out (lutkernel.c's detection)
+MISSING_REASON = {"avx2": "CPU lacks AVX2", "avx512": "CPU lacks AVX-512 F/BW/VL/VBMI/VNNI"}
+
+
+@pytest.fixture(params=kernel.PATHS)
+def path(request) -> str:
+    """Each kernel path in turn ("scalar", "avx2", "avx512"); on a CPU without it, the test is
+    skipped, saying what the CPU lacks."""
+    if request.param not in AVAILABLE:
+        pytest.skip(MISSING_REASON[request.param])
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------
@@ -27,10 +40,12 @@ PATHS = kernel.available_paths()
 
 
 def make_case(seed: int, N: int, M: int, C: int, D: int, relu: bool = False,
-              tables: np.ndarray | None = None, scale: float = 0.0137):
-    """Random data and LutParams whose thresholds are data quantiles (codes spread out)."""
+              tables: np.ndarray | None = None, scale: float = 0.0137, rows: np.ndarray | None = None):
+    """Random data and LutParams whose thresholds are data quantiles (codes spread out); with
+    `rows` [N, D], the quantiles are those rows' (e.g. a convolution's patches)."""
     rng = np.random.default_rng(seed)
-    X = (rng.standard_normal((max(N, 64), D)) * rng.uniform(0.5, 3.0, D)).astype(np.float32)
+    X = (rng.standard_normal((max(N, 64), D)) * rng.uniform(0.5, 3.0, D)).astype(np.float32) \
+        if rows is None else rows
     split = rng.integers(0, D, size=(C, 4))
     thr = np.empty((C, 15), dtype=np.float32)
     for c in range(C):
@@ -54,7 +69,7 @@ def width_for(C: int) -> int:
 
 
 def lut_model(params: LutParams, input_type: int = TensorProto.FLOAT, drop: tuple = (),
-              shape: list | None = None, **overrides) -> bytes:
+              shape: list | None = None, op_type: str = OP_TYPE, **overrides) -> bytes:
     attrs = dict(D=params.D, M=params.M, C=params.C, K=16,
                  split_dims=[int(v) for v in params.split_dims.reshape(-1)],
                  thresholds=[float(v) for v in params.thresholds.reshape(-1)],
@@ -65,7 +80,7 @@ def lut_model(params: LutParams, input_type: int = TensorProto.FLOAT, drop: tupl
     attrs.update(overrides)
     for name in drop:
         attrs.pop(name)
-    node = helper.make_node(OP_TYPE, ["X"], ["Y"], domain=DOMAIN, name="lut0", **attrs)
+    node = helper.make_node(op_type, ["X"], ["Y"], domain=DOMAIN, name="lut0", **attrs)
     out_shape = None if shape is None else [*shape[:-1], params.M]
     graph = helper.make_graph([node], "lut", [helper.make_tensor_value_info("X", input_type, shape)],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, out_shape)])
@@ -89,21 +104,21 @@ def session(model: bytes, threads: int = 1, register: bool = True) -> ort.Infere
 
 
 def test_available_paths():
-    assert PATHS[0] == "scalar"
-    assert set(PATHS) <= {"scalar", "avx2", "avx512"}
+    assert AVAILABLE[0] == "scalar"
+    assert set(AVAILABLE) <= set(kernel.PATHS) == set(MISSING_REASON) | {"scalar"}
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     if flags:
-        assert ("avx2" in PATHS) == ("avx2" in flags)
+        assert ("avx2" in AVAILABLE) == ("avx2" in flags)
         # the AVX-512 scan needs vpermb (VBMI) and vpdpbusd (VNNI) besides F/BW/VL
         want512 = all(f in flags for f in ("avx2", "avx512f", "avx512bw", "avx512vl",
                                            "avx512vbmi", "avx512_vnni"))
-        assert ("avx512" in PATHS) == want512
+        assert ("avx512" in AVAILABLE) == want512
 
 
 @pytest.mark.parametrize("N", [1, 31, 33, 1000])
 @pytest.mark.parametrize("C", [1, 3, 16, 64])
 @pytest.mark.parametrize("M", [1, 10, 17, 100])
-def test_paths_match_reference(N, M, C):
+def test_paths_match_reference(N, M, C, path):
     D = width_for(C)
     X, params = make_case(1000 * N + 10 * M + C, N, M, C, D)
     codes_ref = encode_reference(X, params.split_dims, params.thresholds)
@@ -113,73 +128,67 @@ def test_paths_match_reference(N, M, C):
         params.relu = relu
         y_ref = scan_reference(codes_ref, params)
         plan = kernel.Plan(params)
-        for path in PATHS:
-            codes = kernel.encode(X, params.split_dims, params.thresholds, path=path)
-            assert codes.dtype == np.uint8 and codes.shape == (N, C)
-            assert np.array_equal(codes, codes_ref), path
-            y = kernel.scan(codes_ref, params, path=path)
-            assert y.dtype == np.float32 and y.shape == (N, M)
-            assert np.array_equal(y, y_ref), path
-            assert np.array_equal(plan.apply(X, path=path), y_ref), path
-            assert np.array_equal(plan.encode(X, path=path), codes_ref), path
+        codes = kernel.encode(X, params.split_dims, params.thresholds, path=path)
+        assert codes.dtype == np.uint8 and codes.shape == (N, C)
+        assert np.array_equal(codes, codes_ref)
+        y = kernel.scan(codes_ref, params, path=path)
+        assert y.dtype == np.float32 and y.shape == (N, M)
+        assert np.array_equal(y, y_ref)
+        assert np.array_equal(plan.apply(X, path=path), y_ref)
+        assert np.array_equal(plan.encode(X, path=path), codes_ref)
 
 
 @pytest.mark.parametrize("N, M, C", [
     (15, 16, 4), (16, 15, 5), (17, 17, 2), (63, 31, 17), (64, 32, 33), (65, 33, 8),
     (129, 48, 7), (200, 1, 20), (1, 16, 63)])
-def test_block_tile_and_group_edges(N, M, C):
+def test_block_tile_and_group_edges(N, M, C, path):
     """Row counts around the 16-row groups and 64-row blocks, output counts around the 16-wide
     AVX-512 tiles (and their 4-output steps), codebook counts around the groups of 4 and the
-    16-codebook encode chunks: every path equals the reference and so every other path."""
+    16-codebook encode chunks: every path equals the reference and so the scalar path, whose
+    table reads share the plan's one layout."""
     X, params = make_case(7 * N + 3 * M + C, N, M, C, width_for(C) + 40)
     codes_ref = encode_reference(X, params.split_dims, params.thresholds)
-    outs = {}
     for relu in (False, True):
         params.relu = relu
         plan = kernel.Plan(params)
         y_ref = scan_reference(codes_ref, params)
-        for path in PATHS:
-            assert np.array_equal(plan.encode(X, path=path), codes_ref), path
-            assert np.array_equal(plan.scan(codes_ref, path=path), y_ref), path
-            outs[path, relu] = plan.apply(X, path=path)
-            assert np.array_equal(outs[path, relu], y_ref), path
-    for path in PATHS:  # bit-identical across paths (implied above; stated for the reader)
-        assert outs[path, True].tobytes() == outs["scalar", True].tobytes()
+        assert np.array_equal(plan.encode(X, path=path), codes_ref)
+        assert np.array_equal(plan.scan(codes_ref, path=path), y_ref)
+        y = plan.apply(X, path=path)
+        assert np.array_equal(y, y_ref)
+        # bit-identical to the scalar path (implied above; stated for the reader)
+        assert y.tobytes() == plan.apply(X, path="scalar").tobytes()
 
 
-def test_split_dims_at_the_end_of_long_rows():
+def test_split_dims_at_the_end_of_long_rows(path):
     """Split dims at the first and the last column of long rows whose starts are not 16-byte
     aligned (D = 4099), the last one read from the last row of X."""
     N, M, C, D = 37, 20, 6, 4099
     X, params = make_case(21, N, M, C, D)
     params.split_dims[:, 0] = D - 1
     params.split_dims[:, 3] = 0
-    y_ref = apply_reference(X, params)
-    for path in PATHS:
-        assert np.array_equal(kernel.apply(X, params, path=path), y_ref), path
+    assert np.array_equal(kernel.apply(X, params, path=path), apply_reference(X, params))
 
 
 @pytest.mark.parametrize("C", [257, 258, 300, 600])
-def test_uint16_flush_long_C(C):
+def test_uint16_flush_long_C(C, path):
     """C > 257 overflows 16-bit lanes unless the kernel flushes to uint32."""
     M, N = 11, 70
     tables = np.full((M, C, 16), 255, dtype=np.uint8)
     X, params = make_case(C, N, M, C, 23, tables=tables, scale=1.0)
     params.offsets[:] = 0
     params.bias[:] = 0
-    for path in PATHS:
-        y = kernel.apply(X, params, path=path)
-        assert np.array_equal(y, np.full((N, M), 255.0 * C, dtype=np.float32)), path
+    y = kernel.apply(X, params, path=path)
+    assert np.array_equal(y, np.full((N, M), 255.0 * C, dtype=np.float32))
     # random tables and a relu epilogue, still exact
     _, params = make_case(C + 1, N, M, C, 23, relu=True)
     y_ref = apply_reference(X, params)
-    for path in PATHS:
-        assert np.array_equal(kernel.apply(X, params, path=path), y_ref), path
-        codes = kernel.encode(X, params.split_dims, params.thresholds, path=path)
-        assert np.array_equal(kernel.scan(codes, params, path=path), y_ref), path
+    assert np.array_equal(kernel.apply(X, params, path=path), y_ref)
+    codes = kernel.encode(X, params.split_dims, params.thresholds, path=path)
+    assert np.array_equal(kernel.scan(codes, params, path=path), y_ref)
 
 
-def test_special_values():
+def test_special_values(path):
     """NaN goes left, +-inf and -0.0 compare like IEEE floats, overflow rounds to inf."""
     X, params = make_case(7, 200, 13, 9, 12, relu=True)
     rng = np.random.default_rng(7)
@@ -193,32 +202,28 @@ def test_special_values():
     params.thresholds[2, :] = np.nan
     codes_ref = encode_reference(X, params.split_dims, params.thresholds)
     y_ref = apply_reference(X, params)
-    for path in PATHS:
-        assert np.array_equal(kernel.encode(X, params.split_dims, params.thresholds, path=path),
-                              codes_ref), path
-        assert np.array_equal(kernel.apply(X, params, path=path), y_ref), path
+    assert np.array_equal(kernel.encode(X, params.split_dims, params.thresholds, path=path), codes_ref)
+    assert np.array_equal(kernel.apply(X, params, path=path), y_ref)
     # float32 overflow in the epilogue: acc * scale = inf
     params.scale = 3.0e38
     params.relu = False
     with np.errstate(over="ignore"):
         y_ref = apply_reference(X, params)
     assert np.isinf(y_ref).any()
-    for path in PATHS:
-        assert np.array_equal(kernel.apply(X, params, path=path), y_ref), path
+    assert np.array_equal(kernel.apply(X, params, path=path), y_ref)
 
 
-def test_apply_shapes_and_empty():
+def test_apply_shapes_and_empty(path):
     X, params = make_case(3, 10, 17, 4, 9)
     X3 = X.reshape(2, 5, 9)
-    for path in PATHS:
-        y = kernel.apply(X3, params, path=path)
-        assert y.shape == (2, 5, 17)
-        assert np.array_equal(y, apply_reference(X3, params))
-        assert np.array_equal(kernel.apply(X[0], params, path=path), apply_reference(X[:1], params)[0])
-        assert kernel.apply(np.zeros((0, 9), np.float32), params, path=path).shape == (0, 17)
-        assert kernel.encode(np.zeros((0, 9), np.float32), params.split_dims, params.thresholds,
-                             path=path).shape == (0, 4)
-        assert kernel.scan(np.zeros((0, 4), np.uint8), params, path=path).shape == (0, 17)
+    y = kernel.apply(X3, params, path=path)
+    assert y.shape == (2, 5, 17)
+    assert np.array_equal(y, apply_reference(X3, params))
+    assert np.array_equal(kernel.apply(X[0], params, path=path), apply_reference(X[:1], params)[0])
+    assert kernel.apply(np.zeros((0, 9), np.float32), params, path=path).shape == (0, 17)
+    assert kernel.encode(np.zeros((0, 9), np.float32), params.split_dims, params.thresholds,
+                         path=path).shape == (0, 4)
+    assert kernel.scan(np.zeros((0, 4), np.uint8), params, path=path).shape == (0, 17)
     # a non-contiguous view is copied, not misread
     Xf = np.asfortranarray(X)
     assert np.array_equal(kernel.apply(Xf, params), apply_reference(X, params))
@@ -250,24 +255,33 @@ def test_python_validation_errors():
         kernel.apply(X, params, path="sse9")
 
 
-def test_env_var_selects_path(monkeypatch):
+def test_env_var_auto_and_unknown(monkeypatch):
     monkeypatch.delenv("LUTCOMPILE_KERNEL_PATH", raising=False)
-    assert kernel.resolve_path() == PATHS[-1]
+    assert kernel.resolve_path() == AVAILABLE[-1]
     X, params = make_case(5, 40, 6, 5, 11)
-    y_ref = apply_reference(X, params)
-    for path in PATHS:
-        monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
-        assert kernel.resolve_path() == path
-        assert np.array_equal(kernel.apply(X, params), y_ref)
     monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", "turbo")
     with pytest.raises(kernel.KernelPathError, match="LUTCOMPILE_KERNEL_PATH"):
         kernel.apply(X, params)
-    for missing in {"avx2", "avx512"} - set(PATHS):
-        monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", missing)
-        with pytest.raises(kernel.KernelPathError, match="does not support"):
-            kernel.apply(X, params)
-        with pytest.raises(kernel.KernelPathError):
-            kernel.apply(X, params, path=missing)
+
+
+def test_env_var_selects_path(path, monkeypatch):
+    X, params = make_case(5, 40, 6, 5, 11)
+    monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
+    assert kernel.resolve_path() == path
+    assert np.array_equal(kernel.apply(X, params), apply_reference(X, params))
+
+
+@pytest.mark.parametrize("missing", sorted(MISSING_REASON))
+def test_env_var_refuses_a_missing_path(missing, monkeypatch):
+    """On a CPU without a SIMD path, asking for it (variable or argument) is an error."""
+    if missing in AVAILABLE:
+        pytest.skip(f"this CPU has the {missing} path: nothing to refuse")
+    X, params = make_case(5, 40, 6, 5, 11)
+    monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", missing)
+    with pytest.raises(kernel.KernelPathError, match="does not support"):
+        kernel.apply(X, params)
+    with pytest.raises(kernel.KernelPathError):
+        kernel.apply(X, params, path=missing)
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,7 +291,7 @@ def test_env_var_selects_path(monkeypatch):
 def test_library_path():
     path = Path(kernel.library_path())
     assert path.is_absolute() and path.is_file() and path.name.startswith("_lutops")
-    assert path.parent == Path(kernel.__file__).resolve().parent
+    assert path.parent == Path(lutcompile.__file__).resolve().parent  # beside the package root
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -307,15 +321,35 @@ def test_ort_thread_count_invariance():
         assert np.array_equal(y, y_ref), threads
 
 
-def test_ort_every_path_and_long_C(monkeypatch):
+def test_ort_every_path_and_long_C(path, monkeypatch):
     X, params = make_case(12, 333, 9, 300, 41, relu=True)
-    y_ref = apply_reference(X, params)
-    for path in PATHS:  # the path is chosen when the kernel is created
-        monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
-        assert np.array_equal(session(lut_model(params), 2).run(None, {"X": X})[0], y_ref), path
+    monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)  # read when the kernel is created
+    assert np.array_equal(session(lut_model(params), 2).run(None, {"X": X})[0], apply_reference(X, params))
+
+
+def test_ort_unknown_path_variable(monkeypatch):
+    _, params = make_case(12, 8, 9, 3, 41)
     monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", "turbo")
     with pytest.raises(Exception, match="LUTCOMPILE_KERNEL_PATH"):
         session(lut_model(params))
+
+
+@pytest.mark.parametrize("C, threads, strides", [(6, 1, (1, 1)), (6, 3, (2, 1)), (300, 2, (1, 2))])
+def test_ort_conv_every_path(C, threads, strides, path, monkeypatch):
+    """LutConv in onnxruntime equals the reference on each path: three images of 7 or 4 tiles of
+    64 positions, claimed by the thread pool's workers (one scratch buffer each, reused from tile
+    to tile), stride 1 along x (on AVX-512 the gather copies runs) or 2, and C = 300, whose
+    codes outgrow the kernel's stack buffer and live in the worker's scratch."""
+    g = ConvGeometry(in_channels=5, kernel=(3, 2), strides=strides, pads=(1, 0, 2, 1), dilations=(2, 1))
+    X = np.random.default_rng(C + threads).standard_normal((3, 5, 19, 23)).astype(np.float32)
+    patches = im2col_reference(X, g)
+    _, params = make_case(C, len(patches), 13, C, g.D, relu=True, rows=patches)
+    model = lut_model(params, op_type=CONV_OP_TYPE, in_channels=g.in_channels, kernel_shape=list(g.kernel),
+                      strides=list(g.strides), pads=list(g.pads), dilations=list(g.dilations))
+    monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
+    y = session(model, threads).run(None, {"X": X})[0]
+    want = apply_conv_reference(X, params, g)
+    assert y.shape == want.shape and y.tobytes() == want.tobytes()
 
 
 def test_ort_fresh_process(tmp_path):
@@ -550,3 +584,98 @@ def test_ort_abi_from_c(tmp_path):
     assert "smoke-ok" in res.stdout and f"version={ort.__version__}" in res.stdout
     y = np.fromfile(tmp_path / "y.bin", dtype=np.float32).reshape(129, 23)
     assert np.array_equal(y, apply_reference(X, params))
+
+
+# ---------------------------------------------------------------------------------------
+# RegisterCustomOps against the real runtime and against a runtime whose ABI does not match
+
+REGISTER_SCRIPT = r"""
+import ctypes, sys
+
+ORT_API_VERSION = 17
+libonnxruntime, lutops, case = sys.argv[1:4]
+GET_API = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+
+
+class OrtApiBase(ctypes.Structure):
+    _fields_ = [("GetApi", ctypes.c_void_p), ("GetVersionString", ctypes.c_void_p)]
+
+
+runtime = ctypes.CDLL(libonnxruntime)
+runtime.OrtGetApiBase.restype = ctypes.POINTER(OrtApiBase)
+real_base = runtime.OrtGetApiBase().contents
+real_get_api = GET_API(real_base.GetApi)
+slots = ctypes.cast(real_get_api(ORT_API_VERSION), ctypes.POINTER(ctypes.c_void_p))
+get_error_message = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(slots[2])  # [2]
+release_status = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(slots[93])  # [93]
+
+lib = ctypes.CDLL(lutops)
+lib.RegisterCustomOps.restype = ctypes.c_void_p
+lib.RegisterCustomOps.argtypes = [ctypes.c_void_p, ctypes.POINTER(OrtApiBase)]
+
+
+def fake_base(get_api):
+    # the real version string, GetApi answered by get_api(version); the callback stays alive
+    callback = GET_API(get_api)
+    base = OrtApiBase(ctypes.cast(callback, ctypes.c_void_p).value, real_base.GetVersionString)
+    base.keep = callback
+    return base
+
+
+def register(options, base):
+    status = lib.RegisterCustomOps(options, ctypes.byref(base))
+    if status is None:
+        return None
+    message = get_error_message(status).decode()
+    release_status(status)
+    return message
+
+
+if case == "no-api":  # no version-17 table; every other version is the real runtime's
+    message = register(None, fake_base(lambda v: None if v == ORT_API_VERSION else real_get_api(v)))
+elif case == "bad-table":  # a version-17 table whose GetErrorCode (slot 1) gives the wrong code
+    wrong_code = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(lambda status: 0)
+    table = (ctypes.c_void_p * 3)(slots[0], ctypes.cast(wrong_code, ctypes.c_void_p).value, slots[2])
+    message = register(None, fake_base(lambda v: ctypes.addressof(table) if v == ORT_API_VERSION
+                                       else real_get_api(v)))
+elif case == "no-api-at-all":  # not even version 1: no way to make a status
+    message = register(None, fake_base(lambda v: None))
+else:  # "real": the real runtime and session options made by its CreateSessionOptions [10]
+    options = ctypes.c_void_p()
+    assert ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(slots[10])(ctypes.byref(options)) is None
+    message = register(options, real_base)
+    ctypes.CFUNCTYPE(None, ctypes.c_void_p)(slots[100])(options)  # ReleaseSessionOptions [100]
+print("status:", "NULL" if message is None else message)
+"""
+
+
+def _register(case: str) -> subprocess.CompletedProcess:
+    """REGISTER_SCRIPT in a fresh process (a second onnxruntime, loaded by ctypes, stays out of this one)."""
+    res = subprocess.run([sys.executable, "-c", REGISTER_SCRIPT, _libonnxruntime(), kernel.library_path(), case],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+@pytest.mark.skipif(_libonnxruntime() is None, reason="wheel has no libonnxruntime.so")
+@pytest.mark.parametrize("case, needles", [
+    ("no-api", ["does not provide C API version 17"]),
+    ("bad-table", ["C API version 17 table", "does not match"])])
+def test_register_abi_mismatch_is_an_error(case, needles):
+    """RegisterCustomOps answers a runtime without the version-17 API, or with a table whose
+    first slots are not where ort_abi.h says, with an error status (made through GetApi(1))
+    naming lutcompile, the API version and the runtime's version, instead of success."""
+    line = _register(case).stdout.strip()
+    assert line.startswith("status: lutcompile: ") and f"onnxruntime {ort.__version__}" in line, line
+    for needle in needles:
+        assert needle in line, line
+
+
+@pytest.mark.skipif(_libonnxruntime() is None, reason="wheel has no libonnxruntime.so")
+def test_register_success_and_no_api_at_all():
+    """Success is a NULL status; a base that serves no API at all (no status can be made) gets
+    NULL too, and the message on stderr."""
+    assert _register("real").stdout.strip() == "status: NULL"
+    res = _register("no-api-at-all")
+    assert res.stdout.strip() == "status: NULL"
+    assert "lutcompile: onnxruntime" in res.stderr and "version 17" in res.stderr

@@ -20,12 +20,13 @@ import pytest
 from onnx import TensorProto, helper
 
 import lutcompile
-from lutcompile import external_data
-from lutcompile.finetune import FinetuneOptions
-from lutcompile.fit import FitOptions
-from lutcompile.lut import DOMAIN
-from lutcompile.rewrite import params_from_node
-from lutcompile.runtime import session_options
+from lutcompile.errors import OptionsError
+from lutcompile.onnx_io import external_data
+from lutcompile.compile.finetune import FinetuneOptions
+from lutcompile.compile.fit import FitOptions
+from lutcompile.ops.spec import DOMAIN
+from lutcompile.ops.node_format import params_from_node
+from lutcompile.onnx_io.sessions import session_options
 
 TWO_GB = 2 ** 31
 WIDTH, CLASSES, TOKENS = 64, 10, 8
@@ -124,10 +125,11 @@ def test_external_data_of_the_wrong_size_is_refused(tmp_path):
     model_path, _ = write_embedding_model(str(tmp_path), vocabulary=4096)
     with open(tmp_path / "weights.bin", "r+b") as f:
         f.truncate(4096 * WIDTH * 4)  # the MatMul weight after the embedding is cut off
-    with pytest.raises(lutcompile.frontend.FrontendError, match="does not fit 'weights.bin'"):
-        lutcompile.frontend.load_model(model_path)
+    with pytest.raises(lutcompile.compile.frontend.FrontendError, match="does not fit 'weights.bin'"):
+        lutcompile.compile.frontend.load_model(model_path)
 
 
+@pytest.mark.slow
 def test_model_over_two_gigabytes(tmp_path, digits):
     vocabulary = TWO_GB // (4 * WIDTH) + 4096  # 2.15 GB of embedding
     folder = tmp_path / "in"
@@ -135,7 +137,7 @@ def test_model_over_two_gigabytes(tmp_path, digits):
     try:
         model_path, W = write_embedding_model(str(folder), vocabulary)
         assert os.path.getsize(folder / "weights.bin") > TWO_GB
-        loaded = lutcompile.frontend.load_model(model_path)
+        loaded = lutcompile.compile.frontend.load_model(model_path)
         (weight,) = [t for t in loaded.graph.initializer if t.name == "W"]  # stored past 2**31
         np.testing.assert_array_equal(external_data.tensor_array(weight), W)
         output = str(tmp_path / "fast.onnx")
@@ -166,3 +168,29 @@ def test_fine_tuning_writes_trained_external_weights_to_the_output(tmp_path, dig
     session = ort.InferenceSession(output, session_options(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input": Xtr})[0]
     assert np.mean(logits.argmax(1) == ytr) == pytest.approx(result.accuracy_after)
+
+
+def test_the_array_registry_keeps_only_what_the_result_refers_to(tmp_path, digits_model, digits_split):
+    """Every fine-tune write-back attaches new arrays; once the compile returns, the registry
+    holds only the arrays the result's model refers to (and stays level over repeated compiles)."""
+    Xtr, ytr, _, _ = digits_split
+    stored = onnx.ModelProto()
+    stored.CopyFrom(digits_model)
+    onnx.save_model(stored, str(tmp_path / "mlp.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="mlp.weights", size_threshold=0)
+    start = external_data.held_arrays()
+    held = []
+    for _ in range(2):
+        result = lutcompile.compile_model(str(tmp_path / "mlp.onnx"), None, {"input": Xtr, "labels": ytr},
+                                          codebooks=8, nodes_to_include=["fc0", "fc1"], progress=False,
+                                          finetune_options=FinetuneOptions(epochs=2))
+        assert result.stages  # the fine-tune pass ran and wrote trained weights back
+        referred = len(external_data.attached_initializers(result.model))
+        assert referred > 0
+        held.append(external_data.held_arrays() - start)
+        assert held[-1] <= 2 * referred  # this result's arrays, and the previous result's
+        del result
+    with pytest.raises(OptionsError):  # a failed compile frees what it attached
+        lutcompile.compile_model(str(tmp_path / "mlp.onnx"), None, {"input": Xtr}, codebooks=8, progress=False,
+                                 nodes_to_include=["nonesuch"])
+    assert external_data.held_arrays() - start == held[-1]

@@ -8,10 +8,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lutcompile
-from lutcompile import calibrate, frontend, kernel
-from lutcompile.fit import FitOptions, fit_node, learn_tree, quantise_tables, ridge_tables
-from lutcompile.lut import DOMAIN, encode_reference
-from lutcompile.reference import reference_evaluator
+from lutcompile.compile import calibrate, frontend
+from lutcompile.ops import kernel
+from lutcompile.compile.fit import FitOptions, fit_node, learn_tree, quantise_tables, ridge_tables
+from lutcompile.ops.spec import DOMAIN, encode_reference
+from lutcompile.ops.reference import reference_evaluator
 
 from conftest import mlp_model, numpy_mlp
 
@@ -164,7 +165,8 @@ def test_quantised_tables_reconstruct_within_half_a_step(digits):
 def test_more_codebooks_fit_better(digits_mlp, digits):
     X = digits[0]
     W, b = digits_mlp[0]
-    errors = [fit_node(X, W, b, None, FitOptions(codebooks=C)).relative_error for C in (1, 4, 16, 64)]
+    ridge = FitOptions(partition="contiguous", table_loss="ridge")
+    errors = [fit_node(X, W, b, None, C, ridge).relative_error for C in (1, 4, 16, 64)]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 0.15
 
@@ -172,7 +174,7 @@ def test_more_codebooks_fit_better(digits_mlp, digits):
 def test_fit_relative_error_is_measured_against_the_exact_product(digits_mlp, digits):
     X = digits[0][:500]
     W, b = digits_mlp[0]
-    fit = fit_node(X, W, b, "Relu", FitOptions(codebooks=8))
+    fit = fit_node(X, W, b, "Relu", 8, FitOptions(partition="contiguous", table_loss="ridge"))
     exact = np.maximum(X.astype(np.float64) @ W + b, 0)
     approx = kernel.apply(X, fit.params)
     assert fit.relative_error == pytest.approx(np.linalg.norm(approx - exact) / np.linalg.norm(exact), rel=1e-4)
@@ -212,7 +214,7 @@ def test_compiled_model_matches_reference_per_node(compiled_digits, digits_split
                                 providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     outs = dict(zip(names, sess.run(None, {"input": Xte})))
-    from lutcompile.rewrite import params_from_node
+    from lutcompile.ops.node_format import params_from_node
     for n in nodes:
         params = params_from_node(n)
         x = outs[n.input[0]]

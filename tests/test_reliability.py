@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import lutcompile
-from lutcompile.reference import reference_evaluator
+from lutcompile.ops.reference import reference_evaluator
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS, RUNS = 8, 1000
@@ -60,6 +60,7 @@ def compile_in_a_fresh_process(model: Path, calib: Path, out: Path, hash_seed: s
     return out.read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [["--no-finetune"], []], ids=["finetune-off", "finetune-on"])
 def test_compiling_twice_gives_byte_identical_files(tmp_path, digits_model, digits_split, options):
     """Two compiles of the digits MLP in separate processes (string hashing seeded

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import lutcompile
-from lutcompile import cli
-from lutcompile.finetune import FinetuneOptions
-from lutcompile.report import PLOTS, write_report
+from lutcompile.tools import cli
+from lutcompile.compile.finetune import FinetuneOptions
+from lutcompile.tools.report import PLOTS, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models/mnist_mlp.onnx"
@@ -88,6 +88,7 @@ def test_report_html_is_self_contained_with_three_inline_plots(reported):
     assert "after /6/Gemm" in page and "not in nodes_to_include" in page
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium_with_its_plots(reported, tmp_path):
     _, folder = reported
     url = (folder / "report.html").resolve().as_uri()

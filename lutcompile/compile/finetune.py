@@ -63,7 +63,14 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher_logits: np.ndar
     labels = None if data.labels is None else torch.from_numpy(data.labels)
     teacher = None if teacher_logits is None else torch.from_numpy(teacher_logits.astype(np.float32))
 
+    # a model whose inputs fix the batch (say [1, 1, 28, 28]) runs only whole batches of that size
+    fixed = _fixed_batch(model, program.input_names)
+    step = fixed or options.batch_size
+
     def loss_on(rows: torch.Tensor) -> torch.Tensor:
+        if fixed and len(rows) != fixed:  # in whole batches, the rows past the last one left out
+            chunks = [rows[i:i + fixed] for i in range(0, len(rows) - fixed + 1, fixed)]
+            return torch.stack([loss_on(c) for c in chunks]).mean()
         logits = program(*(x[rows] for x in inputs))[0].reshape(len(rows), -1)
         if labels is not None:
             return F.cross_entropy(logits, labels[rows])
@@ -72,6 +79,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher_logits: np.ndar
 
     shuffled = torch.from_numpy(rng.permutation(data.rows))
     n_val = int(data.rows * options.val_fraction) if data.rows >= 100 else 0
+    n_val = n_val - n_val % fixed if fixed else n_val
     val, fit_rows = shuffled[:n_val], shuffled[n_val:]
 
     def held_out_loss() -> float:
@@ -82,8 +90,8 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher_logits: np.ndar
     steps = range(epochs)
     for _ in (progress(steps) if progress else steps):
         order = fit_rows[torch.from_numpy(rng.permutation(len(fit_rows)))]
-        for start in range(0, len(order), options.batch_size):
-            loss = loss_on(order[start:start + options.batch_size])
+        for start in range(0, len(order) - (fixed or 1) + 1, step):
+            loss = loss_on(order[start:start + step])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -98,3 +106,10 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher_logits: np.ndar
     trained.CopyFrom(model)
     program.write_back(trained)
     return trained
+
+
+def _fixed_batch(model: onnx.ModelProto, input_names: list[str]) -> int | None:
+    """The batch size the model's inputs fix (their first dimension), or None if it is free."""
+    dims = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
+    fixed = {d[0].dim_value for name in input_names if (d := dims.get(name)) and d[0].HasField("dim_value")}
+    return fixed.pop() if len(fixed) == 1 and 0 not in fixed else None

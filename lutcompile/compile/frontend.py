@@ -215,10 +215,10 @@ class _Constants:
         if any(v is None for v in feeds.values()):
             return None
         feeds = {k: np.asarray(v) for k, v in feeds.items()}
-        graph = onnx.helper.make_graph(
-            [node], "fold", [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
-                             for k, v in feeds.items()],
-            [onnx.helper.make_empty_tensor_value_info(o) for o in node.output])
+        inputs = [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                  for k, v in feeds.items()]
+        graph = onnx.helper.make_graph([node], "fold", inputs,
+                                       [onnx.helper.make_empty_tensor_value_info(o) for o in node.output])
         try:
             values = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=self._opsets)).run(None, feeds)
         except Exception:  # an attribute or a type the reference runtime refuses: not a constant
@@ -383,18 +383,13 @@ def _normalise(node: onnx.NodeProto, constants: _Constants, ranks: dict[str, int
     M = weight.shape[1]
     bias = None
     if len(node.input) > 2 and node.input[2]:
-        c = constants.get(node.input[2])
-        if c is None:
+        stored = constants.get(node.input[2])
+        if stored is None:
             return "Gemm bias C is not constant"
-        c = c.astype(np.float32)
-        # C must be constant along the rows of the (possibly transposed) output
-        along = (1, M) if not flip_out else (M, 1)
-        if c.size == 1:
-            c = np.full(M, c.reshape(()), np.float32)
-        elif c.shape in (along, (M,) if not flip_out else ()):
-            c = c.reshape(-1)
-        else:
-            return f"Gemm bias C of shape {c.shape} is not a vector along the output features"
+        # C must be constant along the rows of the output [N, M] (transposed: [M, N])
+        c = _per_channel(stored, M, -2 if flip_out else -1, 2)
+        if c is None:
+            return f"Gemm bias C of shape {stored.shape} is not a vector along the output features"
         bias = np.ascontiguousarray(np.float32(_attr(node, "beta", 1.0)) * c, dtype=np.float32)
     return x_name, weight, bias, flip_in, flip_out
 

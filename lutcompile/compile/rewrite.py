@@ -1,9 +1,9 @@
 """Stage 4, rewrite: replace each fitted product by its new node (onnx-graphsurgeon).
 
 The new node (LutMatMul, LutConv, ...: the replacement method's) takes the product's input, produces the tensor the absorbed nodes produced
-(after a folded bias Add or BatchNormalization and a fused Relu), and keeps the original node's name. Graph inputs,
-outputs and every other node stay as they were; weights no node uses any more are dropped
-(from the graph inputs too, where an old exporter listed them there).
+(after a folded bias Add or BatchNormalization and a fused Relu), and keeps the original
+node's name. Graph inputs, outputs and every other node stay as they were; weights no node
+uses any more are dropped (from the graph inputs too, where an old exporter listed them there).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _keep_weight_inputs(result: onnx.ModelProto, original: onnx.ModelProto) -> N
     entry back, in the original order; below IR 4, so does every other initializer. The
     weights of replaced nodes are gone from both.
     """
-    weights = {t.name: t for t in result.graph.initializer}
+    weights = {t.name for t in result.graph.initializer}
     listed = {i.name: i for i in result.graph.input}
     inputs = [listed.pop(i.name, i) for i in original.graph.input if i.name in listed or i.name in weights]
     inputs += listed.values()

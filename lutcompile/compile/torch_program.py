@@ -105,9 +105,22 @@ class LutConvModule(torch.nn.Module):
         return y.transpose(1, 2).reshape(N, -1, OH, OW)
 
 
-def _pads(attrs: dict, spatial: int) -> list[int]:
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise UnsupportedOp(f"auto_pad={attrs['auto_pad']} is not supported")
+def _pads(attrs: dict, x: torch.Tensor, kernel) -> list[int]:
+    """ONNX pads [begins..., ends...] of a Conv or pool on input x, auto_pad resolved."""
+    spatial = x.dim() - 2
+    auto = attrs.get("auto_pad", "NOTSET")
+    if auto == "VALID":
+        return [0] * (2 * spatial)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):  # output size ceil(in / stride); the odd pad at the end (UPPER)
+        strides = attrs.get("strides", [1] * spatial)
+        dilations = attrs.get("dilations", [1] * spatial)
+        total = [max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+                 for n, k, s, d in zip(x.shape[2:], kernel, strides, dilations)]
+        small = [p // 2 for p in total]
+        large = [p - p // 2 for p in total]
+        return small + large if auto == "SAME_UPPER" else large + small
+    if auto != "NOTSET":
+        raise UnsupportedOp(f"auto_pad={auto} is not supported")
     return list(attrs.get("pads", [0] * (2 * spatial)))
 
 
@@ -125,7 +138,7 @@ def _pad_input(x: torch.Tensor, pads: list[int], value: float = 0.0) -> tuple[to
 
 def _conv(x, w, b=None, **a):
     spatial = w.dim() - 2
-    x, padding = _pad_input(x, _pads(a, spatial))
+    x, padding = _pad_input(x, _pads(a, x, w.shape[2:]))
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     return conv(x, w, b, stride=a.get("strides", 1), padding=padding,
                 dilation=a.get("dilations", 1), groups=a.get("group", 1))
@@ -134,16 +147,20 @@ def _conv(x, w, b=None, **a):
 def _pool(kind):
     def run(x, **a):
         spatial = x.dim() - 2
-        x, padding = _pad_input(x, _pads(a, spatial), value=-math.inf if kind == "max" else 0.0)
         k = a["kernel_shape"]
+        pads = _pads(a, x, k)
+        padded, padding = _pad_input(x, pads, value=-math.inf if kind == "max" else 0.0)
         stride = a.get("strides", [1] * spatial)
         ceil = bool(a.get("ceil_mode", 0))
         if kind == "max":
             fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
-            return fn(x, k, stride, padding, dilation=a.get("dilations", 1), ceil_mode=ceil)
+            return fn(padded, k, stride, padding, dilation=a.get("dilations", 1), ceil_mode=ceil)
         fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
-        return fn(x, k, stride, padding, ceil_mode=ceil,
-                  count_include_pad=bool(a.get("count_include_pad", 0)))
+        include = bool(a.get("count_include_pad", 0))
+        if padded is not x and not include:  # asymmetric pads applied here: divide by the real elements only
+            ones, _ = _pad_input(torch.ones_like(x[:1, :1]), pads)
+            return fn(padded, k, stride, padding, ceil_mode=ceil) / fn(ones, k, stride, padding, ceil_mode=ceil)
+        return fn(padded, k, stride, padding, ceil_mode=ceil, count_include_pad=include)
     return run
 
 

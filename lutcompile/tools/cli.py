@@ -149,7 +149,7 @@ def build_diff_parser() -> argparse.ArgumentParser:
 def build_inspect_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lutcompile inspect",
-        description="List a compiled model's LutMatMul nodes with their configuration and check "
+        description="List a compiled model's lookup nodes (LutMatMul, LutConv) with their configuration and check "
                     "that their tables are consistent.",
         epilog="exit status: 0 consistent, 3 bad model, 6 inconsistent tables")
     p.add_argument("model", metavar="MODEL", help="a model compiled by lutcompile")

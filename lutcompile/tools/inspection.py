@@ -102,10 +102,12 @@ class LookupNode:
     problems: list[str] = field(default_factory=list)
 
     def geometry(self) -> ConvGeometry | None:
-        """The LutConv's patch geometry, when every entry is well formed."""
-        if self.conv is None or any(v is None for v in self.conv.values()):
-            return None
+        """The LutConv's patch geometry, when every entry is well formed and within the limits."""
         c = self.conv
+        if c is None or any(v is None for v in c.values()) or not 1 <= c["in_channels"] <= MAX_IN_CHANNELS:
+            return None
+        if any(not low <= v <= high for key, _, low, high in CONV_ATTRIBUTES for v in c[key]):
+            return None
         return ConvGeometry(c["in_channels"], tuple(c["kernel_shape"]), tuple(c["strides"]),
                             tuple(c["pads"]), tuple(c["dilations"]))
 

@@ -1,0 +1,104 @@
+"""The budget's cost model: each node, exact and as lookups at each C, timed alone in onnxruntime.
+
+Each node is built as a one-node ONNX model with its real weights, shapes and activation and
+timed on this machine (one thread, a reference batch of rows, medians of interleaved
+repetitions). A plan's cost is the sum of its nodes' times: the rest of the graph is the same
+for every plan. The lookup nodes' tables are random, as the kernel's time does not depend on them.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..compile import frontend
+from ..compile.calibrate import CalibrationData, collect_activations
+from ..compile.methods import lookup_replacement
+from ..compile.rewrite import rewrite
+from ..onnx_io.timing import model_latencies
+from ..ops.spec import DEPTH, K, NODES, LutParams
+from ..errors import OptionsError
+
+log = logging.getLogger("lutcompile")
+
+Option = int | None  # lookups at C codebooks, or None: the node stays exact
+
+
+@dataclass
+class CostModel:
+    """Seconds per call of each node's options (None: exact), each timed alone in onnxruntime,
+    one thread, `batch` rows per call."""
+
+    batch: int
+    seconds: dict[str, dict[Option, float]]
+
+    def total(self, plan: dict[str, Option]) -> float:
+        """The target nodes' summed time under `plan` (nodes it does not name: exact)."""
+        return sum(times[plan.get(node)] for node, times in self.seconds.items())
+
+
+def node_model(target: frontend.TargetNode) -> onnx.ModelProto:
+    """The target's exact computation alone, X -> Y: Gemm (on its rows [n, D]) or Conv, with
+    the real weight and bias, then its fused activation as a separate node."""
+    inits = [numpy_helper.from_array(target.weight if target.conv is None else
+                                     np.ascontiguousarray(target.weight.T.reshape(
+                                         target.M, target.conv.in_channels, *target.conv.kernel)), "W")]
+    inputs = ["X", "W"]
+    if target.bias is not None:
+        inits.append(numpy_helper.from_array(target.bias, "B"))
+        inputs.append("B")
+    product = "P" if target.activation else "Y"
+    if target.conv is None:
+        node = helper.make_node("Gemm", inputs, [product], name=target.name)
+        x_shape = ["n", target.D]
+    else:
+        g = target.conv
+        node = helper.make_node("Conv", inputs, [product], name=target.name, kernel_shape=list(g.kernel),
+                                strides=list(g.strides), pads=list(g.pads), dilations=list(g.dilations))
+        x_shape = ["n", g.in_channels, "h", "w"]
+    nodes = [node] + ([helper.make_node(target.activation, [product], ["Y"], name=f"{target.name}/activation")]
+                      if target.activation else [])
+    graph = helper.make_graph(nodes, "node", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def random_params(target: frontend.TargetNode, codebooks: int, rng: np.random.Generator) -> LutParams:
+    """Valid lookup parameters of the target's shape at C codebooks (random values: the
+    kernel's time does not depend on them)."""
+    return LutParams(D=target.D, split_dims=rng.integers(0, target.D, (codebooks, DEPTH)),
+                     thresholds=rng.uniform(0, 1, (codebooks, NODES)).astype(np.float32),
+                     tables=rng.integers(0, 256, (target.M, codebooks, K), dtype=np.uint8), scale=0.01,
+                     offsets=np.zeros(codebooks, np.float32), bias=np.zeros(target.M, np.float32),
+                     relu=target.activation == "Relu")
+
+
+def measure_costs(model: onnx.ModelProto, targets: list[frontend.TargetNode], choices: dict[str, list[int]],
+                  data: CalibrationData, batch: int = 256, repetitions: int = 15, progress=None) -> CostModel:
+    """Time each target node, exact and at each C of choices[node], as one-node models in
+    onnxruntime: one thread, on the node's real input for `batch` calibration rows (repeated
+    if there are fewer), options interleaved, medians of `repetitions`."""
+    if batch < 1:
+        raise OptionsError(f"the cost batch must be at least 1, got {batch}")
+    sample = data.subset(np.arange(batch) % data.rows)
+    inputs = collect_activations(model, sample, {t.name: (t.input_name, np.asarray) for t in targets}, batch)
+    rng = np.random.default_rng(0)
+    seconds: dict[str, dict[Option, float]] = {}
+    for target in (progress or list)(targets):
+        exact = frontend.analyse(node_model(target))
+        alone = exact.targets[0]
+        models = {"exact": exact.model}
+        for C in choices[target.name]:
+            models[C] = rewrite(exact.model, [lookup_replacement(alone, random_params(alone, C, rng))])
+        X = inputs[target.name] if target.conv is not None else target.rows(inputs[target.name])
+        times = model_latencies(models, {"X": np.ascontiguousarray(X)}, threads=1, repetitions=repetitions)
+        seconds[target.name] = {(None if k == "exact" else k): v for k, v in times.items()}
+        log.info("cost of %s at batch %d: %s", target.name, batch,
+                 ", ".join(f"{'exact' if k is None else f'C={k}'} {1e6 * v:.1f} us"
+                           for k, v in seconds[target.name].items()))
+    return CostModel(batch, seconds)

@@ -1,0 +1,98 @@
+"""The replacement-method seam: how one target node becomes a cheaper node.
+
+A method turns a target (frontend.TargetNode) and its calibration rows into a `FittedNode`:
+the rewrite's `Replacement` (op type, domain and attributes of the new node) and the node's
+report. The pipeline knows methods only through this interface, so a second method (ternary
+sum-product layers, say) plugs in beside MADDNESS-style lookups without a second pipeline.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+
+from ..ops import node_format
+from ..ops.spec import CONV_OP_TYPE, DOMAIN, OP_TYPE, LutParams
+from .calibrate import require_rows
+from .fit import FitOptions, fit_node
+from .frontend import TargetNode
+from .rewrite import Replacement
+from ..errors import OptionsError
+
+log = logging.getLogger("lutcompile")
+
+
+@dataclass
+class NodeReport:
+    name: str
+    op_type: str
+    D: int
+    M: int
+    codebooks: int
+    partition: str
+    table_loss: str
+    activation: str | None
+    relative_error: float  # on the calibration rows, after the fused activation
+    bytes_before: int  # weight and bias, as stored (float32)
+    bytes_after: int  # the new node's parameters (node_format.parameter_bytes)
+    rows: int = 0  # the rows [n, D] it was fitted on (Conv patches, tokens: not calibration samples)
+
+
+@dataclass
+class FittedNode:
+    replacement: Replacement
+    report: NodeReport
+
+
+class Method(Protocol):
+    """One way to replace a matrix product."""
+
+    name: str
+
+    def fit(self, target: TargetNode, rows: np.ndarray, codebooks: int, options: FitOptions,
+            produces_logits: bool) -> FittedNode:
+        """The node's replacement, fitted on its input rows [n, D]."""
+        ...
+
+
+class LookupMethod:
+    """MADDNESS-style lookups: hash trees encode each row, summed 8-bit tables decode it
+    (LutMatMul, or LutConv for a Conv)."""
+
+    name = "lut"
+
+    def fit(self, target: TargetNode, rows: np.ndarray, codebooks: int, options: FitOptions,
+            produces_logits: bool) -> FittedNode:
+        C = min(codebooks, target.D)
+        require_rows(target.name, len(rows), C)  # the pipeline checked this before any fit
+        # "kl" compares softmaxes, which only means something on the logits
+        loss = "mse" if options.table_loss == "kl" and not produces_logits else options.table_loss
+        fit = fit_node(rows, target.weight, target.bias, target.activation, C, replace(options, table_loss=loss))
+        replacement = lookup_replacement(target, fit.params, {"partition": options.partition, "table_loss": loss,
+                                                              "source_op": target.op_type})
+        bytes_before = 4 * (target.weight.size + (0 if target.bias is None else target.bias.size))
+        report = NodeReport(target.name, target.op_type, target.D, target.M, C, options.partition, loss,
+                            target.activation, fit.relative_error, bytes_before,
+                            node_format.parameter_bytes(replacement.attributes), len(rows))
+        log.info("fitted %s: %dx%d C=%d %s rel.err %.4f", target.name, target.D, target.M, C, loss,
+                 fit.relative_error)
+        return FittedNode(replacement, report)
+
+
+def lookup_replacement(target: TargetNode, params: LutParams, info: dict | None = None) -> Replacement:
+    """The LutMatMul (or, for a Conv, LutConv) node carrying `params` in the target's place."""
+    attributes = node_format.lut_attributes(params, info)
+    if target.conv is not None:
+        attributes.update(node_format.conv_attributes(target.conv))
+    return Replacement(target, CONV_OP_TYPE if target.conv is not None else OP_TYPE, DOMAIN, attributes)
+
+
+METHODS: dict[str, Method] = {LookupMethod.name: LookupMethod()}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise OptionsError(f"unknown method '{name}', choose from {', '.join(METHODS)}")
+    return METHODS[name]

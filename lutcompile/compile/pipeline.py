@@ -1,0 +1,138 @@
+"""The compile pipeline, one call for every caller: calibrate -> fit -> rewrite -> fine-tune.
+
+`run` takes an analysed model (frontend), the chosen targets, the calibration data and the
+plan, {node name: codebook count}, and returns the compiled model in memory. compile_model
+(lutcompile/api.py) calls it once with the user's plan; the budget search
+(lutcompile/budget/search.py) calls it for each plan it verifies. Writing the model and the
+report is the caller's.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from ..onnx_io.sessions import accuracy, make_session, run_batched
+from ..progress import bar, timed
+from . import calibrate, frontend
+from .calibrate import CalibrateOptions, CalibrationData
+from .finetune import FinetuneOptions, train
+from .fit import FitOptions
+from .methods import NodeReport, get_method
+from .rewrite import rewrite
+
+log = logging.getLogger("lutcompile")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Every stage's options, one dataclass each, holding the one set of defaults."""
+
+    frontend: frontend.FrontendOptions = field(default_factory=frontend.FrontendOptions)
+    calibrate: CalibrateOptions = field(default_factory=CalibrateOptions)
+    fit: FitOptions = field(default_factory=FitOptions)
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    method: str = "lut"  # the replacement method (compile/methods.py)
+
+    def record(self, plan: dict[str, int], incremental: bool) -> dict:
+        """What CompileResult.options (and report.json) say the model was compiled with."""
+        fo = self.frontend
+        return dict(codebooks=dict(plan), plan=dict(plan), method=self.method, partition=self.fit.partition,
+                    table_loss=self.fit.table_loss, finetune=incremental, finetune_tables=self.finetune.tables,
+                    seed=self.fit.seed, op_types=list(fo.op_types),
+                    nodes_to_include=None if fo.nodes_to_include is None else list(fo.nodes_to_include),
+                    nodes_to_exclude=list(fo.nodes_to_exclude) or None,
+                    calibrate_options=asdict(self.calibrate), fit_options=asdict(self.fit),
+                    finetune_options=asdict(self.finetune))
+
+
+@dataclass
+class CompileResult:
+    model: onnx.ModelProto
+    nodes: list[NodeReport]
+    skipped: list[frontend.SkippedNode]
+    calibration_rows: int  # calibration samples (model input rows) the nodes were fitted on
+    accuracy_before: float | None = None  # on the calibration data, when it has labels
+    accuracy_after: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    stages: list[tuple[str, float]] = field(default_factory=list)  # calibration accuracy per stage
+    options: dict = field(default_factory=dict)  # the options the model was compiled with
+    budget: object | None = None  # budget.search.BudgetResult, when the budget search chose the plan
+
+
+def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], data: CalibrationData,
+        plan: dict[str, int], options: CompileOptions, progress: bool = False,
+        seconds: dict[str, float] | None = None) -> CompileResult:
+    """Replace the targets named in `plan`, each at its codebook count (capped at its input
+    width D); targets the plan does not name stay exact. No file is written."""
+    seconds = {} if seconds is None else seconds
+    method = get_method(options.method)
+    options.fit.check()
+    chosen = [t for t in targets if t.name in plan]
+    fo, co, tune = options.frontend, options.calibrate, options.finetune
+    incremental = data.labels is not None if tune.enabled is None else tune.enabled
+    with timed(seconds, "calibrate"):  # too few rows for the codebooks fail here, before any fitting
+        calibrate.check_enough_rows(analysis.model, data, chosen, lambda t: min(plan[t.name], t.D),
+                                    co.max_rows, co.batch_size)
+    teacher = first_output(analysis.model, data) if (incremental or tune.tables) and data.labels is None else None
+    current = analysis.model
+    reports: list[NodeReport] = []
+    stages: list[tuple[str, float]] = []
+    # one-shot: every node fitted on the original model's activations; incremental: node by
+    # node, on the activations of the model whose earlier nodes are already replaced
+    names = [t.name for t in chosen]
+    rounds = [[n] for n in names] if incremental else [names] if names else []
+    for step in bar(progress and len(rounds) > 1, "replace")(rounds):
+        by_name = {t.name: t for t in frontend.analyse(current, fo.op_types, fo.fuse_activation).targets}
+        now = [by_name[n] for n in step]
+        with timed(seconds, "calibrate"):
+            rows = calibrate.target_rows(current, data, now, co, bar(progress, "calibrate"))
+        with timed(seconds, "fit"):
+            fitted = [method.fit(t, rows[t.name], plan[t.name], options.fit, t.output_name in analysis.output_names
+                                 and t.activation is None) for t in bar(progress, "fit")(now)]
+            current = rewrite(current, [f.replacement for f in fitted])
+        reports += [f.report for f in fitted]
+        # ITLUMM fine-tunes every exact product after the one just replaced: those still to be
+        # replaced, and those that stay exact (excluded, or kept exact by a budget)
+        order = list(by_name)
+        later = [p for n in order[order.index(step[-1]) + 1:] for p in by_name[n].parameter_names] \
+            if incremental else []
+        if later:
+            with timed(seconds, "finetune"):
+                current = train(current, data, teacher, set(later), tune, train_tables=tune.tables_in_pass,
+                                epochs=tune.epochs, lr=tune.lr, progress=bar(progress, f"fine-tune after {step[0]}"))
+        if data.labels is not None and incremental:
+            stages.append((f"after {step[0]}", evaluate_accuracy(current, data)))
+    if tune.tables:
+        with timed(seconds, "finetune"):
+            exact_left = {p for t in frontend.analyse(current, fo.op_types, fo.fuse_activation).targets
+                          for p in t.parameter_names}
+            current = train(current, data, teacher, exact_left, tune, train_tables=True,
+                            progress=bar(progress, "fine-tune tables"))
+        if data.labels is not None:
+            stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
+    result = CompileResult(current, reports, list(analysis.skipped), data.rows, seconds=seconds,
+                           stages=stages, options=options.record(plan, incremental))
+    if data.labels is not None:
+        with timed(seconds, "evaluate"):
+            result.accuracy_before = evaluate_accuracy(analysis.model, data)
+            result.accuracy_after = evaluate_accuracy(current, data)
+    return result
+
+
+def first_output(model: onnx.ModelProto, data: CalibrationData) -> np.ndarray:
+    """The model's first output over the rows of `data`, run in onnxruntime."""
+    session = make_session(model)
+    return np.asarray(run_batched(session, data.inputs, [session.get_outputs()[0].name])[0])
+
+
+def evaluate_accuracy(model: onnx.ModelProto | str, data: CalibrationData,
+                      threads: int | None = None) -> float:
+    """Top-1 accuracy of the model's first output on labelled data, run in onnxruntime."""
+    if data.labels is None:
+        raise ValueError("accuracy needs labels")
+    session = make_session(model, threads)
+    logits = run_batched(session, data.inputs, [session.get_outputs()[0].name])[0]
+    return accuracy(np.asarray(logits), data.labels)
