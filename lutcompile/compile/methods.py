@@ -37,7 +37,7 @@ class NodeReport:
     relative_error: float  # on the calibration rows, after the fused activation
     bytes_before: int  # weight and bias, as stored (float32)
     bytes_after: int  # the new node's parameters (node_format.parameter_bytes)
-    rows: int = 0  # the rows [n, D] it was fitted on (Conv patches, tokens: not calibration samples)
+    fitted_rows: int = 0  # how many rows [n, D] it was fitted on (Conv patches, tokens: not calibration samples)
 
 
 @dataclass

@@ -193,7 +193,7 @@ def _print_summary(result: api.CompileResult, eval_accuracy: tuple[float, float]
     for line in kept_exact_lines(result.skipped):
         print(line)
     if result.nodes:
-        fitted = sorted({n.rows for n in result.nodes})
+        fitted = sorted({n.fitted_rows for n in result.nodes})
         per_node = f"{fitted[0]:,}" if len(fitted) == 1 else f"{fitted[0]:,} to {fitted[-1]:,}"
         print(f"relative error on the {per_node} rows each node was fitted on (from {result.calibration_rows:,} "
               f"calibration samples), after each node's activation")
