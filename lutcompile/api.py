@@ -45,6 +45,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   table_loss: str | None = None,
                   finetune: bool | None = None,
                   finetune_tables: bool | None = None,
+                  finetune_trees: bool | None = None,
                   nodes_to_include: list[str] | None = None,
                   nodes_to_exclude: list[str] | None = None,
                   op_types: tuple[str, ...] | None = None,
@@ -76,7 +77,9 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     (frontend); batch_size (calibrate);
     finetune: ITLUMM's incremental replacement, fine-tuning the later exact layers after each
     replacement (None: on when the calibration data has labels); finetune_tables: afterwards,
-    train the tables, lookup biases and remaining exact layers end to end.
+    train the tables, lookup biases and remaining exact layers end to end; finetune_trees: in
+    that stage, train the trees' thresholds too, with straight-through gradients into every
+    lookup's input (implies finetune_tables).
     threads: the compiler's own onnxruntime sessions and torch use this many threads (None:
     their defaults, every core).
     report_dir: write report.json and report.html there.
@@ -89,7 +92,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     if progress is None:
         progress = sys.stderr.isatty()
     options = _resolve_options(options or CompileOptions(), partition=partition, table_loss=table_loss,
-                               finetune=finetune, finetune_tables=finetune_tables,
+                               finetune=finetune, finetune_tables=finetune_tables, finetune_trees=finetune_trees,
                                nodes_to_include=nodes_to_include if nodes_to_include is not None
                                else list(codebooks) if isinstance(codebooks, dict) else None,
                                nodes_to_exclude=nodes_to_exclude, op_types=op_types,
@@ -140,7 +143,7 @@ def _plan(codebooks: int | dict[str, int], targets: list[frontend.TargetNode]) -
     return {t.name: int(counts[t.name]) for t in targets}
 
 
-def _resolve_options(options: CompileOptions, *, partition, table_loss, finetune, finetune_tables,
+def _resolve_options(options: CompileOptions, *, partition, table_loss, finetune, finetune_tables, finetune_trees,
                      nodes_to_include, nodes_to_exclude, op_types, fuse_activation, seed, batch_size,
                      fit_options, finetune_options) -> CompileOptions:
     """`options` with the fields the keyword arguments name overridden (None: not given)."""
@@ -148,7 +151,9 @@ def _resolve_options(options: CompileOptions, *, partition, table_loss, finetune
         return {k: v for k, v in fields.items() if v is not None}
     fit = replace(fit_options or options.fit, **given(partition=partition, table_loss=table_loss, seed=seed))
     tune = replace(finetune_options or options.finetune, **given(enabled=finetune, tables=finetune_tables,
-                                                                  seed=seed))
+                                                                  trees=finetune_trees, seed=seed))
+    if tune.trees:  # the trees train in the end-to-end stage
+        tune = replace(tune, tables=True)
     front = replace(options.frontend, **given(
         op_types=None if op_types is None else tuple(op_types), fuse_activation=fuse_activation,
         nodes_to_exclude=None if nodes_to_exclude is None else tuple(nodes_to_exclude)))

@@ -30,6 +30,10 @@ class FinetuneOptions:
     # each (None: on when the calibration data has labels)
     enabled: bool | None = None
     tables: bool = False  # afterwards, train the tables, lookup biases and exact layers end to end
+    # in that stage, train the trees' thresholds too, with gradients into each lookup's input
+    # (hard forward, soft-tree straight-through backward: torch_program.LutModule)
+    trees: bool = False
+    tree_temperature: float = 0.1  # the soft tree's tau, relative to each codebook's threshold spread
     epochs: int = 8
     lr: float = 1e-3
     batch_size: int = 64
@@ -42,14 +46,15 @@ class FinetuneOptions:
 
 def train(model: onnx.ModelProto, data: CalibrationData, teacher_logits: np.ndarray | None,
           trainable: set[str], options: FinetuneOptions, train_tables: bool = False,
-          epochs: int | None = None, lr: float | None = None, progress=None) -> onnx.ModelProto:
+          epochs: int | None = None, lr: float | None = None, progress=None,
+          train_trees: bool = False) -> onnx.ModelProto:
     """Train `trainable` initializers (and the tables, if asked) of `model`; a trained copy.
 
     A seeded `val_fraction` of the rows is held out; the parameters of the epoch with the
     lowest held-out loss are kept (epoch 0 being the untrained model), so training cannot
     make the model worse on data it was not trained on.
     """
-    program = TorchProgram(model, trainable, train_tables)
+    program = TorchProgram(model, trainable, train_tables, train_trees, options.tree_temperature)
     params = [p for p in program.parameters() if p.requires_grad]
     if not params:
         return model

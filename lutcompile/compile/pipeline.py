@@ -109,8 +109,8 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
         with timed(seconds, "finetune"):
             exact_left = {p for t in frontend.analyse(current, fo.op_types, fo.fuse_activation).targets
                           for p in t.parameter_names}
-            current = train(current, data, teacher, exact_left, tune, train_tables=True,
-                            progress=bar(progress, "fine-tune tables"))
+            current = train(current, data, teacher, exact_left, tune, train_tables=True, train_trees=tune.trees,
+                            progress=bar(progress, "fine-tune tables" + (" and trees" if tune.trees else "")))
         if data.labels is not None:
             stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
     result = CompileResult(current, reports, list(analysis.skipped), data.rows, seconds=seconds,

@@ -45,13 +45,25 @@ def fake_quantise(T: torch.Tensor) -> torch.Tensor:
 
 
 class LutModule(torch.nn.Module):
-    """LutMatMul in torch: codes from the frozen trees, output from (optionally trainable) tables."""
+    """LutMatMul in torch. The forward is the kernel's: hard codes from the trees, 8-bit tables.
 
-    def __init__(self, params: LutParams, train_tables: bool = False):
+    train_tables: the tables and bias train, through a straight-through 8-bit rounding.
+    train_trees: the thresholds train too, and gradients reach the layer's input, so earlier
+    layers learn to feed the trees: the hard forward is kept, and the backward is that of a
+    soft tree (each split a sigmoid of (x - threshold) / tau, a leaf's probability the product
+    along its path, the output the probability-weighted tables), added as y_soft - y_soft.detach().
+    tau is `temperature` times the spread of each codebook's thresholds.
+    """
+
+    def __init__(self, params: LutParams, train_tables: bool = False, train_trees: bool = False,
+                 temperature: float = 0.1):
         super().__init__()
         self.D, self.C, self.M, self.relu = params.D, params.C, params.M, params.relu
         self.register_buffer("split_dims", torch.from_numpy(params.split_dims.astype(np.int64)))
-        self.register_buffer("thresholds", torch.from_numpy(params.thresholds))
+        self.thresholds = torch.nn.Parameter(torch.from_numpy(params.thresholds.copy()), requires_grad=train_trees)
+        spread = params.thresholds.std(axis=1, keepdims=True)
+        spread = np.where(spread > 0, spread, np.maximum(np.abs(params.thresholds).max(axis=1, keepdims=True), 1.0))
+        self.register_buffer("tau", torch.from_numpy((temperature * spread).astype(np.float32)))
         # tables in float: q * scale + offset[c], laid out [C, 16, M]
         T = params.tables.transpose(1, 2, 0).astype(np.float32) * np.float32(params.scale)
         T = T + params.offsets[:, None, None]
@@ -62,11 +74,22 @@ class LutModule(torch.nn.Module):
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         node = torch.zeros(x.shape[0], self.C, dtype=torch.int64, device=x.device)
         cols = torch.arange(self.C, device=x.device)
+        thresholds = self.thresholds.detach()
         for level in range(DEPTH):
             values = x[:, self.split_dims[:, level]]
-            thr = self.thresholds[cols, (1 << level) - 1 + node]
+            thr = thresholds[cols, (1 << level) - 1 + node]
             node = 2 * node + (values > thr).long()
         return node
+
+    def leaf_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, 16]: the soft tree's probability of each leaf (differentiable in x and thresholds)."""
+        P = torch.ones(x.shape[0], self.C, 1, dtype=x.dtype, device=x.device)
+        for level in range(DEPTH):
+            first = (1 << level) - 1
+            values = x[:, self.split_dims[:, level]].unsqueeze(-1)  # [N, C, 1]
+            right = torch.sigmoid((values - self.thresholds[:, first:2 * first + 1]) / self.tau)  # [N, C, 2^l]
+            P = torch.stack([P * (1 - right), P * right], dim=-1).reshape(x.shape[0], self.C, -1)
+        return P
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -74,17 +97,27 @@ class LutModule(torch.nn.Module):
         idx = self.codes(flat) + torch.arange(self.C, device=x.device) * K
         T = fake_quantise(self.tables) if self.tables.requires_grad else self.tables
         y = F.embedding_bag(idx, T.reshape(self.C * K, self.M), mode="sum") + self.bias
+        if self.thresholds.requires_grad:  # hard forward, soft-tree backward
+            soft = torch.einsum("nck,ckm->nm", self.leaf_probabilities(flat), T.detach())
+            y = y + (soft - soft.detach())
         if self.relu:
             y = torch.relu(y)
         return y.reshape(*lead, self.M)
 
+    @property
+    def trained(self) -> bool:
+        return self.tables.requires_grad or self.thresholds.requires_grad
+
     def export_params(self) -> LutParams:
-        """The trained tables re-quantised into LutParams (trees unchanged)."""
+        """The trained values as LutParams: tables re-quantised, thresholds as trained, split
+        dimensions unchanged."""
         from .fit import quantise_tables
-        T = self.tables.detach().double().numpy()
-        tables, scale, offsets = quantise_tables(T)
         p = self.quantised
-        return LutParams(p.D, p.split_dims, p.thresholds, tables, scale, offsets,
+        if self.tables.requires_grad:
+            tables, scale, offsets = quantise_tables(self.tables.detach().double().numpy())
+        else:
+            tables, scale, offsets = p.tables, p.scale, p.offsets
+        return LutParams(p.D, p.split_dims, self.thresholds.detach().numpy().copy(), tables, scale, offsets,
                          self.bias.detach().numpy().astype(np.float32), p.relu)
 
 
@@ -261,7 +294,7 @@ class TorchProgram(torch.nn.Module):
     """Runs an ONNX graph in torch. Initializers named in `trainable` become parameters."""
 
     def __init__(self, model: onnx.ModelProto, trainable: set[str] = frozenset(),
-                 train_tables: bool = False):
+                 train_tables: bool = False, train_trees: bool = False, temperature: float = 0.1):
         super().__init__()
         graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -284,7 +317,7 @@ class TorchProgram(torch.nn.Module):
         from ..ops.node_format import geometry_from_node, params_from_node
         for node in self.nodes:
             if node.domain == DOMAIN:
-                lut = LutModule(params_from_node(node), train_tables)
+                lut = LutModule(params_from_node(node), train_tables, train_trees, temperature)
                 geometry = geometry_from_node(node)
                 self.luts[node.name] = lut if geometry is None else LutConvModule(lut, geometry)
             elif node.op_type == "Constant":
@@ -336,5 +369,5 @@ class TorchProgram(torch.nn.Module):
         for node in model.graph.node:
             lut = self.luts[node.name] if node.domain == DOMAIN else None
             lut = getattr(lut, "lut", lut)  # a LutConvModule wraps its LutModule
-            if lut is not None and lut.tables.requires_grad:
+            if lut is not None and lut.trained:
                 set_lut_attributes(node, lut.export_params())

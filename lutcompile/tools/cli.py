@@ -83,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip ITLUMM's incremental replacement with fine-tuning (on when labels exist)")
     p.add_argument("--finetune", dest="finetune", action="store_true",
                    help="fine-tune even without labels (distillation from the original model)")
-    p.add_argument("--finetune-tables", action="store_true",
+    p.add_argument("--finetune-tables", action="store_true", default=None,
                    help="finally train the tables and remaining layers end to end")
+    p.add_argument("--finetune-trees", action="store_true", default=None,
+                   help="in that end-to-end stage, train the trees' thresholds too (hard forward, soft-tree "
+                        "straight-through gradients into every lookup's input; implies --finetune-tables)")
     p.add_argument("--eval", metavar="NPZ",
                    help="labelled held-out data: also report accuracy of both models on it")
     p.add_argument("--exclude", action="append", default=None, metavar="NODE",
@@ -236,6 +239,7 @@ def main_compile(argv: list[str]) -> int:
         result = api.compile_model(args.model, args.output, args.calib, codebooks=args.codebooks,
                                    partition=args.partition, table_loss=args.table_loss,
                                    finetune=args.finetune, finetune_tables=args.finetune_tables,
+                                   finetune_trees=args.finetune_trees,
                                    nodes_to_include=args.include, nodes_to_exclude=args.exclude,
                                    seed=args.seed, threads=args.threads, report_dir=args.report,
                                    progress=False if args.quiet else None,
