@@ -40,6 +40,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   model_output: str | os.PathLike | None,
                   calibration_data,
                   *,
+                  train=None,
+                  epochs: int | None = None,
                   codebooks: int | dict[str, int] = 16,
                   partition: str | None = None,
                   table_loss: str | None = None,
@@ -66,6 +68,10 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     calibration_data: an .npz path, a dict of arrays (one per model input keyed by name; a
     single-input model accepts any single key; optional integer `labels`) or an onnxruntime
     CalibrationDataReader.
+    train: training rows in the same forms and checks as calibration_data (any number of
+    rows, labels optional): the compiled network is then trained end to end on them, its
+    lookups' tables and trees included (pipeline.run); epochs: of that training (default
+    FinetuneOptions.train_epochs).
     codebooks: one count for every node, or {node name: count}: then only those nodes are
     replaced (as if they were `nodes_to_include`), each at its own count.
     options: every stage's options (CompileOptions, which holds the defaults); the keyword
@@ -97,7 +103,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                                else list(codebooks) if isinstance(codebooks, dict) else None,
                                nodes_to_exclude=nodes_to_exclude, op_types=op_types,
                                fuse_activation=fuse_activation, seed=seed, batch_size=batch_size,
-                               fit_options=fit_options, finetune_options=finetune_options)
+                               fit_options=fit_options, finetune_options=finetune_options, epochs=epochs)
     options.fit.check()
     seconds: dict[str, float] = {}
     # the models that outlive the call: the caller's own, and the result
@@ -112,13 +118,14 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
             targets = frontend.select_targets(analysis, fo)
             plan = _plan(codebooks, targets)
             data = calibrate.load_calibration(calibration_data, analysis.model)
+            train_data = None if train is None else calibrate.load_calibration(train, analysis.model, what="training")
         if max_accuracy_drop is not None or max_output_error is not None:
             from .budget.search import BudgetOptions, Goal, search
             goal = Goal.from_arguments(max_accuracy_drop, max_output_error, data.labels is not None)
             result = search(analysis, targets, data, goal, budget_options or BudgetOptions(), options,
-                            progress, seconds)
+                            progress, seconds, train_data)
         else:
-            result = pipeline.run(analysis, targets, data, plan, options, progress, seconds)
+            result = pipeline.run(analysis, targets, data, plan, options, progress, seconds, train_data)
             result.options["codebooks"] = codebooks  # as asked; "plan" holds the count per node
         result.options["threads"] = threads
         survivors.append(result.model)
@@ -145,7 +152,7 @@ def _plan(codebooks: int | dict[str, int], targets: list[frontend.TargetNode]) -
 
 def _resolve_options(options: CompileOptions, *, partition, table_loss, finetune, finetune_tables, finetune_trees,
                      nodes_to_include, nodes_to_exclude, op_types, fuse_activation, seed, batch_size,
-                     fit_options, finetune_options) -> CompileOptions:
+                     fit_options, finetune_options, epochs) -> CompileOptions:
     """`options` with the fields the keyword arguments name overridden (None: not given)."""
     def given(**fields):
         return {k: v for k, v in fields.items() if v is not None}
@@ -154,6 +161,10 @@ def _resolve_options(options: CompileOptions, *, partition, table_loss, finetune
                                                                   trees=finetune_trees, seed=seed))
     if tune.trees:  # the trees train in the end-to-end stage
         tune = replace(tune, tables=True)
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+            raise OptionsError(f"epochs must be a whole number >= 1, got {epochs!r}")
+        tune = replace(tune, train_epochs=int(epochs))
     front = replace(options.frontend, **given(
         op_types=None if op_types is None else tuple(op_types), fuse_activation=fuse_activation,
         nodes_to_exclude=None if nodes_to_exclude is None else tuple(nodes_to_exclude)))

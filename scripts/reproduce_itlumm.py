@@ -45,7 +45,7 @@ HEAD = "/6/Gemm"
 
 def load_train() -> dict[str, np.ndarray]:
     with np.load(ROOT / "models/mnist_train.npz") as npz:
-        return {"input": npz["images"].astype(np.float32) / 255.0, "labels": npz["labels"]}
+        return {"input": npz["input"], "labels": npz["labels"]}
 
 
 @dataclass

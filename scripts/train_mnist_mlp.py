@@ -13,8 +13,8 @@ Writes into ``--out-dir`` (default ``models/``):
 * ``mnist_calib.npz``  -- ``input`` float32 [2000, 784], ``labels`` int64 [2000]:
   rows drawn with a fixed seed from the TRAIN split (for calibration).
 * ``mnist_test.npz``   -- the 2,000 held-out test rows, same keys.
-* ``mnist_train.npz``  -- the whole 8,000-row training split: ``images`` uint8 [8000, 784]
-  (raw pixels), ``labels`` int64 [8000].
+* ``mnist_train.npz``  -- the whole 8,000-row training split, in the calibration format: ``input`` float32 [8000, 784]
+  (pixels / 255), ``labels`` int64 [8000].
 * ``mnist_mlp.json``   -- data source, split, hyper-parameters, accuracies
   (the test accuracy is the one onnxruntime gets on ``mnist_test.npz``).
 
@@ -227,9 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     calib_rows = np.sort(np.random.default_rng(cfg.calib_seed).choice(len(train_idx), N_CALIB, replace=False))
     np.savez_compressed(out / "mnist_calib.npz", input=x_tr[calib_rows], labels=y_tr[calib_rows])
     np.savez_compressed(out / "mnist_test.npz", input=x_te, labels=y_te)
-    # the whole training split as uint8 pixels (compact), for reproduce_itlumm.py
-    np.savez_compressed(out / "mnist_train.npz", images=images[train_idx].reshape(len(train_idx), -1),
-                        labels=y_tr)
+    # the whole training split in the calibration format, for --train and reproduce_itlumm.py
+    np.savez_compressed(out / "mnist_train.npz", input=x_tr, labels=y_tr)
 
     # Check the exported model in onnxruntime against torch, on the saved test file.
     import onnx

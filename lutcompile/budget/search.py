@@ -284,9 +284,10 @@ def verify_path(path: list[Move], nodes, goal: Goal, floor: float, measure,
 
 def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], data: CalibrationData,
            goal: Goal, options: BudgetOptions, compile_options: CompileOptions, progress: bool = False,
-           seconds: dict | None = None) -> CompileResult:
+           seconds: dict | None = None, train_data: CalibrationData | None = None) -> CompileResult:
     """The fastest plan within the goal, compiled by the pipeline with `compile_options`
-    (see the module docstring)."""
+    (see the module docstring). With `train_data`, each verified plan is trained end to end on
+    it before it is scored (the sensitivities stay one-shot fits)."""
     seconds = {} if seconds is None else seconds
     if not options.candidates or any(int(C) != C or C < 1 for C in options.candidates):
         raise OptionsError(f"candidates must be positive codebook counts, got {options.candidates}")
@@ -321,7 +322,7 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
 
     def measure(plan: dict[str, Option], moves: int) -> tuple[float, bool]:
         compiled[moves] = pipeline.run(analysis, targets, fit_data, {n: C for n, C in plan.items() if C is not None},
-                                       compile_options, progress)
+                                       compile_options, progress, train_data=train_data)
         if not options.time_whole_model:
             return scorer(compiled[moves].model), True
         times = model_latencies({"original": analysis.model, "compiled": compiled[moves].model}, timing_rows,

@@ -72,11 +72,13 @@ def _read_all(reader) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in batches.items()}
 
 
-def load_calibration(source, model: onnx.ModelProto) -> CalibrationData:
+def load_calibration(source, model: onnx.ModelProto, what: str = "calibration") -> CalibrationData:
     """Calibration data, checked against the model inputs, from an .npz path, a dict of arrays,
     or an object shaped like onnxruntime.quantization's CalibrationDataReader.
 
-    A single-input model accepts any single key; `labels`, when present, holds class ids.
+    A single-input model accepts any single key; `labels`, when present, holds class ids
+    (below the width of the model's first output, where that is known). `what` names the
+    data in the errors ("calibration", "training", ...).
     """
     if isinstance(source, CalibrationData):
         source = {**source.inputs, **({} if source.labels is None else {LABELS_KEY: source.labels})}
@@ -85,7 +87,7 @@ def load_calibration(source, model: onnx.ModelProto) -> CalibrationData:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise CalibrationError(f"calibration file not found: {path}")
+            raise CalibrationError(f"{what} file not found: {path}")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
@@ -98,49 +100,59 @@ def load_calibration(source, model: onnx.ModelProto) -> CalibrationData:
     labels = arrays.pop(LABELS_KEY, None)
     wanted = _graph_inputs(model)
     if not arrays:
-        raise CalibrationError("calibration data holds no input arrays")
+        raise CalibrationError(f"{what} data holds no input arrays")
     if len(wanted) == 1 and len(arrays) == 1:
         arrays = {wanted[0].name: next(iter(arrays.values()))}
     inputs: dict[str, np.ndarray] = {}
     for vi in wanted:
         if vi.name not in arrays:
             raise CalibrationError(
-                f"calibration data has no array for model input '{vi.name}' (keys: {sorted(arrays)})")
-        inputs[vi.name] = _check_input(vi, arrays[vi.name])
+                f"{what} data has no array for model input '{vi.name}' (keys: {sorted(arrays)})")
+        inputs[vi.name] = _check_input(vi, arrays[vi.name], what)
     counts = {len(v) for v in inputs.values()}
     if len(counts) != 1:
-        raise CalibrationError(f"calibration inputs have different row counts: {sorted(counts)}")
+        raise CalibrationError(f"{what} inputs have different row counts: {sorted(counts)}")
     n = counts.pop()
     if labels is not None:
         if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
             raise CalibrationError(
                 f"labels must be {n} integer class ids, got dtype {labels.dtype} shape {labels.shape}")
         labels = labels.astype(np.int64)
+        classes = _classes(model)
+        if len(labels) and (labels.min() < 0 or (classes is not None and labels.max() >= classes)):
+            raise CalibrationError(f"{what} labels must lie in [0, {classes if classes else 'classes'}), "
+                                   f"got [{labels.min()}, {labels.max()}]")
     return CalibrationData(inputs, labels)
 
 
-def _check_input(vi: onnx.ValueInfoProto, arr: np.ndarray) -> np.ndarray:
+def _classes(model: onnx.ModelProto) -> int | None:
+    """The static last dimension of the model's first output (its class count), if known."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
+    return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0 else None
+
+
+def _check_input(vi: onnx.ValueInfoProto, arr: np.ndarray, what: str = "calibration") -> np.ndarray:
     elem = vi.type.tensor_type.elem_type
     dtype = _ONNX_TO_NUMPY.get(elem)
     if dtype is None:
         raise CalibrationError(f"model input '{vi.name}' has an unsupported element type {elem}")
     if arr.dtype.kind not in "fiub":
-        raise CalibrationError(f"calibration array '{vi.name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        raise CalibrationError(f"{what} array '{vi.name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
     if np.issubdtype(dtype, np.floating) != np.issubdtype(arr.dtype, np.floating):
-        raise CalibrationError(f"calibration array '{vi.name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        raise CalibrationError(f"{what} array '{vi.name}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
     dims = vi.type.tensor_type.shape.dim
     if arr.ndim != len(dims):
         raise CalibrationError(
-            f"calibration array '{vi.name}' has shape {arr.shape}, the model expects rank {len(dims)}")
+            f"{what} array '{vi.name}' has shape {arr.shape}, the model expects rank {len(dims)}")
     for axis, d in enumerate(dims):
         if axis > 0 and d.HasField("dim_value") and d.dim_value != arr.shape[axis]:
             raise CalibrationError(
-                f"calibration array '{vi.name}' has shape {arr.shape}, dimension {axis} must be {d.dim_value}")
+                f"{what} array '{vi.name}' has shape {arr.shape}, dimension {axis} must be {d.dim_value}")
     if len(arr) == 0:
-        raise CalibrationError(f"calibration array '{vi.name}' has no rows")
+        raise CalibrationError(f"{what} array '{vi.name}' has no rows")
     arr = np.ascontiguousarray(arr, dtype=dtype)
     if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(arr)):
-        raise CalibrationError(f"calibration array '{vi.name}' holds NaN or Inf values")
+        raise CalibrationError(f"{what} array '{vi.name}' holds NaN or Inf values")
     return arr
 
 

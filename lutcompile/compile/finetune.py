@@ -34,6 +34,12 @@ class FinetuneOptions:
     # (hard forward, soft-tree straight-through backward: torch_program.LutModule)
     trees: bool = False
     tree_temperature: float = 0.1  # the soft tree's tau, relative to each codebook's threshold spread
+    # the train stage (compile_model(train=...), --train): every lookup's tables and trees and
+    # every exact layer, end to end on the training rows, against the original model's logits
+    train_epochs: int = 10
+    train_lr: float = 3e-3
+    distill_weight: float = 0.5  # with labels: (1 - w) cross-entropy + w distillation
+    distill_temperature: float = 4.0
     epochs: int = 8
     lr: float = 1e-3
     batch_size: int = 64
@@ -49,6 +55,9 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher_logits: np.ndar
           epochs: int | None = None, lr: float | None = None, progress=None,
           train_trees: bool = False) -> onnx.ModelProto:
     """Train `trainable` initializers (and the tables, if asked) of `model`; a trained copy.
+
+    The objective: cross-entropy on the labels; distillation (KL) from `teacher_logits` when
+    there are no labels; both, weighted by options.distill_weight, when there are both.
 
     A seeded `val_fraction` of the rows is held out; the parameters of the epoch with the
     lowest held-out loss are kept (epoch 0 being the untrained model), so training cannot
@@ -77,10 +86,15 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher_logits: np.ndar
             chunks = [rows[i:i + fixed] for i in range(0, len(rows) - fixed + 1, fixed)]
             return torch.stack([loss_on(c) for c in chunks]).mean()
         logits = program(*(x[rows] for x in inputs))[0].reshape(len(rows), -1)
-        if labels is not None:
+        if teacher is None:
             return F.cross_entropy(logits, labels[rows])
-        return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(teacher[rows], dim=1),
-                        log_target=True, reduction="batchmean")
+        T = options.distill_temperature if labels is not None else 1.0
+        distill = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(teacher[rows] / T, dim=1),
+                           log_target=True, reduction="batchmean") * T * T
+        if labels is None:
+            return distill
+        w = options.distill_weight
+        return (1 - w) * F.cross_entropy(logits, labels[rows]) + w * distill
 
     shuffled = torch.from_numpy(rng.permutation(data.rows))
     n_val = int(data.rows * options.val_fraction) if data.rows >= 100 else 0

@@ -64,9 +64,14 @@ class CompileResult:
 
 def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], data: CalibrationData,
         plan: dict[str, int], options: CompileOptions, progress: bool = False,
-        seconds: dict[str, float] | None = None) -> CompileResult:
+        seconds: dict[str, float] | None = None, train_data: CalibrationData | None = None) -> CompileResult:
     """Replace the targets named in `plan`, each at its codebook count (capped at its input
-    width D); targets the plan does not name stay exact. No file is written."""
+    width D); targets the plan does not name stay exact. No file is written.
+
+    With `train_data`, a last stage trains the whole network end to end on it: every lookup's
+    tables and thresholds (through the hard lookups, finetune.FinetuneOptions) and every exact
+    layer, against the original model's logits (and the labels, when given); a held-out slice
+    of the training rows picks the epoch."""
     seconds = {} if seconds is None else seconds
     method = get_method(options.method)
     options.fit.check()
@@ -113,8 +118,19 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
                             progress=bar(progress, "fine-tune tables" + (" and trees" if tune.trees else "")))
         if data.labels is not None:
             stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
+    if train_data is not None:
+        with timed(seconds, "train"):
+            teacher_train = first_output(analysis.model, train_data)
+            exact_left = {p for t in frontend.analyse(current, fo.op_types, fo.fuse_activation).targets
+                          for p in t.parameter_names}
+            current = train(current, train_data, teacher_train, exact_left, tune, train_tables=True,
+                            train_trees=True, epochs=tune.train_epochs, lr=tune.train_lr,
+                            progress=bar(progress, "train"))
+        if data.labels is not None:
+            stages.append(("trained end to end", evaluate_accuracy(current, data)))
     result = CompileResult(current, reports, list(analysis.skipped), data.rows, seconds=seconds,
-                           stages=stages, options=options.record(plan, incremental))
+                           stages=stages, options={**options.record(plan, incremental),
+                                                   "train_rows": None if train_data is None else train_data.rows})
     if data.labels is not None:
         with timed(seconds, "evaluate"):
             result.accuracy_before = evaluate_accuracy(analysis.model, data)

@@ -33,6 +33,7 @@ import sys
 from .. import api
 from ..budget.search import BudgetOptions, format_budget
 from ..compile import calibrate, frontend
+from ..compile.finetune import FinetuneOptions
 from ..compile.fit import TABLE_LOSSES, FitOptions
 from ..compile.partition import PARTITIONS
 from ..onnx_io.export import OutputError
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-trees", action="store_true", default=None,
                    help="in that end-to-end stage, train the trees' thresholds too (hard forward, soft-tree "
                         "straight-through gradients into every lookup's input; implies --finetune-tables)")
+    p.add_argument("--train", metavar="NPZ",
+                   help="training rows (the --calib format, any number, labels optional): train the compiled "
+                        "network end to end on them, lookups' tables and trees included (distillation from the "
+                        "original model, plus cross-entropy with labels)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help=f"epochs of that training (default {FinetuneOptions.train_epochs})")
     p.add_argument("--eval", metavar="NPZ",
                    help="labelled held-out data: also report accuracy of both models on it")
     p.add_argument("--exclude", action="append", default=None, metavar="NODE",
@@ -236,7 +243,10 @@ def main_compile(argv: list[str]) -> int:
     try:
         if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
             raise OutputError(f"--report {args.report} exists and is not a directory")
-        result = api.compile_model(args.model, args.output, args.calib, codebooks=args.codebooks,
+        if args.epochs is not None and not args.train:
+            raise OptionsError("--epochs sets the training of --train; give --train TRAIN.npz")
+        result = api.compile_model(args.model, args.output, args.calib, train=args.train, epochs=args.epochs,
+                                   codebooks=args.codebooks,
                                    partition=args.partition, table_loss=args.table_loss,
                                    finetune=args.finetune, finetune_tables=args.finetune_tables,
                                    finetune_trees=args.finetune_trees,
