@@ -112,18 +112,15 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
             stages.append((f"after {step[0]}", evaluate_accuracy(current, data)))
     if tune.tables:
         with timed(seconds, "finetune"):
-            exact_left = {p for t in frontend.analyse(current, fo.op_types, fo.fuse_activation).targets
-                          for p in t.parameter_names}
-            current = train(current, data, teacher, exact_left, tune, train_tables=True, train_trees=tune.trees,
+            current = train(current, data, teacher, _exact_parameters(current, fo), tune, train_tables=True,
+                            train_trees=tune.trees,
                             progress=bar(progress, "fine-tune tables" + (" and trees" if tune.trees else "")))
         if data.labels is not None:
             stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
     if train_data is not None:
         with timed(seconds, "train"):
             teacher_train = first_output(analysis.model, train_data)
-            exact_left = {p for t in frontend.analyse(current, fo.op_types, fo.fuse_activation).targets
-                          for p in t.parameter_names}
-            current = train(current, train_data, teacher_train, exact_left, tune, train_tables=True,
+            current = train(current, train_data, teacher_train, _exact_parameters(current, fo), tune, train_tables=True,
                             train_trees=True, epochs=tune.train_epochs, lr=tune.train_lr,
                             progress=bar(progress, "train"))
         if data.labels is not None:
@@ -136,6 +133,11 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
             result.accuracy_before = evaluate_accuracy(analysis.model, data)
             result.accuracy_after = evaluate_accuracy(current, data)
     return result
+
+
+def _exact_parameters(model: onnx.ModelProto, fo: frontend.FrontendOptions) -> set[str]:
+    """The weights and biases of the products still exact in `model` (the end-to-end stages train them)."""
+    return {p for t in frontend.analyse(model, fo.op_types, fo.fuse_activation).targets for p in t.parameter_names}
 
 
 def first_output(model: onnx.ModelProto, data: CalibrationData) -> np.ndarray:
