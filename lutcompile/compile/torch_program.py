@@ -17,23 +17,12 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from ..onnx_io import external_data
+from ..ops.node_format import attributes, geometry_from_node, params_from_node, set_lut_attributes
 from ..ops.spec import DOMAIN, DEPTH, K, LutParams
 
 
 class UnsupportedOp(ValueError):
     """The graph holds an op the torch program cannot run."""
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    out = {}
-    for a in node.attribute:
-        value = onnx.helper.get_attribute_value(a)
-        if isinstance(value, onnx.TensorProto):
-            value = numpy_helper.to_array(value)
-        elif isinstance(value, bytes):
-            value = value.decode()
-        out[a.name] = value
-    return out
 
 
 def fake_quantise(T: torch.Tensor) -> torch.Tensor:
@@ -314,19 +303,18 @@ class TorchProgram(torch.nn.Module):
                 self._slot[t.name] = key
             else:
                 self._constants[t.name] = value
-        from ..ops.node_format import geometry_from_node, params_from_node
         for node in self.nodes:
             if node.domain == DOMAIN:
                 lut = LutModule(params_from_node(node), train_tables, train_trees, temperature)
                 geometry = geometry_from_node(node)
                 self.luts[node.name] = lut if geometry is None else LutConvModule(lut, geometry)
             elif node.op_type == "Constant":
-                a = _attrs(node)
+                a = attributes(node)
                 value = a.get("value", a.get("value_float", a.get("value_floats", a.get("value_int"))))
                 self._constants[node.output[0]] = torch.as_tensor(np.asarray(value))
             elif node.op_type not in OPS:
                 raise UnsupportedOp(f"op {node.op_type} (node {node.name}) is not supported by the fine-tune pass")
-        self._node_attrs = [_attrs(n) for n in self.nodes]
+        self._node_attrs = [attributes(n) for n in self.nodes]
 
     def forward(self, *inputs: torch.Tensor, outputs: list[str] | None = None) -> list[torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(self._constants)
@@ -356,7 +344,6 @@ class TorchProgram(torch.nn.Module):
 
     def write_back(self, model: onnx.ModelProto) -> None:
         """Copy trained initializers and tables into `model` (which this program was built from)."""
-        from ..ops.node_format import set_lut_attributes
         trained = self.trained_initializers()
         for i, t in enumerate(model.graph.initializer):
             if t.name not in trained:
