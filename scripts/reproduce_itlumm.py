@@ -78,7 +78,7 @@ def mlp_table(run: Runner, codebooks: list[int], with_r2: bool) -> str:
         itlumm_model = run.compile(C, partition="opq", table_loss="kl", finetune=True)
         itlumm = run.accuracy(itlumm_model)
         r2 = run.accuracy(run.compile(C, partition="r2", table_loss="kl", finetune=True)) if with_r2 else None
-        tables = run.accuracy(train(itlumm_model, train_data, None, set(), FinetuneOptions(), train_tables=True))
+        tables = run.accuracy(train(itlumm_model, train_data, None, set(), FinetuneOptions(), train_tables=True).model)
         small = run.accuracy(run.compile(C, calib=run.calib_2k, partition="opq", table_loss="kl", finetune=True))
         lat = model_latencies({"exact": run.model, "lut": itlumm_model}, batch, threads=1)
         ratio = lat["exact"] / lat["lut"]

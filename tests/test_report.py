@@ -53,7 +53,7 @@ def reported(tmp_path_factory):
 def test_report_json_holds_every_figure_of_the_compile(reported):
     result, folder = reported
     data = json.loads((folder / "report.json").read_text())
-    assert set(data) == {"schema", "lutcompile_version", "created", "calibration_rows", "accuracy", "stages",
+    assert set(data) == {"schema", "lutcompile_version", "created", "calibration_rows", "accuracy", "stages", "training",
                          "seconds", "total_seconds", "options", "nodes", "skipped", "totals"}
     assert data["schema"] == "lutcompile.report/1" and data["lutcompile_version"] == lutcompile.__version__
     assert data["calibration_rows"] == result.calibration_rows == 2000
@@ -75,13 +75,13 @@ def test_report_json_holds_every_figure_of_the_compile(reported):
                               "bytes_after": sum(n.bytes_after for n in result.nodes)}
 
 
-def test_report_html_is_self_contained_with_three_inline_plots(reported):
+def test_report_html_is_self_contained_with_four_inline_plots(reported):
     _, folder = reported
     page = (folder / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
     for key in PLOTS:
         assert re.search(rf'<figure id="{key}"><svg[^>]*>', page), key
-    assert page.count("<svg") == 3
+    assert page.count("<svg") == len(PLOTS) == 4
     # nothing to fetch: no scripts, stylesheets, images or frames from anywhere
     assert not re.search(r"<(script|link|img|iframe)\b", page)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)
@@ -119,7 +119,7 @@ def test_report_without_labels_or_nodes_still_renders(reported, tmp_path):
     data = json.loads((tmp_path / "bare" / "report.json").read_text())
     assert data["accuracy"] == {"before": None, "after": None} and data["nodes"] == []
     text = page.read_text()
-    assert text.count("<svg") == 3 and "no node was replaced" in text and "no accuracy to plot" in text
+    assert text.count("<svg") == 4 and "no node was replaced" in text and "no accuracy to plot" in text
 
 
 def test_cli_report_option(tmp_path):
@@ -137,7 +137,7 @@ def test_cli_report_option(tmp_path):
     assert [n["name"] for n in data["nodes"]] == ["/0/Gemm", "/6/Gemm"]
     assert [s["name"] for s in data["skipped"]] == ["/2/Gemm", "/4/Gemm"]
     assert data["stages"] == [] and data["options"]["finetune"] is False
-    assert (report / "report.html").read_text().count("<svg") == 3
+    assert (report / "report.html").read_text().count("<svg") == 4
 
 
 @pytest.mark.bad_input

@@ -56,6 +56,22 @@ class CalibrationData:
                                None if self.labels is None else self.labels[rows])
 
 
+def without_rows(data: CalibrationData, excluded: CalibrationData) -> CalibrationData:
+    """`data` less every row equal (in all inputs) to a row of `excluded`.
+
+    The training stage's held-out rows pick the epoch; when the calibration set shares rows
+    with the training set (a subset of it, or the same file), those rows are dropped from
+    the fitting too, so the held-out rows are unseen by every stage."""
+    def keys(d: CalibrationData) -> list[bytes]:
+        names = sorted(d.inputs)
+        return [b"".join(np.ascontiguousarray(d.inputs[n][i]).tobytes() for n in names) for i in range(d.rows)]
+    if set(excluded.inputs) != set(data.inputs) or not excluded.rows:
+        return data
+    seen = set(keys(excluded))
+    keep = np.array([k not in seen for k in keys(data)])
+    return data if keep.all() else data.subset(np.flatnonzero(keep))
+
+
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     init = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in init]

@@ -50,6 +50,7 @@ class Method(Protocol):
     """One way to replace a matrix product."""
 
     name: str
+    trainable: bool  # whether the train stage (--train) can train its replacements through torch
 
     def fit(self, target: TargetNode, rows: np.ndarray, codebooks: int, options: FitOptions,
             produces_logits: bool) -> FittedNode:
@@ -62,6 +63,7 @@ class LookupMethod:
     (LutMatMul, or LutConv for a Conv)."""
 
     name = "lut"
+    trainable = True  # torch_program.LutModule: hard forward, soft-tree straight-through backward
 
     def fit(self, target: TargetNode, rows: np.ndarray, codebooks: int, options: FitOptions,
             produces_logits: bool) -> FittedNode:

@@ -9,7 +9,7 @@ report is the caller's.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -18,7 +18,7 @@ from ..onnx_io.sessions import accuracy, make_session, run_batched
 from ..progress import bar, timed
 from . import calibrate, frontend
 from .calibrate import CalibrateOptions, CalibrationData
-from .finetune import FinetuneOptions, train
+from .finetune import FinetuneOptions, TrainingCurve, held_out_rows, train
 from .fit import FitOptions
 from .methods import NodeReport, get_method
 from .rewrite import rewrite
@@ -60,6 +60,8 @@ class CompileResult:
     stages: list[tuple[str, float]] = field(default_factory=list)  # calibration accuracy per stage
     options: dict = field(default_factory=dict)  # the options the model was compiled with
     budget: object | None = None  # budget.search.BudgetResult, when the budget search chose the plan
+    training: list[TrainingCurve] = field(default_factory=list)  # every training run's curve, in order
+    before_training: onnx.ModelProto | None = None  # with train data: the compiled model before the train stage
 
 
 def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], data: CalibrationData,
@@ -77,7 +79,13 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
     options.fit.check()
     chosen = [t for t in targets if t.name in plan]
     fo, co, tune = options.frontend, options.calibrate, options.finetune
-    incremental = data.labels is not None if tune.enabled is None else tune.enabled
+    # ITLUMM's pass by default when there are labels, but not before the train stage, which
+    # trains every layer end to end and supersedes it
+    incremental = data.labels is not None and train_data is None if tune.enabled is None else tune.enabled
+    held_out = None
+    if train_data is not None:  # the training's held-out rows are fitted on by no stage
+        held_out = held_out_rows(train_data.rows, tune)
+        data = calibrate.without_rows(data, train_data.subset(held_out))
     with timed(seconds, "calibrate"):  # too few rows for the codebooks fail here, before any fitting
         calibrate.check_enough_rows(analysis.model, data, chosen, lambda t: min(plan[t.name], t.D),
                                     co.max_rows, co.batch_size)
@@ -85,6 +93,7 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
     current = analysis.model
     reports: list[NodeReport] = []
     stages: list[tuple[str, float]] = []
+    curves: list[TrainingCurve] = []
     # one-shot: every node fitted on the original model's activations; incremental: node by
     # node, on the activations of the model whose earlier nodes are already replaced
     names = [t.name for t in chosen]
@@ -106,27 +115,41 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
             if incremental else []
         if later:
             with timed(seconds, "finetune"):
-                current = train(current, data, teacher, set(later), tune, train_tables=tune.tables_in_pass,
-                                epochs=tune.epochs, lr=tune.lr, progress=bar(progress, f"fine-tune after {step[0]}"))
+                done = train(current, data, teacher, set(later), tune, train_tables=tune.tables_in_pass,
+                             epochs=tune.epochs, lr=tune.lr, progress=bar(progress, f"fine-tune after {step[0]}"),
+                             stage=f"fine-tune after {step[0]}")
+                current = done.model
+                curves.append(done.curve)
         if data.labels is not None and incremental:
             stages.append((f"after {step[0]}", evaluate_accuracy(current, data)))
     if tune.tables:
         with timed(seconds, "finetune"):
-            current = train(current, data, teacher, _exact_parameters(current, fo), tune, train_tables=True,
-                            train_trees=tune.trees,
-                            progress=bar(progress, "fine-tune tables" + (" and trees" if tune.trees else "")))
+            label = "fine-tune tables" + (" and trees" if tune.trees else "")
+            done = train(current, data, teacher, _exact_parameters(current, fo), tune, train_tables=True,
+                         train_trees=tune.trees, progress=bar(progress, label), stage=label)
+            current = done.model
+            curves.append(done.curve)
         if data.labels is not None:
             stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
+    untrained = current
     if train_data is not None:
         with timed(seconds, "train"):
-            teacher_train = first_output(analysis.model, train_data)
-            current = train(current, train_data, teacher_train, _exact_parameters(current, fo), tune, train_tables=True,
-                            train_trees=True, epochs=tune.train_epochs, lr=tune.train_lr,
-                            progress=bar(progress, "train"))
+            # the teacher runs in torch on every batch as trained, mixed rows included
+            recipe = tune.train
+            stage_options = replace(tune, tree_temperature=recipe.tree_temperature,
+                                    distill_weight=recipe.distill_weight, batch_size=recipe.batch_size)
+            done = train(current, train_data, analysis.model, _exact_parameters(current, fo), stage_options,
+                         train_tables=True, train_trees=True, epochs=recipe.epochs, lr=recipe.lr,
+                         progress=bar(progress, "train"), mixup=recipe.mixup, schedule=recipe.schedule,
+                         ema=recipe.ema,
+                         stage="train", held_out=held_out)
+            current = done.model
+            curves.append(done.curve)
         if data.labels is not None:
             stages.append(("trained end to end", evaluate_accuracy(current, data)))
     result = CompileResult(current, reports, list(analysis.skipped), data.rows, seconds=seconds,
-                           stages=stages, options={**options.record(plan, incremental),
+                           stages=stages, training=curves,
+                           before_training=None if train_data is None else untrained, options={**options.record(plan, incremental),
                                                    "train_rows": None if train_data is None else train_data.rows})
     if data.labels is not None:
         with timed(seconds, "evaluate"):

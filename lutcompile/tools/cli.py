@@ -33,7 +33,7 @@ import sys
 from .. import api
 from ..budget.search import BudgetOptions, format_budget
 from ..compile import calibrate, frontend
-from ..compile.finetune import FinetuneOptions
+from ..compile.finetune import FinetuneOptions, TrainOptions
 from ..compile.fit import TABLE_LOSSES, FitOptions
 from ..compile.partition import PARTITIONS
 from ..onnx_io.export import OutputError
@@ -72,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", required=True,
                    help=".npz with one array per model input (by name) and optional integer 'labels'")
     p.add_argument("-o", "--output", required=True, help="output ONNX model")
-    p.add_argument("--codebooks", "-C", type=int, default=16,
-                   help="codebooks per node, each a 4-bit code (default 16; capped at the node's input width)")
+    width = p.add_mutually_exclusive_group()
+    width.add_argument("--codebooks", "-C", type=int, default=None,
+                       help=f"codebooks per node, each a 4-bit code (default {api.DEFAULT_CODEBOOKS}, with --train "
+                            f"{api.TRAINED_CODEBOOKS}; capped at the node's input width)")
+    width.add_argument("--subvector", "-S", type=int, default=None, metavar="S",
+                       help="instead, inputs per codebook: a node of input width D gets ceil(D / S) codebooks")
     p.add_argument("--partition", default=None, choices=PARTITIONS,
                    help="how input dimensions are split among codebooks (r2: ITLUMM's correlation "
                         f"clustering; opq: OPQ rotation projected to a permutation; default {FitOptions.partition})")
@@ -94,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "network end to end on them, lookups' tables and trees included (distillation from the "
                         "original model, plus cross-entropy with labels)")
     p.add_argument("--epochs", type=int, default=None, metavar="N",
-                   help=f"epochs of that training (default {FinetuneOptions.train_epochs})")
+                   help=f"epochs of that training (default {TrainOptions.epochs})")
     p.add_argument("--eval", metavar="NPZ",
                    help="labelled held-out data: also report accuracy of both models on it")
     p.add_argument("--exclude", action="append", default=None, metavar="NODE",
@@ -246,7 +250,7 @@ def main_compile(argv: list[str]) -> int:
         if args.epochs is not None and not args.train:
             raise OptionsError("--epochs sets the training of --train; give --train TRAIN.npz")
         result = api.compile_model(args.model, args.output, args.calib, train=args.train, epochs=args.epochs,
-                                   codebooks=args.codebooks,
+                                   codebooks=args.codebooks, subvector=args.subvector,
                                    partition=args.partition, table_loss=args.table_loss,
                                    finetune=args.finetune, finetune_tables=args.finetune_tables,
                                    finetune_trees=args.finetune_trees,

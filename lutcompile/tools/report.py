@@ -12,6 +12,10 @@
       "accuracy": {"before": float | null,     # top-1 on the calibration data (null without labels)
                    "after": float | null},
       "stages": [{"stage": str, "accuracy": float}],   # the fine-tune pass, in order
+      "training": [{"stage": str, "best_epoch": int,   # every training run (finetune.TrainingCurve)
+                    "reference_loss": float | null, "reference_accuracy": float | null,  # the exact model
+                    "epochs": [{"epoch": int, "train_loss": float | null, "held_out_loss": float | null,
+                                "held_out_accuracy": float | null, "seconds": float}]}],
       "seconds": {stage: float},               # compile time per stage (frontend, calibrate, fit, ...)
       "total_seconds": float,
       "options": {...},                        # CompileResult.options: the options used
@@ -28,7 +32,8 @@
 - report.html, a self-contained page (no scripts, no external files: it opens offline) with
   the same figures as tables and three plots drawn by matplotlib, inlined as SVG: per-node
   relative error (`#plot-error`), calibration accuracy at each stage of the fine-tune pass
-  (`#plot-stages`), and parameter bytes before and after per node (`#plot-bytes`).
+  (`#plot-stages`), parameter bytes before and after per node (`#plot-bytes`), and the train
+  stage's curve (`#plot-training`): held-out accuracy and loss per epoch, beside the exact model's.
 
 matplotlib is needed for the plots; without it the page is written with its tables and a note.
 """
@@ -47,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 SCHEMA = "lutcompile.report/1"
-PLOTS = ("plot-error", "plot-stages", "plot-bytes")
+PLOTS = ("plot-error", "plot-stages", "plot-bytes", "plot-training")
 log = logging.getLogger("lutcompile")
 
 
@@ -83,6 +88,7 @@ def report_data(result) -> dict:
         "calibration_rows": int(result.calibration_rows),
         "accuracy": {"before": _jsonable(result.accuracy_before), "after": _jsonable(result.accuracy_after)},
         "stages": [{"stage": str(s), "accuracy": _jsonable(a)} for s, a in result.stages],
+        "training": [_jsonable(c) for c in getattr(result, "training", [])],
         "seconds": {k: float(v) for k, v in result.seconds.items()},
         "total_seconds": float(sum(result.seconds.values())),
         "options": _jsonable(result.options),
@@ -217,6 +223,35 @@ def plot_bytes(data: dict) -> str:
     return _svg(fig)
 
 
+def plot_training(data: dict) -> str:
+    """The train stage's held-out accuracy (or loss, without labels) per epoch, with the exact
+    model's as a dashed line and the kept epoch marked."""
+    fig, ax = _figure()
+    runs = [c for c in data.get("training", []) if c["stage"] == "train"] or data.get("training", [])[-1:]
+    if not runs or not any(e["held_out_loss"] is not None for e in runs[-1]["epochs"]):
+        _empty(ax, "no training with held-out rows:\nno curve to plot")
+    else:
+        run = runs[-1]
+        by_accuracy = all(e["held_out_accuracy"] is not None for e in run["epochs"])
+        key, reference = ("held_out_accuracy", run["reference_accuracy"]) if by_accuracy else \
+            ("held_out_loss", run["reference_loss"])
+        scale = 100 if by_accuracy else 1
+        x = [e["epoch"] for e in run["epochs"]]
+        y = [scale * e[key] for e in run["epochs"]]
+        ax.plot(x, y, marker="o", markersize=3, color="#c0392b", label="lookups (held-out)")
+        if reference is not None:
+            ax.axhline(scale * reference, color="#555", linestyle="--", label="exact model")
+        best = run["best_epoch"]
+        ax.plot([best], [y[x.index(best)]], marker="*", markersize=12, color="#27ae60", linestyle="none",
+                label=f"kept: epoch {best}")
+        ax.set_xlabel("epoch (0: before training)")
+        ax.set_ylabel("held-out top-1 accuracy, %" if by_accuracy else "held-out loss")
+        ax.legend(fontsize=8, loc="lower right" if by_accuracy else "upper right")
+    ax.set_title("Training through the lookups")
+    ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
 # ---------------------------------------------------------------- page
 
 _CSS = """
@@ -258,7 +293,7 @@ def render_html(data: dict) -> str:
     """report.html's text for report_data(result)."""
     try:
         plots = {"plot-error": plot_errors(data), "plot-stages": plot_stages(data),
-                 "plot-bytes": plot_bytes(data)}
+                 "plot-bytes": plot_bytes(data), "plot-training": plot_training(data)}
         plot_note = ""
     except ImportError:
         plots = {}
@@ -271,6 +306,9 @@ def render_html(data: dict) -> str:
                        "the fine-tune pass, and the compiled model, all run in onnxruntime.",
         "plot-bytes": "Bytes of each node's parameters: float32 weight and bias before; uint8 tables, "
                       "split dimensions, thresholds, offsets and bias after. Labels give the ratio.",
+        "plot-training": "The train stage (--train): accuracy on the held-out slice of the training rows, "
+                         "never trained or fitted on, per epoch; the kept epoch is starred (its held-out "
+                         "loss is lowest); the dashed line is the exact model on the same rows.",
     }
     acc, totals = data["accuracy"], data["totals"]
     ratio = totals["bytes_before"] / totals["bytes_after"] if totals["bytes_after"] else None
@@ -316,6 +354,16 @@ def render_html(data: dict) -> str:
         parts += ["<h2>Fine-tune pass</h2>",
                   _table(["stage", "calibration accuracy"], [[s["stage"], _pct(s["accuracy"])] for s in data["stages"]],
                          {1})]
+    for run in data.get("training", []):
+        rows = [[e["epoch"], "-" if e["train_loss"] is None else f"{e['train_loss']:.4f}",
+                 "-" if e["held_out_loss"] is None else f"{e['held_out_loss']:.4f}", _pct(e["held_out_accuracy"]),
+                 f"{e['seconds']:.1f}", "kept" if e["epoch"] == run["best_epoch"] else ""] for e in run["epochs"]]
+        parts += [f"<h2>Training: {_e(run['stage'])}</h2>",
+                  f"<p class=\"meta\">exact model on the held-out rows: loss "
+                  f"{'-' if run['reference_loss'] is None else format(run['reference_loss'], '.4f')}, accuracy "
+                  f"{_pct(run['reference_accuracy'])}</p>" if run["reference_loss"] is not None else "",
+                  _table(["epoch", "train loss", "held-out loss", "held-out accuracy", "seconds", ""], rows,
+                         {0, 1, 2, 3, 4})]
     parts += ["<h2>Compile time</h2>",
               _table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in data["seconds"].items()]
                      + [["total", f"{data['total_seconds']:.2f}"]], {1}),

@@ -1,0 +1,136 @@
+"""Training through the lookups (issue 14): accuracy before and after the train stage, and
+whole-model latency against onnxruntime fp32 and int8 static, for the shipped models.
+
+    python scripts/train_table.py [--only mlp|cnn] [--cnn-epochs N] [--repetitions N]
+
+Each configuration is compiled by the public API exactly as a user would:
+`compile_model(model, out, calib, train=train, codebooks=...)`, one thread. The MLP is fitted
+and trained on models/mnist_train.npz (the 8,000-row split; the train stage holds out 5 % of it,
+which no stage fits or trains on) and measured on models/mnist_test.npz (2,000 rows, never used
+for a choice). The CNN trains on Fashion-MNIST's official 60,000 training rows, written from
+Debian's dataset-fashion-mnist by scripts/datasets.py into build/, and is measured on the
+official 10,000 test rows. Latencies are medians of interleaved runs in this one process, one
+thread, batch 256 and batch 1; every ratio in the table is taken in this run.
+
+The table goes into README.md between <!-- train_table:start --> and <!-- train_table:end -->,
+and every figure into build/train_table/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import lutcompile  # noqa: E402
+from lutcompile.compile.calibrate import load_calibration  # noqa: E402
+from lutcompile.compile.pipeline import evaluate_accuracy  # noqa: E402
+from lutcompile.onnx_io.timing import model_latencies  # noqa: E402
+from datasets import write_fashion_train  # noqa: E402
+from pareto import build_int8, machine  # noqa: E402
+from readme_tables import update_readme  # noqa: E402
+
+BUILD = ROOT / "build" / "train_table"
+MLP = {"model": "models/mnist_mlp.onnx", "calib": "models/mnist_train.npz", "train": "models/mnist_train.npz",
+       "test": "models/mnist_test.npz", "floor": 0.976, "exact_name": "MNIST MLP"}
+CNN = {"model": "models/fashion_cnn.onnx", "calib": "models/fashion_calib.npz", "train": None,
+       "test": "models/fashion_test.npz", "floor": 0.89, "exact_name": "Fashion-MNIST CNN"}
+MLP_NODES = ["/0/Gemm", "/2/Gemm", "/4/Gemm", "/6/Gemm"]
+# (label, codebooks): one count for every node, or a count per node
+MLP_CONFIGS = [("C = 32", 32), ("C = 64", 64), ("C = 128, 64, 64, 64", dict(zip(MLP_NODES, (128, 64, 64, 64))))]
+CNN_CONFIGS = [("C = 16", 16)]
+
+
+def measure(spec: dict, configs: list, epochs: int | None, repetitions: int) -> dict:
+    folder = BUILD / Path(spec["model"]).stem
+    folder.mkdir(parents=True, exist_ok=True)
+    model = ROOT / spec["model"]
+    test = load_calibration(ROOT / spec["test"], onnx.load(model))
+    build_int8({"model": spec["model"], "calib": spec["calib"]}, folder)
+    exact = {"fp32": str(model), "int8 static": str(folder / "int8_static.onnx")}
+    rows = {name: {"accuracy": evaluate_accuracy(path, test, threads=1)} for name, path in exact.items()}
+    compiled = {}
+    for label, codebooks in configs:
+        out = folder / f"lut_{len(compiled)}.onnx"
+        print(f"{spec['exact_name']}: compiling and training {label}", flush=True)
+        start = time.perf_counter()
+        result = lutcompile.compile_model(model, out, ROOT / spec["calib"], train=ROOT / spec["train"],
+                                          codebooks=codebooks, epochs=epochs, threads=1, progress=True)
+        curve = next(c for c in result.training if c.stage == "train")
+        rows[label] = {"accuracy_before": evaluate_accuracy(result.before_training, test, threads=1),
+                       "accuracy": evaluate_accuracy(str(out), test, threads=1),
+                       "compile_seconds": time.perf_counter() - start,
+                       "train_seconds": result.seconds.get("train"),
+                       "best_epoch": curve.best_epoch, "epochs": len(curve.epochs) - 1,
+                       "plan": {n.name: n.codebooks for n in result.nodes},
+                       "kept_exact": [s.name for s in result.skipped]}
+        compiled[label] = str(out)
+    feeds_of = {b: {test_input: test.inputs[test_input][:b] for test_input in test.inputs} for b in (1, 256)}
+    for batch, feeds in feeds_of.items():
+        latency = model_latencies({**exact, **compiled}, feeds, threads=1, repetitions=repetitions)
+        for name, seconds in latency.items():
+            rows[name][f"batch_{batch}"] = seconds
+    return rows
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f} µs" if seconds >= 1e-4 else f"{seconds * 1e6:.1f} µs"
+
+
+def table(name: str, spec: dict, rows: dict) -> str:
+    fp32, int8 = rows["fp32"], rows["int8 static"]
+    lines = [f"**{name}** (exact {100 * fp32['accuracy']:.2f} %, int8 static {100 * int8['accuracy']:.2f} %; "
+             f"floor {100 * spec['floor']:.1f} %)", "",
+             "| model | held-out before training | after | batch 256 | vs fp32 / int8 | batch 1 | vs fp32 / int8 "
+             "| train time | floor met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        trained = "accuracy_before" in r
+        cells = [label, f"{100 * r['accuracy_before']:.2f} %" if trained else "-", f"{100 * r['accuracy']:.2f} %"]
+        for b in (256, 1):
+            cells += [us(r[f"batch_{b}"]), f"{fp32[f'batch_{b}'] / r[f'batch_{b}']:.2f}× / "
+                      f"{int8[f'batch_{b}'] / r[f'batch_{b}']:.2f}×"]
+        cells.append(f"{r['train_seconds']:.0f} s ({r['epochs']} epochs, kept {r['best_epoch']})" if trained else "-")
+        if trained:
+            faster = r["batch_256"] < int8["batch_256"]
+            met = r["accuracy"] >= spec["floor"] and faster
+            cells.append("yes" if met else "MISSED" + ("" if faster else " (slower than int8 at 256)"))
+        else:
+            cells.append("-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=("mlp", "cnn"), default=None)
+    ap.add_argument("--cnn-epochs", type=int, default=3, help="epochs of the CNN's training (default 3)")
+    ap.add_argument("--repetitions", type=int, default=30)
+    args = ap.parse_args()
+    results, parts = {}, []
+    started = time.perf_counter()
+    if args.only in (None, "mlp"):
+        results["mlp"] = measure(MLP, MLP_CONFIGS, None, args.repetitions)
+        parts.append(table("MNIST MLP, every layer replaced, 2,000 held-out rows", MLP, results["mlp"]))
+    if args.only in (None, "cnn"):
+        cnn = dict(CNN, train=str(write_fashion_train(BUILD / "fashion_train.npz").relative_to(ROOT)))
+        results["cnn"] = measure(cnn, CNN_CONFIGS, args.cnn_epochs, args.repetitions)
+        parts.append(table("Fashion-MNIST CNN, every replaceable node replaced, official 10,000 test rows",
+                           CNN, results["cnn"]))
+    BUILD.mkdir(parents=True, exist_ok=True)
+    (BUILD / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    parts.append(f"Machine: {machine()}; one thread; latencies are medians of interleaved runs in one process. "
+                 f"Produced by `python scripts/train_table.py` in {time.perf_counter() - started:.0f} s.")
+    if args.only is None:
+        update_readme("train_table", "\n\n".join(parts))
+    print("\n\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
