@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Union
+from dataclasses import dataclass, field
+from typing import Union
 
 import numpy as np
 import onnx
@@ -93,9 +93,6 @@ class TrainingCurve:
     reference_loss: float | None = None  # the original (exact) model on the same held-out slice
     reference_accuracy: float | None = None
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class Trained:
@@ -109,9 +106,8 @@ Teacher = Union[np.ndarray, onnx.ModelProto, None]
 def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, trainable: set[str],
           options: FinetuneOptions, train_tables: bool = False, epochs: int | None = None,
           lr: float | None = None, progress=None, train_trees: bool = False, mixup: float = 0.0,
-          schedule: str = "cosine", stage: str = "fine-tune",
-          on_epoch: Callable[[int, TorchProgram], None] | None = None,
-          held_out: np.ndarray | None = None, ema: float = 0.0) -> Trained:
+          schedule: str = "cosine", stage: str = "fine-tune", held_out: np.ndarray | None = None,
+          ema: float = 0.0) -> Trained:
     """Train `trainable` initializers (and the tables and trees, if asked) of `model`.
 
     The objective: cross-entropy on the labels; distillation (KL) from the teacher when there
@@ -128,8 +124,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
 
     The rows `held_out` (default: a seeded `val_fraction`) are never trained on; the parameters of the epoch with the
     lowest held-out loss are kept (epoch 0 being the untrained model), so training cannot
-    make the model worse on data it was not trained on. The curve records every epoch;
-    on_epoch(epoch, program), if given, is called after each (a hook for monitoring).
+    make the model worse on data it was not trained on. The curve records every epoch.
     """
     program = TorchProgram(model, trainable, train_tables, train_trees, options.tree_temperature)
     curve = TrainingCurve(stage)
@@ -145,9 +140,8 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     inputs = [torch.from_numpy(data.inputs[name]) for name in program.input_names]
     labels = None if data.labels is None else torch.from_numpy(data.labels)
     teacher_logits = torch.from_numpy(teacher.astype(np.float32)) if isinstance(teacher, np.ndarray) else None
+    # nothing in it trains: TorchProgram makes parameters only of what it is told to train
     teacher_program = TorchProgram(teacher).eval() if isinstance(teacher, onnx.ModelProto) else None
-    for p in () if teacher_program is None else teacher_program.parameters():
-        p.requires_grad_(False)
 
     # a model whose inputs fix the batch (say [1, 1, 28, 28]) runs only whole batches of that size
     fixed = _fixed_batch(model, program.input_names)
@@ -188,7 +182,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
 
     if held_out is None:  # a seeded val_fraction of the rows
         shuffled = rng.permutation(data.rows)
-        n_val = int(data.rows * options.val_fraction) if data.rows >= 100 else 0
+        n_val = _held_out_count(data.rows, options)
         n_val = n_val - n_val % fixed if fixed else n_val
         held, rest = shuffled[:n_val], shuffled[n_val:]
     else:
@@ -206,7 +200,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
         raise ValueError(f"unknown schedule {schedule!r}")
     started = time.perf_counter()
 
-    def held_out(net=program) -> tuple[float | None, float | None]:
+    def evaluate_held_out(net=program) -> tuple[float | None, float | None]:
         if not n_val:
             return None, None
         with torch.no_grad():
@@ -215,8 +209,8 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
         return float(loss), acc
 
     if teacher_program is not None and n_val:
-        curve.reference_loss, curve.reference_accuracy = held_out(teacher_program)
-    first = EpochRecord(0, None, *held_out(), seconds=0.0)
+        curve.reference_loss, curve.reference_accuracy = evaluate_held_out(teacher_program)
+    first = EpochRecord(0, None, *evaluate_held_out(), seconds=0.0)
     curve.epochs.append(first)
     best = (first.held_out_loss, [p.detach().clone() for p in params])
     averaged = [p.detach().clone() for p in params] if ema > 0 else None
@@ -242,9 +236,8 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
         if schedule == "cosine":
             sched.step()
         with _swapped(params, averaged):  # the average is what is evaluated and kept
-            record = EpochRecord(epoch + 1, total / max(count, 1), *held_out(), seconds=time.perf_counter() - started)
-            if on_epoch is not None:
-                on_epoch(epoch + 1, program)
+            record = EpochRecord(epoch + 1, total / max(count, 1), *evaluate_held_out(),
+                                 seconds=time.perf_counter() - started)
             snapshot = [p.detach().clone() for p in params]
         curve.epochs.append(record)
         if hasattr(steps, "set_postfix"):
@@ -282,8 +275,11 @@ def _swapped(params: list[torch.Tensor], replacement: list[torch.Tensor] | None)
 
 def held_out_rows(rows: int, options: FinetuneOptions) -> np.ndarray:
     """The seeded, sorted `val_fraction` of `rows` that picks the epoch (none under 100 rows)."""
-    n_val = int(rows * options.val_fraction) if rows >= 100 else 0
-    return np.sort(np.random.default_rng([options.seed, 1]).permutation(rows)[:n_val])
+    return np.sort(np.random.default_rng([options.seed, 1]).permutation(rows)[:_held_out_count(rows, options)])
+
+
+def _held_out_count(rows: int, options: FinetuneOptions) -> int:
+    return int(rows * options.val_fraction) if rows >= 100 else 0
 
 
 def _fixed_batch(model: onnx.ModelProto, input_names: list[str]) -> int | None:

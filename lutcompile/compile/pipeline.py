@@ -131,8 +131,9 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
             curves.append(done.curve)
         if data.labels is not None:
             stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
-    untrained = current
+    before_training = None
     if train_data is not None:
+        before_training = current
         with timed(seconds, "train"):
             # the teacher runs in torch on every batch as trained, mixed rows included
             recipe = tune.train
@@ -148,9 +149,9 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
         if data.labels is not None:
             stages.append(("trained end to end", evaluate_accuracy(current, data)))
     result = CompileResult(current, reports, list(analysis.skipped), data.rows, seconds=seconds,
-                           stages=stages, training=curves,
-                           before_training=None if train_data is None else untrained, options={**options.record(plan, incremental),
-                                                   "train_rows": None if train_data is None else train_data.rows})
+                           stages=stages, training=curves, before_training=before_training,
+                           options={**options.record(plan, incremental),
+                                    "train_rows": None if train_data is None else train_data.rows})
     if data.labels is not None:
         with timed(seconds, "evaluate"):
             result.accuracy_before = evaluate_accuracy(analysis.model, data)
