@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from .compile import calibrate, frontend, pipeline
+from .compile.distributed import world
 from .compile.finetune import FinetuneOptions, TrainOptions
 from .compile.fit import FitOptions
 from .compile.methods import NodeReport, get_method
@@ -110,6 +111,9 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     options.fit.check()
     if train is not None and not get_method(options.method).trainable:
         raise OptionsError(f"method '{options.method}' cannot train; leave out train (--train)")
+    # under torchrun (compile/distributed.py) rank 0 alone shows progress and writes files
+    group = world()
+    progress = progress and group.writes
     seconds: dict[str, float] = {}
     # the models that outlive the call: the caller's own, and the result
     survivors = [model_input] if isinstance(model_input, onnx.ModelProto) else []
@@ -135,10 +139,10 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
             result.options["subvector"] = subvector
         result.options["threads"] = threads
         survivors.append(result.model)
-        if model_output is not None:
+        if model_output is not None and group.writes:
             with timed(result.seconds, "export"):
                 save_model(result.model, model_output)
-        if report_dir is not None:
+        if report_dir is not None and group.writes:
             from .tools.report import write_report
             write_report(result, report_dir)
     return result

@@ -11,7 +11,7 @@ import torch
 import lutcompile
 from lutcompile.compile.calibrate import load_calibration
 from lutcompile.errors import OptionsError
-from lutcompile.compile.finetune import FinetuneOptions
+from lutcompile.compile.finetune import FinetuneOptions, TrainOptions
 from lutcompile.compile.torch_program import LutModule, TorchProgram
 from lutcompile.ops.node_format import params_from_node
 from lutcompile.ops.spec import DOMAIN, apply_reference, encode_reference
@@ -101,6 +101,27 @@ def test_training_rows_train_the_compiled_network(digits_model, digits_split, tr
     # digits at C = 4 is noisy (500 held-out rows): lr 3e-3 gave 75.2 %, the earlier recipe 76.2 %
     assert after >= before + 0.03, (before, after)
     assert result.options["train_rows"] == len(Xt) and "train" in result.seconds
+
+
+def test_layerwise_schedule_replaces_and_trains_node_by_node(digits_model, digits_split, train_split):
+    """TrainOptions(layerwise=True), halutmatmul's schedule: each node is fitted on the model
+    trained so far and everything trains after each replacement, the epochs shared out."""
+    _, _, Xte, yte = digits_split
+    (Xc, yc), (Xt, yt) = train_split
+    held_out = load_calibration({"input": Xte, "labels": yte}, digits_model)
+    options = FinetuneOptions(train=TrainOptions(layerwise=True, epochs=7))
+    result = lutcompile.compile_model(digits_model, None, {"input": Xc, "labels": yc}, finetune_options=options,
+                                      train={"input": Xt, "labels": yt}, **FAST)
+    names = [n.name for n in result.nodes]
+    assert [c.stage for c in result.training] == [f"train after {n}" for n in names[:-1]] + ["train"]
+    assert [len(c.epochs) - 1 for c in result.training] == [3, 2, 2]
+    # before_training: the first node replaced and nothing trained yet
+    assert len(lookups(result.model)) == 3 and len(lookups(result.before_training)) == 1
+    untrained = lutcompile.compile_model(digits_model, None, {"input": Xc, "labels": yc}, finetune=False, **FAST)
+    before = lutcompile.evaluate_accuracy(untrained.model, held_out)
+    after = lutcompile.evaluate_accuracy(result.model, held_out)
+    print(f"held-out {before:.3f} -> {after:.3f}")
+    assert after >= before + 0.03, (before, after)  # measured 68.2 -> 73.6 %
 
 
 @pytest.mark.bad_input

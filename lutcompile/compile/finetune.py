@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibrate import CalibrationData
+from .distributed import World, data_parallel
 from .torch_program import TorchProgram
 
 
@@ -43,6 +44,10 @@ class TrainOptions:
     distill_weight: float = 0.9
     ema: float = 0.995
     batch_size: int = 64
+    # halutmatmul's schedule: replace the nodes one by one, each fitted on the activations of
+    # the model trained so far, training everything after each (the epochs shared between
+    # the rounds); False: fit every node on the original model, then train once
+    layerwise: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
           options: FinetuneOptions, train_tables: bool = False, epochs: int | None = None,
           lr: float | None = None, progress=None, train_trees: bool = False, mixup: float = 0.0,
           schedule: str = "cosine", stage: str = "fine-tune", held_out: np.ndarray | None = None,
-          ema: float = 0.0) -> Trained:
+          ema: float = 0.0, group: World = World()) -> Trained:
     """Train `trainable` initializers (and the tables and trees, if asked) of `model`.
 
     The objective: cross-entropy on the labels; distillation (KL) from the teacher when there
@@ -121,6 +126,8 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     ema: when > 0, an exponential moving average of the parameters (this decay per step) is
     what each epoch evaluates and what is kept: the hard lookups' thresholds jitter between
     steps, and their average generalises better.
+    group: under torchrun, the ranks train data-parallel (compile/distributed.py), each on its
+    own shard of the training rows; all evaluate the same held-out rows.
 
     The rows `held_out` (default: a seeded `val_fraction`) are never trained on; the parameters of the epoch with the
     lowest held-out loss are kept (epoch 0 being the untrained model), so training cannot
@@ -189,7 +196,8 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
         held = np.asarray(held_out, dtype=np.int64)
         held = held[:len(held) - len(held) % fixed] if fixed else held
         rest = np.setdiff1d(np.arange(data.rows), held)
-    val, fit_rows, n_val = torch.from_numpy(held), torch.from_numpy(rest), len(held)
+    val, fit_rows, n_val = torch.from_numpy(held), torch.from_numpy(group.shard(rest)), len(held)
+    parallel = data_parallel(program, group)
     batches = max(1, (len(fit_rows) - (fixed or 1)) // step + 1)
     opt = torch.optim.Adam(params, lr=lr)
     if schedule == "onecycle":
@@ -220,7 +228,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
         order = fit_rows[torch.from_numpy(rng.permutation(len(fit_rows)))]
         total, count = 0.0, 0
         for start in range(0, len(order) - (fixed or 1) + 1, step):
-            loss, _ = losses(order[start:start + step], mixup > 0)
+            loss, _ = losses(order[start:start + step], mixup > 0, parallel)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -18,6 +18,7 @@ from ..onnx_io.sessions import accuracy, make_session, run_batched
 from ..progress import bar, timed
 from . import calibrate, frontend
 from .calibrate import CalibrateOptions, CalibrationData
+from .distributed import World, world
 from .finetune import FinetuneOptions, TrainingCurve, held_out_rows, train
 from .fit import FitOptions
 from .methods import NodeReport, get_method
@@ -97,8 +98,26 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
     # one-shot: every node fitted on the original model's activations; incremental: node by
     # node, on the activations of the model whose earlier nodes are already replaced
     names = [t.name for t in chosen]
-    rounds = [[n] for n in names] if incremental else [names] if names else []
-    for step in bar(progress and len(rounds) > 1, "replace")(rounds):
+    recipe = tune.train
+    group = world() if train_data is not None else World()
+    layerwise = train_data is not None and recipe.layerwise and len(names) > 1
+    rounds = [[n] for n in names] if incremental or layerwise else [names] if names else []
+
+    def train_stage(model: onnx.ModelProto, epochs: int, stage: str) -> onnx.ModelProto:
+        """The train stage on `model`: its lookups' tables and trees and its exact layers."""
+        with timed(seconds, "train"):
+            # the teacher runs in torch on every batch as trained, mixed rows included
+            stage_options = replace(tune, tree_temperature=recipe.tree_temperature,
+                                    distill_weight=recipe.distill_weight, batch_size=recipe.batch_size)
+            done = train(model, train_data, analysis.model, _exact_parameters(model, fo), stage_options,
+                         train_tables=True, train_trees=True, epochs=epochs, lr=recipe.lr,
+                         progress=bar(progress, stage), mixup=recipe.mixup, schedule=recipe.schedule,
+                         ema=recipe.ema, stage=stage, held_out=held_out, group=group)
+        curves.append(done.curve)
+        return done.model
+
+    before_training = None
+    for round_number, step in enumerate(bar(progress and len(rounds) > 1, "replace")(rounds)):
         by_name = {t.name: t for t in frontend.analyse(current, fo.op_types, fo.fuse_activation).targets}
         now = [by_name[n] for n in step]
         with timed(seconds, "calibrate"):
@@ -120,6 +139,11 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
                              stage=f"fine-tune after {step[0]}")
                 current = done.model
                 curves.append(done.curve)
+        if layerwise:  # halutmatmul's schedule: train everything after each replacement
+            if before_training is None:
+                before_training = current
+            current = train_stage(current, _round_epochs(recipe.epochs, len(rounds), round_number),
+                                  "train" if round_number == len(rounds) - 1 else f"train after {step[0]}")
         if data.labels is not None and incremental:
             stages.append((f"after {step[0]}", evaluate_accuracy(current, data)))
     if tune.tables:
@@ -131,21 +155,10 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
             curves.append(done.curve)
         if data.labels is not None:
             stages.append(("tables fine-tuned", evaluate_accuracy(current, data)))
-    before_training = None
     if train_data is not None:
-        before_training = current
-        with timed(seconds, "train"):
-            # the teacher runs in torch on every batch as trained, mixed rows included
-            recipe = tune.train
-            stage_options = replace(tune, tree_temperature=recipe.tree_temperature,
-                                    distill_weight=recipe.distill_weight, batch_size=recipe.batch_size)
-            done = train(current, train_data, analysis.model, _exact_parameters(current, fo), stage_options,
-                         train_tables=True, train_trees=True, epochs=recipe.epochs, lr=recipe.lr,
-                         progress=bar(progress, "train"), mixup=recipe.mixup, schedule=recipe.schedule,
-                         ema=recipe.ema,
-                         stage="train", held_out=held_out)
-            current = done.model
-            curves.append(done.curve)
+        if not layerwise:
+            before_training = current
+            current = train_stage(current, recipe.epochs, "train")
         if data.labels is not None:
             stages.append(("trained end to end", evaluate_accuracy(current, data)))
     result = CompileResult(current, reports, list(analysis.skipped), data.rows, seconds=seconds,
@@ -157,6 +170,11 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
             result.accuracy_before = evaluate_accuracy(analysis.model, data)
             result.accuracy_after = evaluate_accuracy(current, data)
     return result
+
+
+def _round_epochs(epochs: int, rounds: int, round_number: int) -> int:
+    """The layer-by-layer schedule's share of `epochs` for one round (at least one each)."""
+    return max(1, epochs // rounds + (round_number < epochs % rounds))
 
 
 def _exact_parameters(model: onnx.ModelProto, fo: frontend.FrontendOptions) -> set[str]:

@@ -33,6 +33,7 @@ import sys
 from .. import api
 from ..budget.search import BudgetOptions, format_budget
 from ..compile import calibrate, frontend
+from ..compile.distributed import world
 from ..compile.finetune import FinetuneOptions, TrainOptions
 from ..compile.fit import TABLE_LOSSES, FitOptions
 from ..compile.partition import PARTITIONS
@@ -261,6 +262,8 @@ def main_compile(argv: list[str]) -> int:
                                    max_output_error=args.max_output_error,
                                    budget_options=BudgetOptions(candidates=args.candidates,
                                                                 cost_batch=args.cost_batch))
+        if not world().writes:  # under torchrun, rank 0 alone reports
+            return 0
         for stage, seconds in result.seconds.items():
             log.info("stage %s: %.2f s", stage, seconds)
         eval_accuracy = None
