@@ -216,3 +216,24 @@ def test_accuracy_and_output_targets_exclude_each_other(digits_model, calib):
     assert exit_info.value.code == cli.EXIT_USAGE
     with pytest.raises(ValueError, match="not both"):
         lutcompile.compile_model(digits_model, None, calib, max_accuracy_drop=0.01, max_output_error=0.1)
+
+
+def test_with_training_rows_every_verified_plan_is_trained_on_rows_the_search_never_scores(
+        digits_model, calib, flop_cost, tmp_path):
+    """--max-accuracy-drop with --train: each verified plan is trained before it is scored; the
+    training file here is the calibration file itself, so the search's held-out rows must be
+    dropped from it, and the written model is the trained plan the search verified."""
+    path = tmp_path / "budget_trained.onnx"
+    options = BudgetOptions(cost_model=flop_cost, time_whole_model=False)
+    result = lutcompile.compile_model(digits_model, path, calib, train=calib, epochs=2, max_accuracy_drop=0.05,
+                                      budget_options=options, progress=False)
+    b = result.budget
+    assert b.replaced and result.training and result.training[-1].stage == "train"
+    assert result.options["train_rows"] == len(calib["labels"]) - len(b.held_out_rows)
+    X, y = calib["input"][b.held_out_rows], calib["labels"][b.held_out_rows]
+    before = np.mean(np.argmax(first_output(digits_model, X), axis=1) == y)
+    after = np.mean(np.argmax(first_output(path, X), axis=1) == y)
+    assert b.measured == pytest.approx(before - after, abs=1e-12) and before - after <= 0.05 + 1e-9
+    untrained = lutcompile.compile_model(digits_model, None, {k: v[b.fit_rows] for k, v in calib.items()},
+                                         codebooks=b.replaced, progress=False)
+    assert not np.allclose(first_output(untrained.model, X), first_output(path, X))  # the training is in the file

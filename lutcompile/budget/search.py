@@ -47,7 +47,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..compile import frontend, pipeline
-from ..compile.calibrate import CalibrationData, CalibrationError, check_enough_rows
+from ..compile.calibrate import CalibrationData, CalibrationError, check_enough_rows, without_rows
 from ..compile.pipeline import CompileOptions, CompileResult, evaluate_accuracy
 from ..compile.split import stratified_split
 from ..onnx_io.timing import model_latencies
@@ -287,12 +287,15 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
            seconds: dict | None = None, train_data: CalibrationData | None = None) -> CompileResult:
     """The fastest plan within the goal, compiled by the pipeline with `compile_options`
     (see the module docstring). With `train_data`, each verified plan is trained end to end on
-    it before it is scored (the sensitivities stay one-shot fits)."""
+    it before it is scored (the sensitivities stay one-shot fits); training rows equal to one
+    of the search's held-out rows are left out, so the scores stay on unseen rows."""
     seconds = {} if seconds is None else seconds
     if not options.candidates or any(int(C) != C or C < 1 for C in options.candidates):
         raise OptionsError(f"candidates must be positive codebook counts, got {options.candidates}")
     fit_idx, held_idx = held_out_split(data, options.held_out_fraction, compile_options.fit.seed)
     fit_data, held_out = data.subset(fit_idx), data.subset(held_idx)
+    if train_data is not None:  # the rows that score the plans are trained on by none
+        train_data = without_rows(train_data, held_out)
     choices = {t.name: sorted({int(C) for C in options.candidates if C <= t.D}) for t in targets}
     # too few rows for the largest candidate fail here, before any timing or fitting
     check_enough_rows(analysis.model, fit_data, targets, lambda t: max(choices[t.name], default=1),
