@@ -7,7 +7,7 @@ Each configuration is compiled by the public API exactly as a user would:
 `compile_model(model, out, calib, train=train, codebooks=...)`, one thread. The MLP is fitted
 and trained on models/mnist_train.npz (the 8,000-row split; the train stage holds out 5 % of it,
 which no stage fits or trains on) and measured on models/mnist_test.npz (2,000 rows, never used
-for a choice). The CNN trains on Fashion-MNIST's official 60,000 training rows, written from
+for a choice). The CNN is fitted and trained on Fashion-MNIST's official 60,000 training rows, written from
 Debian's dataset-fashion-mnist by scripts/datasets.py into build/, and is measured on the
 official 10,000 test rows. Latencies are medians of interleaved runs in this one process, one
 thread, batch 256 and batch 1; every ratio in the table is taken in this run.
@@ -39,12 +39,19 @@ from readme_tables import update_readme  # noqa: E402
 BUILD = ROOT / "build" / "train_table"
 MLP = {"model": "models/mnist_mlp.onnx", "calib": "models/mnist_train.npz", "train": "models/mnist_train.npz",
        "test": "models/mnist_test.npz", "floor": 0.976, "exact_name": "MNIST MLP"}
-CNN = {"model": "models/fashion_cnn.onnx", "calib": "models/fashion_calib.npz", "train": None,
+# the CNN is fitted on its training rows too (set in main), which the 2,000 shipped calibration
+# rows cannot match: 144 codebooks need 2,304 rows, and fitted on 60k rows the compile starts
+# at 84.9 % instead of 77.3 % (C = 16, 16, 96, 32 on the 2,000); int8 calibrates on the 2,000
+CNN = {"model": "models/fashion_cnn.onnx", "calib": None, "int8_calib": "models/fashion_calib.npz", "train": None,
        "test": "models/fashion_test.npz", "floor": 0.89, "exact_name": "Fashion-MNIST CNN"}
 MLP_NODES = ["/0/Gemm", "/2/Gemm", "/4/Gemm", "/6/Gemm"]
 # (label, codebooks): one count for every node, or a count per node
 MLP_CONFIGS = [("C = 32", 32), ("C = 64", 64), ("C = 128, 64, 64, 64", dict(zip(MLP_NODES, (128, 64, 64, 64))))]
-CNN_CONFIGS = [("C = 16", 16)]
+CNN_NODES = ["/3/Conv", "/6/Conv", "/10/Gemm", "/12/Gemm"]
+# the convs hold the time: the first lookup conv stays at C = 16 (S = 9), the second takes
+# S = 9 (C = 32); the Gemm heads cost little at any width and take S = 4. Measured (5 epochs):
+# C = 16 everywhere 83.3 %, C = 16, 16, 96, 32 fitted on the 2,000 rows 87.0 %, this 89.0 %
+CNN_CONFIGS = [("C = 16, 32, 144, 32", dict(zip(CNN_NODES, (16, 32, 144, 32))))]
 
 
 def measure(spec: dict, configs: list, epochs: int | None, repetitions: int) -> dict:
@@ -52,7 +59,7 @@ def measure(spec: dict, configs: list, epochs: int | None, repetitions: int) -> 
     folder.mkdir(parents=True, exist_ok=True)
     model = ROOT / spec["model"]
     test = load_calibration(ROOT / spec["test"], onnx.load(model))
-    build_int8({"model": spec["model"], "calib": spec["calib"]}, folder)
+    build_int8({"model": spec["model"], "calib": spec.get("int8_calib", spec["calib"])}, folder)
     exact = {"fp32": str(model), "int8 static": str(folder / "int8_static.onnx")}
     rows = {name: {"accuracy": evaluate_accuracy(path, test, threads=1)} for name, path in exact.items()}
     compiled = {}
@@ -110,7 +117,7 @@ def table(name: str, spec: dict, rows: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("mlp", "cnn"), default=None)
-    ap.add_argument("--cnn-epochs", type=int, default=3, help="epochs of the CNN's training (default 3)")
+    ap.add_argument("--cnn-epochs", type=int, default=5, help="epochs of the CNN's training (default 5)")
     ap.add_argument("--repetitions", type=int, default=30)
     args = ap.parse_args()
     results, parts = {}, []
@@ -119,7 +126,8 @@ def main() -> None:
         results["mlp"] = measure(MLP, MLP_CONFIGS, None, args.repetitions)
         parts.append(table("MNIST MLP, every layer replaced, 2,000 held-out rows", MLP, results["mlp"]))
     if args.only in (None, "cnn"):
-        cnn = dict(CNN, train=str(write_fashion_train(BUILD / "fashion_train.npz").relative_to(ROOT)))
+        train = str(write_fashion_train(BUILD / "fashion_train.npz").relative_to(ROOT))
+        cnn = dict(CNN, train=train, calib=train)
         results["cnn"] = measure(cnn, CNN_CONFIGS, args.cnn_epochs, args.repetitions)
         parts.append(table("Fashion-MNIST CNN, every replaceable node replaced, official 10,000 test rows",
                            CNN, results["cnn"]))
