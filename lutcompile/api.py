@@ -60,6 +60,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   finetune_options: FinetuneOptions | None = None,
                   options: CompileOptions | None = None,
                   threads: int | None = None,
+                  prune_columns: bool | None = None,
                   report_dir: str | os.PathLike | None = None,
                   progress: bool | None = None,
                   max_accuracy_drop: float | None = None,
@@ -92,6 +93,9 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     lookup's input (implies finetune_tables).
     threads: the compiler's own onnxruntime sessions and torch use this many threads (None:
     their defaults, every core).
+    prune_columns: False keeps every output column of every lookup node; by default
+    (CompileOptions.prune_columns) a lookup feeding another computes only the columns that
+    one's trees read, with the same model outputs bit for bit (compile/prune.py).
     report_dir: write report.json and report.html there.
     max_accuracy_drop: instead of `codebooks`, search per node for the fastest choice (exact,
     or lookups at a count from budget_options.candidates) whose top-1 accuracy drop on a
@@ -108,6 +112,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                                nodes_to_exclude=nodes_to_exclude, op_types=op_types,
                                fuse_activation=fuse_activation, seed=seed, batch_size=batch_size,
                                fit_options=fit_options, finetune_options=finetune_options, epochs=epochs)
+    if prune_columns is not None:
+        options = replace(options, prune_columns=prune_columns)
     options.fit.check()
     if train is not None and not get_method(options.method).trainable:
         raise OptionsError(f"method '{options.method}' cannot train; leave out train (--train)")

@@ -8,6 +8,21 @@ from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 from sklearn.neural_network import MLPClassifier
 
+from lutcompile.ops import kernel
+
+AVAILABLE = kernel.available_paths()
+# what a CPU lacks when kernel.available_paths() leaves a path out (lutkernel.c's detection)
+MISSING_REASON = {"avx2": "CPU lacks AVX2", "avx512": "CPU lacks AVX-512 F/BW/VL/VBMI/VNNI"}
+
+
+@pytest.fixture(params=kernel.PATHS)
+def path(request) -> str:
+    """Each kernel path in turn ("scalar", "avx2", "avx512"); on a CPU without it, the test is
+    skipped, saying what the CPU lacks."""
+    if request.param not in AVAILABLE:
+        pytest.skip(MISSING_REASON[request.param])
+    return request.param
+
 
 def load_digits_data():
     """(X float32 [1797, 64] scaled to [0, 1], labels int64), in a fixed shuffled order."""

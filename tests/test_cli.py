@@ -45,9 +45,10 @@ def test_cli_compiles_the_shipped_model(compiled_mlp):
     proc, out = compiled_mlp
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["node", "op", "D", "x", "M", "C", "partition", "tables", "act", "rel.err"]
-    assert any(l.startswith("/0/Gemm") and "784 x 200" in l for l in lines)
-    assert any(l.startswith("/6/Gemm") and "200 x 10" in l for l in lines)
+    assert lines[0].split() == ["node", "op", "D", "x", "M", "C", "partition", "tables", "act", "rel.err",
+                                 "columns"]
+    assert any(l.startswith("/0/Gemm") and "784 x 200" in l and l.endswith("/200") for l in lines)
+    assert any(l.startswith("/6/Gemm") and "200 x 10" in l and l.endswith("all") for l in lines)
     assert any(l.startswith("calibration accuracy: original 99.95%") for l in lines)
     assert any(l.startswith("held-out accuracy:    original 98.60%") for l in lines)
     model = onnx.load(str(out))
@@ -239,13 +240,13 @@ def test_ctrl_c_leaves_no_output_and_the_input_untouched(tmp_path, options):
 @pytest.mark.slow
 def test_a_write_that_fails_midway_leaves_the_previous_output(tmp_path):
     """The output write hits the file-size limit (EFBIG, as a full disk would fail it) after
-    64 KiB of the ~160 KiB model: exit 5 with one line; the previous output file is intact and
+    16 KiB of the ~57 KiB model: exit 5 with one line; the previous output file is intact and
     no temporary file is left."""
     out = tmp_path / "out.onnx"
     out.write_bytes(b"the previous output")
 
     def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
     proc = subprocess.run([sys.executable, "-m", "lutcompile", MODEL, "--calib", CALIB, "-o", out, "-q",
                            "--no-finetune", "--partition", "contiguous", "--table-loss", "ridge"],
                           capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)

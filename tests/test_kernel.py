@@ -19,21 +19,9 @@ import lutcompile
 from lutcompile.ops import kernel
 from lutcompile.ops.spec import DOMAIN, OP_TYPE, LutParams, apply_reference, encode_reference, scan_reference
 from lutcompile.ops.spec import CONV_OP_TYPE, ConvGeometry, apply_conv_reference, im2col_reference
+from conftest import AVAILABLE, MISSING_REASON  # the `path` fixture is conftest's too
 
 REPO = Path(__file__).resolve().parents[1]
-AVAILABLE = kernel.available_paths()
-# what a CPU lacks when kernel.available_paths() leaves a path out (lutkernel.c's detection)
-MISSING_REASON = {"avx2": "CPU lacks AVX2", "avx512": "CPU lacks AVX-512 F/BW/VL/VBMI/VNNI"}
-
-
-@pytest.fixture(params=kernel.PATHS)
-def path(request) -> str:
-    """Each kernel path in turn ("scalar", "avx2", "avx512"); on a CPU without it, the test is
-    skipped, saying what the CPU lacks."""
-    if request.param not in AVAILABLE:
-        pytest.skip(MISSING_REASON[request.param])
-    return request.param
-
 
 # ---------------------------------------------------------------------------------------
 # helpers

@@ -39,6 +39,17 @@ def lookup_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in ("LutMatMul", "LutConv")]
 
 
+def written_shape(node: onnx.NodeProto, model: onnx.ModelProto, original: tuple[int, int]) -> tuple[int, int]:
+    """(D, M) a lookup node holds in the written model, from the product's `original` (D, M):
+    the column-pruning pass (compile/prune.py) narrows a lookup feeding another to the columns
+    that one reads, listed in the producer's output_columns attribute."""
+    D, M = original
+    columns = raw(node).get("output_columns")
+    producer = next((n for n in model.graph.node if node.input[0] in n.output), None)
+    read = None if producer is None else raw(producer).get("output_columns")
+    return (D if read is None else len(read)), (M if columns is None else len(columns))
+
+
 def stored_bytes(node: onnx.NodeProto) -> int:
     """uint8 tables, int32 split dims, float32 thresholds, offsets and bias, from the attributes."""
     a = raw(node)
@@ -103,12 +114,14 @@ def test_inspect_lists_every_lookup_node_with_dims_bytes_and_geometry(cnn):
         if node.op_type == "LutConv":
             assert source.op_type == "Conv" and info["source_op"] == "Conv"
             cout, cin, kh, kw = weight.shape
-            assert (info["D"], info["M"]) == (cin * kh * kw, cout)
+            assert (info["D"], info["M"]) == written_shape(node, fast, (cin * kh * kw, cout))
             assert info["conv"] == conv_geometry(source, weight)
             assert info["conv"] == {k: a[k] if k == "in_channels" else list(a[k]) for k in info["conv"]}
         else:
             assert source.op_type == "Gemm" and info["conv"] is None
-            assert (info["D"], info["M"]) == weight.shape[::-1]  # transB = 1
+            assert (info["D"], info["M"]) == written_shape(node, fast, weight.shape[::-1])  # transB = 1
+    # the first Gemm feeds the second, whose trees read fewer than its 128 columns
+    assert raw(found[-2]).get("output_columns") and info["M"] == 10
     # the products left exact: every Conv / Gemm / MatMul of the original without a lookup namesake
     left = [{"name": n.name, "op_type": n.op_type} for n in nodes.values()
             if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in {f.name for f in found}]
@@ -228,7 +241,7 @@ def test_diff_pairs_lutconv_with_its_conv_and_absorbs_the_relu(cnn):
         assert d["a"]["param_bytes"] == sum(inits[t].nbytes for t in source.input[1:])
         weight = inits[source.input[1]]
         want = (int(np.prod(weight.shape[1:])), weight.shape[0])  # Conv [M, Cin, kh, kw], Gemm [M, D]
-        assert (d["a"]["D"], d["a"]["M"]) == (d["b"]["D"], d["b"]["M"]) == want
+        assert (d["a"]["D"], d["a"]["M"]) == want and (d["b"]["D"], d["b"]["M"]) == written_shape(node, fast, want)
         assert d["b"]["lut"]["relu"] == bool(raw(node)["relu"])
         # the fused Relu: the original's sole consumer of the product, producing the lookup's output
         consumers = [n for n in nodes.values() if source.output[0] in n.input]
@@ -263,7 +276,9 @@ def test_diff_table_and_summary_line_on_the_cnn(capsys, cnn):
         row = next(l for l in lines if l.split()[0] == node.name)
         src = nodes[node.name]
         weight = inits[src.input[1]]
-        shape = f"{int(np.prod(weight.shape[1:]))} x {weight.shape[0]}"
+        want = (int(np.prod(weight.shape[1:])), weight.shape[0])
+        shape = " x ".join(map(str, want)) if written_shape(node, fast, want) == want else \
+            "{} x {} -> {} x {}".format(*want, *written_shape(node, fast, want))
         op = f"{src.op_type} -> {DOMAIN}:{node.op_type}"
         bytes_ = f"{sum(inits[t].nbytes for t in src.input[1:]):,} -> {stored_bytes(node):,}"
         assert f"  {op}  " in row and f"  {shape}  " in row and row.endswith(bytes_), row

@@ -38,6 +38,9 @@ class NodeReport:
     bytes_before: int  # weight and bias, as stored (float32)
     bytes_after: int  # the new node's parameters (node_format.parameter_bytes)
     fitted_rows: int = 0  # how many rows [n, D] it was fitted on (Conv patches, tokens: not calibration samples)
+    # the output columns the written node computes: fewer than M when the lookup it feeds reads
+    # only these (compile/prune.py), else M
+    columns_computed: int | None = None
 
 
 @dataclass

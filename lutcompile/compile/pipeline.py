@@ -22,6 +22,7 @@ from .distributed import World, world
 from .finetune import FinetuneOptions, TrainingCurve, held_out_rows, train
 from .fit import FitOptions
 from .methods import NodeReport, get_method
+from .prune import narrowed_reports, prune_unread_columns
 from .rewrite import rewrite
 
 log = logging.getLogger("lutcompile")
@@ -36,6 +37,9 @@ class CompileOptions:
     fit: FitOptions = field(default_factory=FitOptions)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     method: str = "lut"  # the replacement method (compile/methods.py)
+    # lookup producers compute only the columns the lookup they feed reads (compile/prune.py);
+    # the outputs are the same bit for bit
+    prune_columns: bool = True
 
     def record(self, plan: dict[str, int], incremental: bool) -> dict:
         """What CompileResult.options (and report.json) say the model was compiled with."""
@@ -161,6 +165,10 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
             current = train_stage(current, recipe.epochs, "train")
         if data.labels is not None:
             stages.append(("trained end to end", evaluate_accuracy(current, data)))
+    if options.prune_columns:
+        with timed(seconds, "prune"):
+            current, narrowed = prune_unread_columns(current)
+            reports = narrowed_reports(reports, narrowed, current)
     result = CompileResult(current, reports, list(analysis.skipped), data.rows, seconds=seconds,
                            stages=stages, training=curves, before_training=before_training,
                            options={**options.record(plan, incremental),

@@ -42,6 +42,9 @@ class LutModule(torch.nn.Module):
     soft tree (each split a sigmoid of (x - threshold) / tau, a leaf's probability the product
     along its path, the output the probability-weighted tables), added as y_soft - y_soft.detach().
     tau is `temperature` times the spread of each codebook's thresholds.
+    With train_tables, the forward re-quantises the tables on their own range, which gives back
+    the stored values for every node the fitter or the train stage writes; a node narrowed by
+    compile/prune.py (which runs after training) keeps only some columns of that range.
     """
 
     def __init__(self, params: LutParams, train_tables: bool = False, train_trees: bool = False,

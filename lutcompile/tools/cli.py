@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-loss", default=None, choices=TABLE_LOSSES,
                    help="ridge tables (MADDNESS), or optimised for the MSE after each node's activation, "
                         f"with KL between softmaxes on the logits node (kl; default {FitOptions.table_loss})")
+    p.add_argument("--no-prune-columns", dest="prune_columns", action="store_false", default=None,
+                   help="keep every output column of every lookup node; by default a lookup node feeding "
+                        "another computes only the columns that one's trees read (same outputs, bit for bit)")
     p.add_argument("--no-finetune", dest="finetune", action="store_false", default=None,
                    help="skip ITLUMM's incremental replacement with fine-tuning (on when labels exist)")
     p.add_argument("--finetune", dest="finetune", action="store_true",
@@ -198,10 +201,12 @@ def _fail(exc: Exception, debug: bool) -> int:
 
 
 def _print_summary(result: api.CompileResult, eval_accuracy: tuple[float, float] | None) -> None:
-    rows = [("node", "op", "D x M", "C", "partition", "tables", "act", "rel.err")]
+    rows = [("node", "op", "D x M", "C", "partition", "tables", "act", "rel.err", "columns")]
     for n in result.nodes:
+        # the output columns the written node computes (compile/prune.py): all, or kept/M
+        computes = "all" if n.columns_computed in (None, n.M) else f"{n.columns_computed}/{n.M}"
         rows.append((n.name, n.op_type, f"{n.D} x {n.M}", str(n.codebooks), n.partition, n.table_loss,
-                     n.activation or "-", f"{n.relative_error:.4f}"))
+                     n.activation or "-", f"{n.relative_error:.4f}", computes))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -257,6 +262,7 @@ def main_compile(argv: list[str]) -> int:
                                    finetune_trees=args.finetune_trees,
                                    nodes_to_include=args.include, nodes_to_exclude=args.exclude,
                                    seed=args.seed, threads=args.threads, report_dir=args.report,
+                                   prune_columns=args.prune_columns,
                                    progress=False if args.quiet else None,
                                    max_accuracy_drop=args.max_accuracy_drop,
                                    max_output_error=args.max_output_error,

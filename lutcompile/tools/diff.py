@@ -202,6 +202,8 @@ class _Graph:
         self.produced = {t for n in self.nodes for t in n.output if t}
         self.produced |= {i.name for i in graph.input}
         self._arrays: dict[str, np.ndarray] = {}
+        from ..compile.prune import narrowed_columns
+        self.columns = narrowed_columns(self.model)  # tensors holding only some original columns
 
     def array(self, name: str) -> np.ndarray | None:
         if name not in self._arrays:
@@ -468,6 +470,8 @@ def _compare_outputs(result: ModelDiff, ga: _Graph, gb: _Graph, source, batch_si
                 correct[i] += int(np.sum(np.argmax(logits, axis=1) == data.labels[rows]))
         for t, x, y in zip(wanted, outs_a[1:], outs_b[1:]):
             x, y = np.asarray(x), np.asarray(y)
+            if x.ndim and y.ndim:
+                x, y = _shared_columns(x, ga.columns.get(t), y, gb.columns.get(t))
             if x.shape != y.shape or not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
                 comparable[t] = False
                 continue
@@ -490,6 +494,19 @@ def _compare_outputs(result: ModelDiff, ga: _Graph, gb: _Graph, source, batch_si
         "accuracy_a": correct[0] / rows_used if labelled else None,
         "accuracy_b": correct[1] / rows_used if labelled else None,
     }
+
+
+def _shared_columns(x: np.ndarray, columns_x: np.ndarray | None, y: np.ndarray,
+                    columns_y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """x and y on the original columns (last axis) both hold: a tensor the column-pruning pass
+    narrowed holds only some (compile/prune.py); one it did not, all of them in order. Widths
+    that still disagree are left to the caller's shape check."""
+    if columns_x is None and columns_y is None:
+        return x, y
+    columns_x = np.arange(x.shape[-1]) if columns_x is None else columns_x
+    columns_y = np.arange(y.shape[-1]) if columns_y is None else columns_y
+    common = np.intersect1d(columns_x, columns_y)
+    return x[..., np.searchsorted(columns_x, common)], y[..., np.searchsorted(columns_y, common)]
 
 
 def _op(side: Side | None) -> str:
@@ -553,7 +570,8 @@ def format_diff(result: ModelDiff) -> str:
     if errors:
         cal = result.calibration
         lines.append(f"rel.err: ||B - A|| / ||A|| of each paired node's output tensor over {cal['rows']} rows "
-                     f"of {cal['data']}; errors accumulate along the graph")
+                     f"of {cal['data']} (on the columns both compute, where a node computes only those its "
+                     f"consumer reads); errors accumulate along the graph")
         if cal["labels"]:
             lines.append(f"accuracy on {cal['rows']} rows: A {cal['accuracy_a']:.2%}, B {cal['accuracy_b']:.2%}")
     return "\n".join(lines)
