@@ -16,7 +16,6 @@ taken in one run. The table goes into README.md between <!-- bench_models:start 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from lutcompile.compile.prune import prune_unread_columns  # noqa: E402
 from lutcompile.onnx_io.timing import model_latencies  # noqa: E402
 from datasets import write_fashion_train  # noqa: E402
 from pareto import build_int8, machine  # noqa: E402
-from readme_tables import update_readme  # noqa: E402
+from readme_tables import publish  # noqa: E402
 
 BUILD = ROOT / "build" / "bench_models"
 SPECS = {
@@ -121,13 +120,9 @@ def main() -> None:
             continue
         results[key] = measure(build(key, spec), spec, args.repetitions)
         parts.append(table(spec, results[key]))
-    BUILD.mkdir(parents=True, exist_ok=True)
-    (BUILD / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    parts.append(f"Machine: {machine()}; latencies are medians of interleaved runs in one process. "
-                 f"Produced by `python scripts/bench_models.py` in {time.perf_counter() - started:.0f} s.")
-    if args.only is None:
-        update_readme("bench_models", "\n\n".join(parts))
-    print("\n\n".join(parts))
+    publish("bench_models", BUILD, results, parts,
+            f"Machine: {machine()}; latencies are medians of interleaved runs in one process. "
+            f"Produced by `python scripts/bench_models.py` in {time.perf_counter() - started:.0f} s.", args.only is None)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ what the scripts measured.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,3 +20,14 @@ def update_readme(name: str, markdown: str, readme: Path = README) -> None:
     if not pattern.search(text):
         raise SystemExit(f"{readme} has no section {start} ... {end}")
     readme.write_text(pattern.sub(lambda _: f"{start}\n{markdown.strip()}\n{end}", text))
+
+
+def publish(name: str, folder: Path, results: dict, parts: list[str], footer: str, readme: bool) -> None:
+    """Write `results` to folder/results.json, print the tables `parts` with `footer`, and when
+    `readme` (a full run, not a partial one) put them into README section `name`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = "\n\n".join([*parts, footer])
+    if readme:
+        update_readme(name, text)
+    print(text)

@@ -18,7 +18,6 @@ and every figure into build/train_table/results.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from lutcompile.compile.pipeline import evaluate_accuracy  # noqa: E402
 from lutcompile.onnx_io.timing import model_latencies  # noqa: E402
 from datasets import write_fashion_train  # noqa: E402
 from pareto import build_int8, machine  # noqa: E402
-from readme_tables import update_readme  # noqa: E402
+from readme_tables import publish  # noqa: E402
 
 BUILD = ROOT / "build" / "train_table"
 MLP = {"model": "models/mnist_mlp.onnx", "calib": "models/mnist_train.npz", "train": "models/mnist_train.npz",
@@ -131,13 +130,9 @@ def main() -> None:
         results["cnn"] = measure(cnn, CNN_CONFIGS, args.cnn_epochs, args.repetitions)
         parts.append(table("Fashion-MNIST CNN, every replaceable node replaced, official 10,000 test rows",
                            CNN, results["cnn"]))
-    BUILD.mkdir(parents=True, exist_ok=True)
-    (BUILD / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    parts.append(f"Machine: {machine()}; one thread; latencies are medians of interleaved runs in one process. "
-                 f"Produced by `python scripts/train_table.py` in {time.perf_counter() - started:.0f} s.")
-    if args.only is None:
-        update_readme("train_table", "\n\n".join(parts))
-    print("\n\n".join(parts))
+    publish("train_table", BUILD, results, parts,
+            f"Machine: {machine()}; one thread; latencies are medians of interleaved runs in one process. "
+            f"Produced by `python scripts/train_table.py` in {time.perf_counter() - started:.0f} s.", args.only is None)
 
 
 if __name__ == "__main__":
