@@ -210,8 +210,11 @@ def test_cli_progress_bars_on_a_terminal_unless_quiet_and_verbose_logging(tmp_pa
 
 def run_until_interrupted(args, when: str):
     """Start the CLI (-v), send SIGINT once a stderr line contains `when`; (status, stderr lines)."""
+    # a runner started in the background (nohup, &) ignores SIGINT, and its children inherit
+    # that: the CLI is started with the default handler, as a terminal would start it
     proc = subprocess.Popen([sys.executable, "-m", "lutcompile", *map(str, args), "-v"], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:
         lines.append(line.rstrip("\n"))

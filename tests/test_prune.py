@@ -3,6 +3,7 @@ consumer's trees read, and the model's outputs stay the same bit for bit, on eve
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +20,8 @@ from lutcompile.ops.node_format import lut_attributes, params_from_node
 from lutcompile.ops.reference import reference_evaluator
 from lutcompile.ops.spec import DOMAIN, OP_TYPE, apply_reference
 from conftest import mlp_model
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def run(model: onnx.ModelProto, X: np.ndarray, threads: int = 1) -> list[np.ndarray]:
@@ -107,7 +110,8 @@ def test_the_pass_sees_through_element_wise_ops(digits_split, digits_mlp, path, 
         [("first", "second", 48, len(read))]
     assert 0 < narrowed[0].scan_saved < 1
     assert lookups(pruned)["first"].M == len(read)
-    assert "hidden" not in {v.name for v in pruned.graph.value_info}  # its recorded width is stale
+    shape = next(v for v in pruned.graph.value_info if v.name == "hidden").type.tensor_type.shape
+    assert [d.dim_param or d.dim_value for d in shape.dim] == ["N", len(read)]  # its recorded width follows
     onnx.checker.check_model(pruned)
     X = digits_split[2]
     monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
@@ -150,3 +154,39 @@ def test_diff_compares_a_narrowed_tensor_on_the_columns_it_holds(compiled_pair, 
     same = diff_models(unpruned.model, pruned.model, {"input": X})
     assert all(n.relative_error == 0.0 for n in same.nodes if n.relative_error is not None)
     assert [same.node(n).relative_error for n in names] == [0.0, 0.0, 0.0] and same.node("fc0").status == "changed"
+
+
+def test_lutconv_channels_are_pruned_through_pooling_and_flatten(fast_cnn, path, monkeypatch):
+    """The shipped CNN: LutConv -> MaxPool -> LutConv -> MaxPool -> Flatten -> LutMatMul ->
+    LutMatMul. Each producer computes only the channels (or columns) its consumer's trees read,
+    the consumer's split dimensions are renumbered within the blocks of the channels kept, and
+    the logits stay the same bit for bit on every path and at two threads."""
+    from lutcompile.ops.node_format import geometry_from_node
+    result, out = fast_cnn
+    pruned_model = onnx.load(str(out))
+    unpruned, narrowed = prune_unread_columns(pruned_model)
+    assert narrowed == []  # the pipeline already ran the pass: a second run finds nothing
+    original = onnx.load(str(MODELS / "fashion_cnn.onnx"))
+    X = np.load(MODELS / "fashion_test.npz")["input"][:300]
+    monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
+    # recompile unpruned from the same fit: the pass is the only difference
+    plain = lutcompile.compile_model(original, None, {"input": np.load(MODELS / "fashion_calib.npz")["input"][:128]},
+                                     codebooks=8, finetune=False, table_loss="ridge", partition="contiguous",
+                                     progress=False, prune_columns=False).model
+    before, after = lookups(plain), lookups(pruned_model)
+    nodes = {n.name: n for n in pruned_model.graph.node}
+    pairs = {"/3/Conv": ("/6/Conv", 9), "/6/Conv": ("/10/Gemm", 9), "/10/Gemm": ("/12/Gemm", 1)}
+    for producer, (consumer, block) in pairs.items():
+        read = np.unique(before[consumer].split_dims // block)
+        assert len(read) < before[producer].M, producer
+        assert after[producer].M == len(read) and after[consumer].D == len(read) * block
+        np.testing.assert_array_equal(after[producer].tables, before[producer].tables[read])
+        columns = next(a.ints for a in nodes[producer].attribute if a.name == "output_columns")
+        assert list(columns) == read.tolist()
+        # the same input value reaches the same tree test: channel read[i] became channel i
+        np.testing.assert_array_equal(read[after[consumer].split_dims // block] * block
+                                      + after[consumer].split_dims % block, before[consumer].split_dims)
+    assert geometry_from_node(nodes["/6/Conv"]).in_channels == after["/6/Conv"].D // 9
+    expected = run(plain, X)[0]
+    assert np.array_equal(run(pruned_model, X)[0], expected)
+    assert np.array_equal(run(pruned_model, X, threads=2)[0], expected)

@@ -41,13 +41,29 @@ def lookup_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def written_shape(node: onnx.NodeProto, model: onnx.ModelProto, original: tuple[int, int]) -> tuple[int, int]:
     """(D, M) a lookup node holds in the written model, from the product's `original` (D, M):
-    the column-pruning pass (compile/prune.py) narrows a lookup feeding another to the columns
-    that one reads, listed in the producer's output_columns attribute."""
+    the column-pruning pass (compile/prune.py) narrows a lookup feeding another to the features
+    (columns, or a LutConv's channels) that one reads, listed in the producer's output_columns
+    attribute; the consumer keeps, of each feature's block of inputs, the blocks of those kept."""
     D, M = original
     columns = raw(node).get("output_columns")
     producer = next((n for n in model.graph.node if node.input[0] in n.output), None)
+    while producer is not None and producer.domain != DOMAIN and len(producer.input) == 1:  # a pool, a Flatten
+        producer = next((n for n in model.graph.node if producer.input[0] in n.output), None)
     read = None if producer is None else raw(producer).get("output_columns")
-    return (D if read is None else len(read)), (M if columns is None else len(columns))
+    if read is not None:
+        D = D // original_shapes()[producer.name][1] * len(read)
+    return D, (M if columns is None else len(columns))
+
+
+def original_shapes() -> dict[str, tuple[int, int]]:
+    """Each product's (D, M) in the original model, by node name."""
+    nodes, inits = original()
+    shapes = {}
+    for n in nodes.values():
+        if n.op_type in ("Conv", "Gemm"):
+            w = inits[n.input[1]]
+            shapes[n.name] = (int(np.prod(w.shape[1:])), int(w.shape[0]))  # Conv [M, Cin, kh, kw], Gemm [M, D]
+    return shapes
 
 
 def stored_bytes(node: onnx.NodeProto) -> int:
@@ -115,7 +131,8 @@ def test_inspect_lists_every_lookup_node_with_dims_bytes_and_geometry(cnn):
             assert source.op_type == "Conv" and info["source_op"] == "Conv"
             cout, cin, kh, kw = weight.shape
             assert (info["D"], info["M"]) == written_shape(node, fast, (cin * kh * kw, cout))
-            assert info["conv"] == conv_geometry(source, weight)
+            # a LutConv fed by a narrowed one reads fewer channels (compile/prune.py)
+            assert info["conv"] == {**conv_geometry(source, weight), "in_channels": info["D"] // (kh * kw)}
             assert info["conv"] == {k: a[k] if k == "in_channels" else list(a[k]) for k in info["conv"]}
         else:
             assert source.op_type == "Gemm" and info["conv"] is None
@@ -142,7 +159,8 @@ def test_inspect_table_shows_the_conv_geometry(capsys, cnn):
         assert row[-1] == "ok"
         if node.op_type == "LutConv":
             cout, cin, kh, kw = inits[nodes[node.name].input[1]].shape
-            assert row[1:8] == [str(cin * kh * kw), "x", str(cout), f"{cin}ch", f"{kh}x{kw}", "s1", "p1"]
+            D, M = written_shape(node, fast, (cin * kh * kw, cout))
+            assert row[1:8] == [str(D), "x", str(M), f"{D // (kh * kw)}ch", f"{kh}x{kw}", "s1", "p1"]
         else:
             assert row[4] == "-"
     assert any(l.startswith("exact MatMul/Gemm/Conv left: /0/Conv (Conv)") for l in lines)
@@ -177,8 +195,9 @@ def _set_value_info(model: onnx.ModelProto, tensor: str, shape: list[int]) -> No
     (lambda m, n: _set(n, "dilations", None), ["missing attribute(s) dilations"]),
     (lambda m, n: _set(n, "thresholds", [float("nan")] + list(raw(n)["thresholds"])[1:]),
      ["1 threshold(s) are not finite"]),  # the LutMatMul checks hold for a LutConv too
-    (lambda m, n: _set(n, "M", 16), ["tables have shape [32, 8, 16], expected [M, C, 16] = [16, 8, 16]",
-                                     "has 32 channels, but M = 16"]),
+    (lambda m, n: _set(n, "M", raw(n)["M"] + 2),  # the messages name the node's own M (narrowed or not)
+     lambda M: [f"tables have shape [{M}, 8, 16], expected [M, C, 16] = [{M + 2}, 8, 16]",
+                f"has {M} channels, but M = {M + 2}"]),
     (lambda m, n: _set_value_info(m, n.output[0], [1, 32, 196]), ["has rank 3, expected 4 (NCHW)"]),
     (lambda m, n: _set_value_info(m, n.output[0], [1, 32, 13, 14]),
      ["is 13 x 14, but the convolution of a 14 x 14 input gives 14 x 14"]),
@@ -188,6 +207,7 @@ def _set_value_info(model: onnx.ModelProto, tensor: str, shape: list[int]) -> No
 def test_inspect_rejects_an_inconsistent_lutconv(capsys, tmp_path, cnn, corrupt, messages):
     model = onnx.load(str(cnn[1]))
     node = next(n for n in lookup_nodes(model) if n.op_type == "LutConv")
+    messages = messages(raw(node)["M"]) if callable(messages) else messages
     corrupt(model, node)
     path = tmp_path / "bad.onnx"
     onnx.save(model, str(path))

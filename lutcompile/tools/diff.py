@@ -470,8 +470,7 @@ def _compare_outputs(result: ModelDiff, ga: _Graph, gb: _Graph, source, batch_si
                 correct[i] += int(np.sum(np.argmax(logits, axis=1) == data.labels[rows]))
         for t, x, y in zip(wanted, outs_a[1:], outs_b[1:]):
             x, y = np.asarray(x), np.asarray(y)
-            if x.ndim and y.ndim:
-                x, y = _shared_columns(x, ga.columns.get(t), y, gb.columns.get(t))
+            x, y = _shared_columns(x, ga.columns.get(t), y, gb.columns.get(t))
             if x.shape != y.shape or not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
                 comparable[t] = False
                 continue
@@ -496,17 +495,22 @@ def _compare_outputs(result: ModelDiff, ga: _Graph, gb: _Graph, source, batch_si
     }
 
 
-def _shared_columns(x: np.ndarray, columns_x: np.ndarray | None, y: np.ndarray,
-                    columns_y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """x and y on the original columns (last axis) both hold: a tensor the column-pruning pass
-    narrowed holds only some (compile/prune.py); one it did not, all of them in order. Widths
-    that still disagree are left to the caller's shape check."""
-    if columns_x is None and columns_y is None:
+def _shared_columns(x: np.ndarray, narrowed_x, y: np.ndarray, narrowed_y) -> tuple[np.ndarray, np.ndarray]:
+    """x and y on the original features both hold: a tensor the column-pruning pass narrowed
+    (compile/prune.py: a prune.Narrowed) holds only some, along its axis; one it did not, all
+    of them in order. Shapes that still disagree are left to the caller's shape check."""
+    if narrowed_x is None and narrowed_y is None:
         return x, y
-    columns_x = np.arange(x.shape[-1]) if columns_x is None else columns_x
-    columns_y = np.arange(y.shape[-1]) if columns_y is None else columns_y
-    common = np.intersect1d(columns_x, columns_y)
-    return x[..., np.searchsorted(columns_x, common)], y[..., np.searchsorted(columns_y, common)]
+    axis = (narrowed_x or narrowed_y).axis
+    if x.ndim < abs(axis) or y.ndim < abs(axis):
+        return x, y
+    index_x = np.arange(x.shape[axis]) if narrowed_x is None else narrowed_x.indices(x.shape[axis])
+    index_y = np.arange(y.shape[axis]) if narrowed_y is None else narrowed_y.indices(y.shape[axis])
+    if len(index_x) != x.shape[axis] or len(index_y) != y.shape[axis]:
+        return x, y
+    common = np.intersect1d(index_x, index_y)
+    return (np.take(x, np.searchsorted(index_x, common), axis=axis),
+            np.take(y, np.searchsorted(index_y, common), axis=axis))
 
 
 def _op(side: Side | None) -> str:
