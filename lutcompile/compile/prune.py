@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from ..ops.node_format import attributes, geometry_from_node, is_lookup, params_from_node, parameter_bytes, \
-    set_lut_attributes
+    set_attributes, set_lut_attributes
 from ..ops.spec import CONV_OP_TYPE, LutParams
 from .methods import NodeReport
 
@@ -85,12 +85,12 @@ def prune_unread_columns(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
             continue
         set_lut_attributes(producer, LutParams(before.D, before.split_dims, before.thresholds, before.tables[kept],
                                                before.scale, before.offsets, before.bias[kept], before.relu))
-        producer.attribute.append(onnx.helper.make_attribute(OUTPUT_COLUMNS, [int(u) for u in kept]))
+        set_attributes(producer, {OUTPUT_COLUMNS: [int(u) for u in kept]})
         renumbered = np.searchsorted(kept, reader.split_dims // block) * block + reader.split_dims % block
         set_lut_attributes(consumer, LutParams(len(kept) * block, renumbered, reader.thresholds, reader.tables,
                                                reader.scale, reader.offsets, reader.bias, reader.relu))
         if consumer.op_type == CONV_OP_TYPE:
-            _set_int(consumer, "in_channels", len(kept))
+            set_attributes(consumer, {"in_channels": len(kept)})
         _narrow_shapes(graph, tensors, 1 if producer.op_type == CONV_OP_TYPE else -1, len(kept), block)
         pruned.append(PrunedColumns(producer.name, consumer.name, before.M, len(kept)))
     return out, pruned
@@ -106,13 +106,6 @@ def _block(consumer: onnx.NodeProto, producer: onnx.NodeProto, flattened: bool, 
     if producer.op_type == CONV_OP_TYPE:  # [N, M, h, w] flattened to [N, M*h*w]
         return D // M if flattened and D % M == 0 else None
     return 1 if D == M and not flattened else None
-
-
-def _set_int(node: onnx.NodeProto, name: str, value: int) -> None:
-    kept = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend(kept)
-    node.attribute.append(onnx.helper.make_attribute(name, int(value)))
 
 
 def narrowed_reports(reports: list[NodeReport], narrowed: list[PrunedColumns],
@@ -182,8 +175,9 @@ def _passes_features(node: onnx.NodeProto, conv: bool, flattened: bool) -> bool:
 
 def _private_chain(tensor: str, producer_of: dict, readers: dict, protected: set):
     """(the lookup producing `tensor`, the tensors from it to `tensor` each with whether a
-    Flatten came before it, whether a Flatten is on the way), when every op on the way keeps the producer's features apart (_passes_features)
-    and every tensor has one reader and is no graph input or output; else None."""
+    Flatten came before it, whether a Flatten is on the way), when every op on the way keeps
+    the producer's features apart (_passes_features) and every tensor has one reader and is no
+    graph input or output; else None."""
     path = []
     while True:
         if tensor in protected or readers.get(tensor, 0) != 1 or tensor not in producer_of:
@@ -192,9 +186,9 @@ def _private_chain(tensor: str, producer_of: dict, readers: dict, protected: set
         path.append((tensor, node))
         if is_lookup(node):
             break
-        tensor = node.input[0] if len(node.input) == 1 else None
-        if tensor is None:
+        if len(node.input) != 1:
             return None
+        tensor = node.input[0]
     producer = path[-1][1]
     conv, flattened = producer.op_type == CONV_OP_TYPE, False
     tensors = [(path[-1][0], False)]

@@ -70,15 +70,21 @@ def geometry_from_node(node: onnx.NodeProto) -> ConvGeometry | None:
                         tuple(a["pads"]), tuple(a["dilations"]))
 
 
-def set_lut_attributes(node: onnx.NodeProto, params: LutParams) -> None:
-    """Overwrite a lookup NodeProto's numeric attributes in place (after fine-tuning)."""
-    keep = [a for a in node.attribute if a.name not in lut_attributes(params)]
+def set_attributes(node: onnx.NodeProto, values: dict) -> None:
+    """Overwrite (or add) the named attributes of a NodeProto in place; numpy arrays become
+    TENSOR attributes. The others keep their values and order."""
+    keep = [a for a in node.attribute if a.name not in values]
     del node.attribute[:]
     node.attribute.extend(keep)
-    for name, value in lut_attributes(params).items():
+    for name, value in values.items():
         if isinstance(value, np.ndarray):
             value = onnx.numpy_helper.from_array(value, name)
         node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def set_lut_attributes(node: onnx.NodeProto, params: LutParams) -> None:
+    """Overwrite a lookup NodeProto's numeric attributes in place (after fine-tuning)."""
+    set_attributes(node, lut_attributes(params))
 
 
 def params_from_node(node: onnx.NodeProto) -> LutParams:
