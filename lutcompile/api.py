@@ -19,6 +19,7 @@ import onnx
 
 from .compile import calibrate, frontend, pipeline
 from .compile.distributed import world
+from .compile.augment import Augment, parse_augment
 from .compile.finetune import FinetuneOptions, TrainOptions
 from .compile.fit import FitOptions
 from .compile.methods import NodeReport, get_method
@@ -43,6 +44,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   *,
                   train=None,
                   epochs: int | None = None,
+                  augment: Augment | str | None = None,
                   codebooks: int | dict[str, int] | None = None,
                   subvector: int | None = None,
                   partition: str | None = None,
@@ -74,7 +76,9 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     train: training rows in the same forms and checks as calibration_data (any number of
     rows, labels optional): the compiled network is then trained end to end on them, its
     lookups' tables and trees included (pipeline.run); epochs: of that training (default
-    TrainOptions.epochs).
+    TrainOptions.epoch_count: 20, or 40 with augment). augment: random augmentation of the
+    training rows of an image model, an Augment or its CLI spelling
+    ("rotate=15,scale=0.15,shift=2,shape=1x28x28"; see compile/augment.py).
     codebooks: one count for every node, or {node name: count}: then only those nodes are
     replaced (as if they were `nodes_to_include`), each at its own count. subvector: instead,
     inputs per codebook, so a node of input width D gets ceil(D / subvector) codebooks.
@@ -111,10 +115,13 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                                else list(codebooks) if isinstance(codebooks, dict) else None,
                                nodes_to_exclude=nodes_to_exclude, op_types=op_types,
                                fuse_activation=fuse_activation, seed=seed, batch_size=batch_size,
-                               fit_options=fit_options, finetune_options=finetune_options, epochs=epochs)
+                               fit_options=fit_options, finetune_options=finetune_options, epochs=epochs,
+                               augment=augment)
     if prune_columns is not None:
         options = replace(options, prune_columns=prune_columns)
     options.fit.check()
+    if train is None and options.finetune.train.augment is not None and augment is not None:
+        raise OptionsError("augment applies to the training rows; give train (--train) too")
     if train is not None and not get_method(options.method).trainable:
         raise OptionsError(f"method '{options.method}' cannot train; leave out train (--train)")
     # under torchrun (compile/distributed.py) rank 0 alone shows progress and writes files
@@ -134,6 +141,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
             plan = _plan(_widths(codebooks, subvector, train is not None), targets)
             data = calibrate.load_calibration(calibration_data, analysis.model)
             train_data = None if train is None else calibrate.load_calibration(train, analysis.model, what="training")
+            if train_data is not None and options.finetune.train.augment is not None:
+                options.finetune.train.augment.check_rows(train_data.inputs)
         if max_accuracy_drop is not None or max_output_error is not None:
             from .budget.search import BudgetOptions, Goal, search
             goal = Goal.from_arguments(max_accuracy_drop, max_output_error, data.labels is not None)
@@ -188,7 +197,7 @@ def _plan(codebooks, targets: list[frontend.TargetNode]) -> dict[str, int]:
 
 def _resolve_options(options: CompileOptions, *, partition, table_loss, finetune, finetune_tables, finetune_trees,
                      nodes_to_include, nodes_to_exclude, op_types, fuse_activation, seed, batch_size,
-                     fit_options, finetune_options, epochs) -> CompileOptions:
+                     fit_options, finetune_options, epochs, augment=None) -> CompileOptions:
     """`options` with the fields the keyword arguments name overridden (None: not given)."""
     def given(**fields):
         return {k: v for k, v in fields.items() if v is not None}
@@ -201,6 +210,13 @@ def _resolve_options(options: CompileOptions, *, partition, table_loss, finetune
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
             raise OptionsError(f"epochs must be a whole number >= 1, got {epochs!r}")
         tune = replace(tune, train=replace(tune.train, epochs=int(epochs)))
+    if augment is not None:
+        if isinstance(augment, str):
+            augment = parse_augment(augment)
+        elif not isinstance(augment, Augment):
+            raise OptionsError(f"augment must be an Augment or its text form, got {type(augment).__name__}")
+        augment.check()
+        tune = replace(tune, train=replace(tune.train, augment=augment))
     front = replace(options.frontend, **given(
         op_types=None if op_types is None else tuple(op_types), fuse_activation=fuse_activation,
         nodes_to_exclude=None if nodes_to_exclude is None else tuple(nodes_to_exclude)))

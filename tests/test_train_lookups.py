@@ -136,6 +136,11 @@ def test_layerwise_schedule_replaces_and_trains_node_by_node(digits_model, digit
     (lambda t: np.savez(t / "train.npz", input=np.zeros((50, 64), np.float32)), ["--epochs", "0"], 2,
      "epochs must be a whole number >= 1"),
     (lambda t: None, ["--epochs", "3"], 2, "--epochs sets the training of --train"),
+    (lambda t: None, ["--augment", "shift=1,shape=1x8x8"], 2, "--augment sets the training of --train"),
+    (lambda t: np.savez(t / "train.npz", input=np.zeros((50, 64), np.float32)), ["--augment", "rotate=x"], 2,
+     "--augment: cannot read 'rotate=x'"),
+    (lambda t: np.savez(t / "train.npz", input=np.zeros((50, 64), np.float32)), ["--augment", "shift=1"], 2,
+     "--augment needs shape=CxHxW for input of shape [50, 64]"),
 ])
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, digits_model, digits_split, make_train, extra,
                                                            code, message):

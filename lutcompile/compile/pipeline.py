@@ -115,8 +115,8 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
                                     distill_weight=recipe.distill_weight, batch_size=recipe.batch_size)
             done = train(model, train_data, analysis.model, _exact_parameters(model, fo), stage_options,
                          train_tables=True, train_trees=True, epochs=epochs, lr=recipe.lr,
-                         progress=bar(progress, stage), mixup=recipe.mixup, schedule=recipe.schedule,
-                         ema=recipe.ema, stage=stage, held_out=held_out, group=group)
+                         progress=bar(progress, stage), mixup=recipe.mixup_alpha, schedule=recipe.schedule,
+                         ema=recipe.ema, stage=stage, held_out=held_out, group=group, augment=recipe.augment)
         curves.append(done.curve)
         return done.model
 
@@ -146,7 +146,7 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
         if layerwise:  # halutmatmul's schedule: train everything after each replacement
             if before_training is None:
                 before_training = current
-            current = train_stage(current, _round_epochs(recipe.epochs, len(rounds), round_number),
+            current = train_stage(current, _round_epochs(recipe.epoch_count, len(rounds), round_number),
                                   "train" if round_number == len(rounds) - 1 else f"train after {step[0]}")
         if data.labels is not None and incremental:
             stages.append((f"after {step[0]}", evaluate_accuracy(current, data)))
@@ -162,7 +162,7 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
     if train_data is not None:
         if not layerwise:
             before_training = current
-            current = train_stage(current, recipe.epochs, "train")
+            current = train_stage(current, recipe.epoch_count, "train")
         if data.labels is not None:
             stages.append(("trained end to end", evaluate_accuracy(current, data)))
     if options.prune_columns:

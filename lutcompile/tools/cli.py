@@ -102,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "network end to end on them, lookups' tables and trees included (distillation from the "
                         "original model, plus cross-entropy with labels)")
     p.add_argument("--epochs", type=int, default=None, metavar="N",
-                   help=f"epochs of that training (default {TrainOptions.epochs})")
+                   help=f"epochs of that training (default {TrainOptions.DEFAULT_EPOCHS}, "
+                        f"{TrainOptions.AUGMENTED_EPOCHS} with --augment)")
+    p.add_argument("--augment", metavar="SPEC", default=None,
+                   help="augment the --train rows of an image model, drawn anew every batch: a comma list of "
+                        "rotate=DEG, scale=F (zoom 1 +- F), shift=PX, hflip, and shape=CxHxW for a flat input "
+                        "(MNIST: rotate=15,scale=0.15,shift=2,shape=1x28x28)")
     p.add_argument("--eval", metavar="NPZ",
                    help="labelled held-out data: also report accuracy of both models on it")
     p.add_argument("--exclude", action="append", default=None, metavar="NODE",
@@ -253,9 +258,11 @@ def main_compile(argv: list[str]) -> int:
     try:
         if args.report and os.path.exists(args.report) and not os.path.isdir(args.report):
             raise OutputError(f"--report {args.report} exists and is not a directory")
-        if args.epochs is not None and not args.train:
-            raise OptionsError("--epochs sets the training of --train; give --train TRAIN.npz")
+        for flag, value in (("--epochs", args.epochs), ("--augment", args.augment)):
+            if value is not None and not args.train:
+                raise OptionsError(f"{flag} sets the training of --train; give --train TRAIN.npz")
         result = api.compile_model(args.model, args.output, args.calib, train=args.train, epochs=args.epochs,
+                                   augment=args.augment,
                                    codebooks=args.codebooks, subvector=args.subvector,
                                    partition=args.partition, table_loss=args.table_loss,
                                    finetune=args.finetune, finetune_tables=args.finetune_tables,
