@@ -1,0 +1,135 @@
+"""StrassenNets' sum-product layer (Tschannen, Khanna and Anandkumar 2018), the second
+replacement method's arithmetic (issue 16): its parameters, a numpy reference, its operation
+count, the ternarisation and the initialisation from a layer, and a lowering to standard ONNX
+ops that any onnxruntime runs.
+
+A layer y = x W + b (x [n, D], W [D, M], the ONNX row convention) becomes
+
+    y = ((x @ Wb.T) * a) @ Wc.T + b
+
+with Wb in {-1, 0, 1}^{r x D}, a in R^r and Wc in {-1, 0, 1}^{M x r}. The r products with `a`
+are the only multiplications: the hidden width r is the multiplication budget; the ternary
+products are additions and subtractions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import OptionsError
+
+TWN_THRESHOLD = 0.7  # Li & Liu's ternary weight networks: keep |w| > 0.7 mean |w|, as the authors' code
+
+
+@dataclass(frozen=True)
+class SpnParams:
+    """One sum-product layer: wb int8 [r, D], a float32 [r], wc int8 [M, r], bias float32 [M]."""
+
+    wb: np.ndarray
+    a: np.ndarray
+    wc: np.ndarray
+    bias: np.ndarray
+
+    def __post_init__(self):
+        r, D = self.wb.shape
+        M = self.wc.shape[0]
+        if self.a.shape != (r,) or self.wc.shape != (M, r) or self.bias.shape != (M,):
+            raise OptionsError(f"sum-product shapes disagree: wb {self.wb.shape}, a {self.a.shape}, "
+                               f"wc {self.wc.shape}, bias {self.bias.shape}")
+        for name in ("wb", "wc"):
+            values = getattr(self, name)
+            if not np.isin(values, (-1, 0, 1)).all():
+                raise OptionsError(f"sum-product {name} must be ternary (-1, 0, 1)")
+
+    @property
+    def width(self) -> int:
+        return len(self.a)
+
+    @property
+    def sparsity(self) -> tuple[float, float]:
+        """The fraction of zeros in wb and in wc."""
+        return float(np.mean(self.wb == 0)), float(np.mean(self.wc == 0))
+
+
+def reference(x: np.ndarray, params: SpnParams) -> np.ndarray:
+    """y = ((x Wb^T) a) Wc^T + b, in float64 (the independent reference of every path)."""
+    hidden = np.asarray(x, np.float64) @ params.wb.T.astype(np.float64)
+    return (hidden * params.a.astype(np.float64)) @ params.wc.T.astype(np.float64) + params.bias
+
+
+@dataclass(frozen=True)
+class OperationCount:
+    """Per input row: multiplications and additions (a subtraction counts as an addition)."""
+
+    multiplications: int
+    additions: int
+
+
+def operations(params: SpnParams) -> OperationCount:
+    """The sum-product layer's count: each hidden unit adds its nonzero inputs (k nonzeros, k - 1
+    additions), multiplies once by a; each output adds its nonzero hidden units and the bias."""
+    per_hidden = np.count_nonzero(params.wb, axis=1)
+    per_output = np.count_nonzero(params.wc, axis=1)
+    # an output of j nonzeros: j - 1 additions, and one for the bias (none when j = 0: y = b)
+    additions = int(np.maximum(per_hidden - 1, 0).sum()) + int(per_output.sum())
+    return OperationCount(multiplications=params.width, additions=additions)
+
+
+def exact_operations(D: int, M: int) -> OperationCount:
+    """The exact layer's count: D multiplications per output, D - 1 additions and the bias."""
+    return OperationCount(multiplications=D * M, additions=D * M)
+
+
+def ternarize(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """TWN (Li & Liu 2016) along slices of `axis`: t = sign(w) where |w| > 0.7 mean|w|, else 0,
+    and the scale s = mean |w| over the kept entries, so that w ~ s t. Returns (t int8, s)."""
+    w = np.asarray(w, np.float64)
+    magnitude = np.abs(w)
+    threshold = TWN_THRESHOLD * magnitude.mean(axis=axis, keepdims=True)
+    kept = magnitude > threshold
+    count = kept.sum(axis=axis, keepdims=True)
+    scale = np.where(count > 0, (magnitude * kept).sum(axis=axis, keepdims=True) / np.maximum(count, 1), 0.0)
+    return (np.sign(w) * kept).astype(np.int8), np.squeeze(scale, axis=axis)
+
+
+def full_precision_init(weight: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A real-valued sum-product layer equal to x W when width >= rank W, from the SVD
+    W = U S V^T [D, M]: Wb = U^T [r, D], a = S, Wc = V [M, r] (truncated below the rank)."""
+    U, S, Vt = np.linalg.svd(np.asarray(weight, np.float64), full_matrices=False)
+    r = min(width, len(S))
+    wb, a, wc = U[:, :r].T, S[:r], Vt[:r].T
+    if width > r:  # hidden units past the rank: zero, for later training to use
+        wb = np.vstack([wb, np.zeros((width - r, wb.shape[1]))])
+        a = np.concatenate([a, np.zeros(width - r)])
+        wc = np.hstack([wc, np.zeros((wc.shape[0], width - r))])
+    return wb, a, wc
+
+
+def ternary_init(weight: np.ndarray, bias: np.ndarray | None, width: int) -> SpnParams:
+    """The SVD initialisation ternarised: Wb per hidden unit (row), Wc per hidden unit (column);
+    both scales fold into `a`, so the layer stays y = Wc (a * Wb x) + b with ternary Wb, Wc."""
+    wb, a, wc = full_precision_init(weight, width)
+    tb, sb = ternarize(wb, axis=1)
+    tc, sc = ternarize(wc, axis=0)
+    M = np.asarray(weight).shape[1]
+    return SpnParams(tb, (a * sb * sc).astype(np.float32), tc,
+                     np.zeros(M, np.float32) if bias is None else np.asarray(bias, np.float32))
+
+
+def portable_nodes(params: SpnParams, x: str, y: str, prefix: str) -> tuple[list[onnx.NodeProto],
+                                                                           list[onnx.TensorProto]]:
+    """The layer as standard ONNX ops (--portable): MatMul by the ternary Wb^T, Mul by a,
+    MatMul by the ternary Wc^T, Add the bias; the ternary constants are stored as float32."""
+    names = {k: f"{prefix}/spn_{k}" for k in ("wb", "a", "wc", "bias", "hidden", "scaled", "mixed")}
+    initializers = [numpy_helper.from_array(params.wb.T.astype(np.float32), names["wb"]),
+                    numpy_helper.from_array(params.a.astype(np.float32), names["a"]),
+                    numpy_helper.from_array(params.wc.T.astype(np.float32), names["wc"]),
+                    numpy_helper.from_array(params.bias.astype(np.float32), names["bias"])]
+    nodes = [helper.make_node("MatMul", [x, names["wb"]], [names["hidden"]], name=f"{prefix}/spn_in"),
+             helper.make_node("Mul", [names["hidden"], names["a"]], [names["scaled"]], name=f"{prefix}/spn_scale"),
+             helper.make_node("MatMul", [names["scaled"], names["wc"]], [names["mixed"]], name=f"{prefix}/spn_out"),
+             helper.make_node("Add", [names["mixed"], names["bias"]], [y], name=f"{prefix}/spn_bias")]
+    return nodes, initializers

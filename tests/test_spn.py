@@ -1,0 +1,93 @@
+"""StrassenNets' sum-product layer (ops/spn.py): the SVD initialisation reproduces a real layer,
+TWN ternarisation and the operation count match hand computations, and the portable lowering
+run in onnxruntime equals the numpy reference on real activations."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from lutcompile.errors import OptionsError
+from lutcompile.onnx_io.sessions import make_session
+from lutcompile.ops import spn
+
+
+@pytest.fixture(scope="module")
+def first_layer(digits_mlp, digits_split):
+    """The digits MLP's first layer (W [64, 48], b) and its real input rows."""
+    W, b = digits_mlp[0]
+    return W, b, digits_split[0]
+
+
+@pytest.mark.parametrize("extra", [0, 5])
+def test_the_full_precision_init_is_the_layer_when_the_width_reaches_its_rank(first_layer, extra):
+    W, b, X = first_layer
+    rank = np.linalg.matrix_rank(W)
+    wb, a, wc = spn.full_precision_init(W, rank + extra)
+    assert wb.shape == (rank + extra, 64) and wc.shape == (48, rank + extra)
+    np.testing.assert_allclose(((X @ wb.T) * a) @ wc.T, X.astype(np.float64) @ W, rtol=1e-5, atol=1e-5)
+
+
+def test_below_the_rank_the_init_is_the_best_approximation_of_that_rank(first_layer):
+    W, _, _ = first_layer
+    wb, a, wc = spn.full_precision_init(W, 10)
+    singular = np.linalg.svd(W.astype(np.float64), compute_uv=False)
+    # Eckart-Young: no rank-10 matrix is closer to W in the Frobenius norm
+    np.testing.assert_allclose(np.linalg.norm(W - wb.T @ np.diag(a) @ wc.T), np.sqrt(np.sum(singular[10:] ** 2)),
+                               rtol=1e-6)
+
+
+def test_twn_ternarises_by_hand():
+    # mean |w| = 0.38, threshold 0.266: -0.5 and 0.9 kept, scale their mean magnitude 0.7
+    t, s = spn.ternarize(np.array([[0.1, -0.5, 0.9, 0.02], [0.0, 0.0, 0.0, 0.0]]), axis=1)
+    np.testing.assert_array_equal(t, [[0, -1, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_allclose(s, [0.7, 0.0])
+    assert t.dtype == np.int8
+
+
+def test_operations_by_hand():
+    params = spn.SpnParams(np.array([[1, 0, -1], [0, 0, 0], [1, 1, 1]], np.int8), np.ones(3, np.float32),
+                           np.array([[1, -1, 0], [0, 0, 0]], np.int8), np.zeros(2, np.float32))
+    # hidden: 1 + 0 + 2 additions; outputs: (1 + bias) and (bias alone, none); products with a: 3
+    assert spn.operations(params) == spn.OperationCount(multiplications=3, additions=5)
+    assert spn.exact_operations(3, 2) == spn.OperationCount(multiplications=6, additions=6)
+    assert params.sparsity == (pytest.approx(4 / 9), pytest.approx(4 / 6))
+
+
+def test_ternary_init_folds_both_scales_into_a(first_layer):
+    W, b, X = first_layer
+    params = spn.ternary_init(W, b, 48)
+    wb, a, wc = spn.full_precision_init(W, 48)
+    tb, sb = spn.ternarize(wb, axis=1)
+    tc, sc = spn.ternarize(wc, axis=0)
+    # the layer with the ternary factors and their scales, written out
+    scaled = ((X @ (sb[:, None] * tb).T) * a) @ (tc * sc[None, :]).T + b
+    np.testing.assert_allclose(spn.reference(X, params), scaled, rtol=1e-4, atol=1e-4)
+    exact = X @ W + b
+    error = np.linalg.norm(spn.reference(X, params) - exact) / np.linalg.norm(exact)
+    print(f"untrained ternary SPN, r = M: relative error {error:.3f}")
+    assert error < 0.6  # measured 0.40: a start for training, not a replacement
+
+
+@pytest.mark.parametrize("bad", ["value", "shape"])
+def test_parameters_that_are_not_a_ternary_layer_are_refused(bad):
+    wb = np.array([[1, 2]] if bad == "value" else [[1, 0]], np.int8)
+    a = np.ones(1 if bad == "value" else 2, np.float32)
+    with pytest.raises(OptionsError, match="ternary" if bad == "value" else "shapes disagree"):
+        spn.SpnParams(wb, a, np.ones((3, 1), np.int8), np.zeros(3, np.float32))
+
+
+def test_the_portable_lowering_in_onnxruntime_equals_the_reference(first_layer):
+    W, b, X = first_layer
+    params = spn.ternary_init(W, b, 48)
+    nodes, initializers = spn.portable_nodes(params, "input", "output", "fc0")
+    graph = helper.make_graph(nodes, "spn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 48])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    assert {n.op_type for n in model.graph.node} == {"MatMul", "Mul", "Add"}
+    out = make_session(model).run(None, {"input": X})[0]
+    expected = spn.reference(X, params)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
