@@ -51,7 +51,7 @@ from lutcompile.onnx_io.timing import interleaved_medians  # noqa: E402
 
 SHAPES = [(1, 784, 200), (64, 784, 200), (1024, 784, 200), (1024, 512, 10), (1024, 512, 100),
           (4096, 256, 256)]
-CODEBOOKS = (4, 8, 16, 32)
+CODEBOOKS = (4, 8, 16, 32, 64, 128, 256)  # issue 15: short sub-vectors take C to 50-200
 THREADS = (1, 2)
 RESULTS = ROOT / "docs" / "results" / "bench_kernel.md"
 

@@ -2,6 +2,7 @@
 whole-model latency against onnxruntime fp32 and int8 static, for the shipped models.
 
     python scripts/train_table.py [--only mlp|cnn] [--cnn-epochs N] [--repetitions N]
+    python scripts/train_table.py --subvectors 4,9,16,25,49   # the MLP across S (issue 14, item 3)
 
 Each configuration is compiled by the public API exactly as a user would:
 `compile_model(model, out, calib, train=train, codebooks=... or subvector=..., augment=...)`,
@@ -14,7 +15,8 @@ official 10,000 test rows. Latencies are medians of interleaved runs in this one
 thread, batch 256 and batch 1; every ratio in the table is taken in this run.
 
 The table goes into README.md between <!-- train_table:start --> and <!-- train_table:end -->,
-and every figure into build/train_table/results.json.
+and every figure into build/train_table/results.json; with --subvectors, the MLP alone at
+`--subvector S` for each S, into <!-- subvector_sweep:start --> and build/subvector_sweep/.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ CNN_CONFIGS = [("C = 16, 32, 144, 32", {"codebooks": dict(zip(CNN_NODES, (16, 32
 
 
 def measure(spec: dict, configs: list, repetitions: int) -> dict:
-    folder = BUILD / Path(spec["model"]).stem
+    folder = spec.get("build", BUILD) / Path(spec["model"]).stem
     folder.mkdir(parents=True, exist_ok=True)
     model = ROOT / spec["model"]
     test = load_calibration(ROOT / spec["test"], onnx.load(model))
@@ -100,7 +102,8 @@ def us(seconds: float) -> str:
     return f"{seconds * 1e6:,.0f} µs" if seconds >= 1e-4 else f"{seconds * 1e6:.1f} µs"
 
 
-def table(name: str, spec: dict, rows: dict) -> str:
+def table(name: str, spec: dict, rows: dict, codebooks: bool = False) -> str:
+    """The markdown table of `rows`; `codebooks`: the labels also give each node's count."""
     fp32, int8 = rows["fp32"], rows["int8 static"]
     augmented = f"; trained on rows augmented by `--augment {spec['augment']}`" if spec.get("augment") else ""
     lines = [f"**{name}** (exact {100 * fp32['accuracy']:.2f} %, int8 static {100 * int8['accuracy']:.2f} %; "
@@ -110,7 +113,8 @@ def table(name: str, spec: dict, rows: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         trained = "accuracy_before" in r
-        cells = [label, f"{100 * r['accuracy_before']:.2f} %" if trained else "-", f"{100 * r['accuracy']:.2f} %"]
+        shown = f"{label} (C = {', '.join(map(str, r['plan'].values()))})" if codebooks and trained else label
+        cells = [shown, f"{100 * r['accuracy_before']:.2f} %" if trained else "-", f"{100 * r['accuracy']:.2f} %"]
         for b in (256, 1):
             cells += [us(r[f"batch_{b}"]), f"{fp32[f'batch_{b}'] / r[f'batch_{b}']:.2f}× / "
                       f"{int8[f'batch_{b}'] / r[f'batch_{b}']:.2f}×"]
@@ -130,9 +134,21 @@ def main() -> None:
     ap.add_argument("--only", choices=("mlp", "cnn"), default=None)
     ap.add_argument("--cnn-epochs", type=int, default=5, help="epochs of the CNN's training (default 5)")
     ap.add_argument("--repetitions", type=int, default=30)
+    ap.add_argument("--subvectors", default=None, metavar="S,S,...",
+                    help="instead, the MLP at each of these inputs per codebook (compile_model(subvector=S))")
     args = ap.parse_args()
     results, parts = {}, []
     started = time.perf_counter()
+    if args.subvectors:
+        configs = [(f"S = {S}", {"subvector": S}) for S in map(int, args.subvectors.split(","))]
+        results["mlp"] = measure(dict(MLP, build=ROOT / "build" / "subvector_sweep"), configs, args.repetitions)
+        parts.append(table("MNIST MLP across S, inputs per codebook, every layer replaced, 2,000 held-out rows",
+                           MLP, results["mlp"], codebooks=True))
+        publish("subvector_sweep", ROOT / "build" / "subvector_sweep", results, parts,
+                f"Machine: {machine()}; one thread; latencies are medians of interleaved runs in one process. "
+                f"Produced by `python scripts/train_table.py --subvectors {args.subvectors}` in "
+                f"{time.perf_counter() - started:.0f} s.", True)
+        return
     if args.only in (None, "mlp"):
         results["mlp"] = measure(MLP, MLP_CONFIGS, args.repetitions)
         parts.append(table("MNIST MLP, every layer replaced, 2,000 held-out rows", MLP, results["mlp"]))
