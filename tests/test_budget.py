@@ -21,6 +21,7 @@ from lutcompile.tools import cli
 from lutcompile.compile import frontend
 from lutcompile.budget.search import BudgetOptions, CostModel, Sensitivity
 from lutcompile.compile.calibrate import load_calibration
+from lutcompile.errors import OptionsError
 
 CANDIDATES = (4, 8, 16, 32, 64)
 
@@ -164,6 +165,16 @@ def test_measured_cost_model_times_every_option(digits_model, calib):
     assert all(0 < s < 1 for times in cost.seconds.values() for s in times.values())
 
 
+def test_candidate_subvectors_add_a_width_per_node(digits_model):
+    """BudgetOptions.subvectors (--candidate-subvectors): a node of input width D also tries
+    ceil(D / S) codebooks; digits' widths are 64, 48 and 32."""
+    targets = frontend.analyse(digits_model).targets
+    choices = budget.candidate_choices(targets, budget.BudgetOptions(candidates=(8, 64), subvectors=(9, 16)))
+    assert choices == {"fc0": [4, 8, 64], "fc1": [3, 6, 8], "fc2": [2, 4, 8]}
+    with pytest.raises(OptionsError, match="candidate sub-vectors must be positive"):
+        budget.candidate_choices(targets, budget.BudgetOptions(subvectors=(0,)))
+
+
 def test_target_zero_keeps_every_node_exact(digits_model, calib, tmp_path, capsys):
     np.savez(tmp_path / "calib.npz", **calib)
     onnx.save(digits_model, tmp_path / "model.onnx")
@@ -186,7 +197,8 @@ def test_output_error_target_works_without_labels(digits_model, calib, tmp_path,
     onnx.save(digits_model, tmp_path / "model.onnx")
     out, limit = tmp_path / "out.onnx", 0.3
     code = cli.main([str(tmp_path / "model.onnx"), "--calib", str(tmp_path / "calib.npz"), "-o", str(out),
-                     "--max-output-error", str(limit), "--candidates", "8,32", "-q"])
+                     "--max-output-error", str(limit), "--candidates", "8,32", "--candidate-subvectors", "16",
+                     "-q"])
     stdout = capsys.readouterr().out
     assert code == 0
     assert "budget: held-out relative output error at most 0.3000" in stdout and "path (greedy" in stdout

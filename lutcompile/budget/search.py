@@ -98,6 +98,9 @@ class Goal:
 @dataclass
 class BudgetOptions:
     candidates: tuple[int, ...] = (4, 8, 16, 32, 64)  # codebook counts tried (those <= D per node)
+    # inputs per codebook tried as well: a node of input width D also tries C = ceil(D / S)
+    # (--candidate-subvectors; short sub-vectors, S = 4-9, are what training makes accurate)
+    subvectors: tuple[int, ...] = ()
     held_out_fraction: float = 0.2  # of the calibration rows, for the scores
     cost_batch: int = 256  # rows per call the nodes are timed at
     repetitions: int = 15  # interleaved timing repetitions per node
@@ -282,6 +285,17 @@ def verify_path(path: list[Move], nodes, goal: Goal, floor: float, measure,
     return best, verifications
 
 
+def candidate_choices(targets: list[frontend.TargetNode], options: BudgetOptions) -> dict[str, list[int]]:
+    """{node: the codebook counts the search tries for it}: the candidates up to its input
+    width D, and ceil(D / S) for each S of options.subvectors."""
+    if not options.candidates or any(int(C) != C or C < 1 for C in options.candidates):
+        raise OptionsError(f"candidates must be positive codebook counts, got {options.candidates}")
+    if any(int(S) != S or S < 1 for S in options.subvectors):
+        raise OptionsError(f"candidate sub-vectors must be positive input counts, got {options.subvectors}")
+    return {t.name: sorted({int(C) for C in options.candidates if C <= t.D}
+                           | {-(-t.D // int(S)) for S in options.subvectors}) for t in targets}
+
+
 def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], data: CalibrationData,
            goal: Goal, options: BudgetOptions, compile_options: CompileOptions, progress: bool = False,
            seconds: dict | None = None, train_data: CalibrationData | None = None) -> CompileResult:
@@ -290,13 +304,11 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
     it before it is scored (the sensitivities stay one-shot fits); training rows equal to one
     of the search's held-out rows are left out, so the scores stay on unseen rows."""
     seconds = {} if seconds is None else seconds
-    if not options.candidates or any(int(C) != C or C < 1 for C in options.candidates):
-        raise OptionsError(f"candidates must be positive codebook counts, got {options.candidates}")
     fit_idx, held_idx = held_out_split(data, options.held_out_fraction, compile_options.fit.seed)
     fit_data, held_out = data.subset(fit_idx), data.subset(held_idx)
     if train_data is not None:  # the rows that score the plans are trained on by none
         train_data = without_rows(train_data, held_out)
-    choices = {t.name: sorted({int(C) for C in options.candidates if C <= t.D}) for t in targets}
+    choices = candidate_choices(targets, options)
     # too few rows for the largest candidate fail here, before any timing or fitting
     check_enough_rows(analysis.model, fit_data, targets, lambda t: max(choices[t.name], default=1),
                       compile_options.calibrate.max_rows, compile_options.calibrate.batch_size)

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--candidates", type=_counts, default=(4, 8, 16, 32, 64), metavar="C,C,...",
                         help="codebook counts to try per node, those not above its input width "
                              "(default 4,8,16,32,64)")
+    budget.add_argument("--candidate-subvectors", type=_counts, default=(), metavar="S,S,...",
+                        help="inputs per codebook to try as well: a node of input width D also tries "
+                             "ceil(D / S) codebooks (default none)")
     budget.add_argument("--cost-batch", type=int, default=256, metavar="N",
                         help="rows per call the nodes are timed at (default 256)")
     _add_logging_flags(p, progress=True)
@@ -144,9 +147,9 @@ def _counts(text: str) -> tuple[int, ...]:
     try:
         counts = tuple(int(c) for c in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated codebook counts, got '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got '{text}'") from None
     if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"codebook counts must be positive, got '{text}'")
+        raise argparse.ArgumentTypeError(f"the counts must be positive, got '{text}'")
     return counts
 
 
@@ -274,6 +277,7 @@ def main_compile(argv: list[str]) -> int:
                                    max_accuracy_drop=args.max_accuracy_drop,
                                    max_output_error=args.max_output_error,
                                    budget_options=BudgetOptions(candidates=args.candidates,
+                                                                subvectors=args.candidate_subvectors,
                                                                 cost_batch=args.cost_batch))
         if not world().writes:  # under torchrun, rank 0 alone reports
             return 0
