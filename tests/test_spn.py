@@ -6,11 +6,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from lutcompile.errors import OptionsError
 from lutcompile.onnx_io.sessions import make_session
 from lutcompile.ops import spn
+
+from conftest import numpy_mlp
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,64 @@ def test_the_portable_lowering_in_onnxruntime_equals_the_reference(first_layer):
     out = make_session(model).run(None, {"input": X})[0]
     expected = spn.reference(X, params)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def spn_network(layers, width_of=lambda M: M):
+    from lutcompile.compile.torch_program import SpnModule
+    return [SpnModule.from_layer(W, b, width_of(W.shape[1])) for W, b in layers]
+
+
+def run_network(modules, X):
+    h = torch.as_tensor(X)
+    for i, m in enumerate(modules):
+        h = m(h)
+        if i < len(modules) - 1:
+            h = torch.relu(h)
+    return h
+
+
+def test_the_torch_layer_exports_the_ternary_layer_its_forward_computes(first_layer):
+    W, b, X = first_layer
+    (module,) = spn_network([(W, b)])
+    with torch.no_grad():
+        module.wb.add_(0.01 * torch.randn_like(module.wb))  # latent weights off their initial values
+        out = module(torch.as_tensor(X)).numpy()
+    params = module.params()
+    assert set(np.unique(params.wb)) <= {-1, 0, 1} and set(np.unique(params.wc)) <= {-1, 0, 1}
+    np.testing.assert_allclose(spn.reference(X, params), out, rtol=1e-4, atol=1e-4 * np.abs(out).max())
+    # the initial ternary layer is ops.spn.ternary_init's
+    (fresh,) = spn_network([(W, b)])
+    expected = spn.ternary_init(W, b, 48)
+    np.testing.assert_array_equal(fresh.params().wb, expected.wb)
+    np.testing.assert_array_equal(fresh.params().wc, expected.wc)
+    np.testing.assert_allclose(fresh.params().a, expected.a, rtol=1e-5)
+
+
+def test_straight_through_training_lifts_an_all_ternary_mlp_towards_exact(digits_mlp, digits_split):
+    """Every layer of the digits MLP ternarised (r = M) loses most of its accuracy; trained
+    through the TWN straight-through forward with distillation and labels, it recovers."""
+    Xtr, ytr, Xte, yte = digits_split
+    torch.manual_seed(0)
+    modules = spn_network(digits_mlp)
+    teacher = torch.as_tensor(numpy_mlp(digits_mlp, Xtr).astype(np.float32))
+
+    def accuracy():
+        with torch.no_grad():
+            return float((run_network(modules, Xte).argmax(1).numpy() == yte).mean())
+    exact = float((numpy_mlp(digits_mlp, Xte).argmax(1) == yte).mean())
+    before = accuracy()
+    opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=3e-3)
+    x, y = torch.as_tensor(Xtr), torch.as_tensor(ytr)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        for rows in torch.randperm(len(x), generator=generator).split(64):
+            logits = run_network(modules, x[rows])
+            loss = 0.5 * torch.nn.functional.cross_entropy(logits, y[rows]) + 0.5 * torch.nn.functional.kl_div(
+                torch.log_softmax(logits / 2, 1), torch.log_softmax(teacher[rows] / 2, 1), log_target=True,
+                reduction="batchmean") * 4
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = accuracy()
+    print(f"all-ternary digits MLP: {before:.3f} -> {after:.3f} (exact {exact:.3f})")
+    assert after >= before + 0.1 and after >= exact - 0.05, (before, after, exact)

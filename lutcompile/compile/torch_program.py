@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from ..onnx_io import external_data
 from ..ops.node_format import attributes, geometry_from_node, params_from_node, set_lut_attributes
 from ..ops.spec import DOMAIN, DEPTH, K, LutParams
+from ..ops.spn import TWN_THRESHOLD, SpnParams, full_precision_init
 
 
 class UnsupportedOp(ValueError):
@@ -128,6 +129,51 @@ class LutConvModule(torch.nn.Module):
         cols = F.unfold(F.pad(x, (left, right, top, bottom)), g.kernel, dilation=g.dilations, stride=g.strides)
         y = self.lut(cols.transpose(1, 2))  # [N, OH*OW, M]
         return y.transpose(1, 2).reshape(N, -1, OH, OW)
+
+
+def twn_ternary(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.spn.ternarize in torch: (t in {-1, 0, 1}, the scale of each slice along `dim`)."""
+    magnitude = w.detach().abs()
+    kept = magnitude > TWN_THRESHOLD * magnitude.mean(dim=dim, keepdim=True)
+    count = kept.sum(dim=dim, keepdim=True)
+    scale = (magnitude * kept).sum(dim=dim, keepdim=True) / count.clamp_min(1)
+    return torch.sign(w.detach()) * kept, scale
+
+
+class SpnModule(torch.nn.Module):
+    """StrassenNets' sum-product layer (ops/spn.py) in torch, trained as the authors do: latent
+    real weights ternarised by TWN in every forward, with an identity straight-through gradient,
+    and `a` real. The forward is y = ((x (sb tb)^T) a) (tc sc)^T + b, which `params()` writes as
+    the exported layer's ternary tb, tc with both scales folded into a."""
+
+    def __init__(self, wb: np.ndarray, a: np.ndarray, wc: np.ndarray, bias: np.ndarray):
+        super().__init__()
+        self.wb = torch.nn.Parameter(torch.as_tensor(np.asarray(wb, np.float32)))
+        self.a = torch.nn.Parameter(torch.as_tensor(np.asarray(a, np.float32)))
+        self.wc = torch.nn.Parameter(torch.as_tensor(np.asarray(wc, np.float32)))
+        self.bias = torch.nn.Parameter(torch.as_tensor(np.asarray(bias, np.float32)))
+
+    @classmethod
+    def from_layer(cls, weight: np.ndarray, bias: np.ndarray | None, width: int) -> "SpnModule":
+        """The SVD initialisation (ops.spn.full_precision_init) as the latent weights."""
+        wb, a, wc = full_precision_init(weight, width)
+        return cls(wb, a, wc, np.zeros(np.asarray(weight).shape[1]) if bias is None else bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tb, sb = twn_ternary(self.wb, 1)
+        tc, sc = twn_ternary(self.wc, 0)
+        wb = self.wb + (sb * tb - self.wb).detach()  # the ternary value, the latent's gradient
+        wc = self.wc + (tc * sc - self.wc).detach()
+        return ((x @ wb.T) * self.a) @ wc.T + self.bias
+
+    def params(self) -> SpnParams:
+        """The layer the forward computes, as exported: ternary tb, tc, and a times both scales."""
+        with torch.no_grad():
+            tb, sb = twn_ternary(self.wb, 1)
+            tc, sc = twn_ternary(self.wc, 0)
+            a = self.a * sb[:, 0] * sc[0, :]
+        return SpnParams(tb.numpy().astype(np.int8), a.numpy().astype(np.float32), tc.numpy().astype(np.int8),
+                         self.bias.detach().numpy().astype(np.float32))
 
 
 def _pads(attrs: dict, x: torch.Tensor, kernel) -> list[int]:
