@@ -120,7 +120,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     if prune_columns is not None:
         options = replace(options, prune_columns=prune_columns)
     options.fit.check()
-    if train is None and options.finetune.train.augment is not None and augment is not None:
+    if train is None and augment is not None:
         raise OptionsError("augment applies to the training rows; give train (--train) too")
     if train is not None and not get_method(options.method).trainable:
         raise OptionsError(f"method '{options.method}' cannot train; leave out train (--train)")

@@ -115,6 +115,9 @@ def test_training_on_augmented_rows_trains_the_compiled_network(digits_model, di
                                       epochs=epochs, augment="rotate=8,shape=1x8x8", **fast)
     trained_rows = len(Xtr) - int(0.05 * len(Xtr))  # FinetuneOptions.val_fraction held out
     assert len(batches) == epochs * math.ceil(trained_rows / 64) and sum(batches) == epochs * trained_rows
+    # what report.json records: the augmentation, and the recipe's mixup off with it
+    assert result.options["finetune_options"]["train"]["augment"]["rotate"] == 8
+    assert result.options["train_epochs"] == epochs and result.options["train_mixup"] == 0.0
     before = lutcompile.evaluate_accuracy(untrained.model, held_out)
     after = lutcompile.evaluate_accuracy(result.model, held_out)
     print(f"held-out {before:.3f} -> {after:.3f}")

@@ -50,7 +50,10 @@ class CompileOptions:
                     nodes_to_include=None if fo.nodes_to_include is None else list(fo.nodes_to_include),
                     nodes_to_exclude=list(fo.nodes_to_exclude) or None,
                     calibrate_options=asdict(self.calibrate), fit_options=asdict(self.fit),
-                    finetune_options=asdict(self.finetune))
+                    finetune_options=asdict(self.finetune),
+                    # the train stage's epochs and mixup as run (TrainOptions leaves them None
+                    # for the recipe's default, which depends on augmentation)
+                    train_epochs=self.finetune.train.epoch_count, train_mixup=self.finetune.train.mixup_alpha)
 
 
 @dataclass
