@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from ..onnx_io import external_data
 from ..ops.node_format import attributes, geometry_from_node, params_from_node, set_lut_attributes
 from ..ops.spec import DOMAIN, DEPTH, K, LutParams
-from ..ops.spn import TWN_THRESHOLD, SpnParams, full_precision_init
+from ..ops.spn import SpnParams, full_precision_init, ternarize
 
 
 class UnsupportedOp(ValueError):
@@ -131,13 +131,11 @@ class LutConvModule(torch.nn.Module):
         return y.transpose(1, 2).reshape(N, -1, OH, OW)
 
 
-def twn_ternary(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ops.spn.ternarize in torch: (t in {-1, 0, 1}, the scale of each slice along `dim`)."""
-    magnitude = w.detach().abs()
-    kept = magnitude > TWN_THRESHOLD * magnitude.mean(dim=dim, keepdim=True)
-    count = kept.sum(dim=dim, keepdim=True)
-    scale = (magnitude * kept).sum(dim=dim, keepdim=True) / count.clamp_min(1)
-    return torch.sign(w.detach()) * kept, scale
+def _ternary(w: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.spn.ternarize of the latent weights `w` (no gradient): (t in {-1, 0, 1}, the scale of
+    each slice along `axis`, kept as a broadcastable dimension)."""
+    t, scale = ternarize(w.detach().numpy(), axis)
+    return torch.from_numpy(t.astype(np.float32)), torch.from_numpy(np.expand_dims(scale, axis).astype(np.float32))
 
 
 class SpnModule(torch.nn.Module):
@@ -160,8 +158,8 @@ class SpnModule(torch.nn.Module):
         return cls(wb, a, wc, np.zeros(np.asarray(weight).shape[1]) if bias is None else bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tb, sb = twn_ternary(self.wb, 1)
-        tc, sc = twn_ternary(self.wc, 0)
+        tb, sb = _ternary(self.wb, 1)
+        tc, sc = _ternary(self.wc, 0)
         wb = self.wb + (sb * tb - self.wb).detach()  # the ternary value, the latent's gradient
         wc = self.wc + (tc * sc - self.wc).detach()
         return ((x @ wb.T) * self.a) @ wc.T + self.bias
@@ -169,8 +167,8 @@ class SpnModule(torch.nn.Module):
     def params(self) -> SpnParams:
         """The layer the forward computes, as exported: ternary tb, tc, and a times both scales."""
         with torch.no_grad():
-            tb, sb = twn_ternary(self.wb, 1)
-            tc, sc = twn_ternary(self.wc, 0)
+            tb, sb = _ternary(self.wb, 1)
+            tc, sc = _ternary(self.wc, 0)
             a = self.a * sb[:, 0] * sc[0, :]
         return SpnParams(tb.numpy().astype(np.int8), a.numpy().astype(np.float32), tc.numpy().astype(np.int8),
                          self.bias.detach().numpy().astype(np.float32))
