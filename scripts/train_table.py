@@ -39,10 +39,11 @@ from pareto import build_int8, machine  # noqa: E402
 from readme_tables import publish  # noqa: E402
 
 BUILD = ROOT / "build" / "train_table"
+SWEEP = ROOT / "build" / "subvector_sweep"  # --subvectors
 # the MLP trains on augmented rows, the augmentation the shipped model itself was trained with
 # (scripts/train_mnist_mlp.py), with TrainOptions' defaults for it (40 epochs, no mixup): at
-# C = 64, 20 epochs without it 97.25 %, with it 97.30 % at 20 epochs and 97.25-97.90 % at 40
-# (three runs); mixup on top of it lost (96.75 % at 20 epochs)
+# C = 64, 20 epochs without it 97.25 %, 40 without it 96.75 %, with it 97.30 % at 20 epochs and
+# 96.85-97.90 % at 40 (four runs, seeds differing); mixup on top of it lost (96.75 % at 20 epochs)
 MLP = {"model": "models/mnist_mlp.onnx", "calib": "models/mnist_train.npz", "train": "models/mnist_train.npz",
        "test": "models/mnist_test.npz", "floor": 0.976, "exact_name": "MNIST MLP",
        "augment": "rotate=15,scale=0.15,shift=2,shape=1x28x28"}
@@ -129,6 +130,11 @@ def table(name: str, spec: dict, rows: dict, codebooks: bool = False) -> str:
     return "\n".join(lines)
 
 
+def footer(command: str, started: float) -> str:
+    return (f"Machine: {machine()}; one thread; latencies are medians of interleaved runs in one process. "
+            f"Produced by `{command}` in {time.perf_counter() - started:.0f} s.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("mlp", "cnn"), default=None)
@@ -141,13 +147,11 @@ def main() -> None:
     started = time.perf_counter()
     if args.subvectors:
         configs = [(f"S = {S}", {"subvector": S}) for S in map(int, args.subvectors.split(","))]
-        results["mlp"] = measure(dict(MLP, build=ROOT / "build" / "subvector_sweep"), configs, args.repetitions)
+        results["mlp"] = measure(dict(MLP, build=SWEEP), configs, args.repetitions)
         parts.append(table("MNIST MLP across S, inputs per codebook, every layer replaced, 2,000 held-out rows",
                            MLP, results["mlp"], codebooks=True))
-        publish("subvector_sweep", ROOT / "build" / "subvector_sweep", results, parts,
-                f"Machine: {machine()}; one thread; latencies are medians of interleaved runs in one process. "
-                f"Produced by `python scripts/train_table.py --subvectors {args.subvectors}` in "
-                f"{time.perf_counter() - started:.0f} s.", True)
+        publish("subvector_sweep", SWEEP, results, parts,
+                footer(f"python scripts/train_table.py --subvectors {args.subvectors}", started), True)
         return
     if args.only in (None, "mlp"):
         results["mlp"] = measure(MLP, MLP_CONFIGS, args.repetitions)
@@ -158,9 +162,7 @@ def main() -> None:
         results["cnn"] = measure(cnn, CNN_CONFIGS, args.repetitions)
         parts.append(table("Fashion-MNIST CNN, every replaceable node replaced, official 10,000 test rows",
                            CNN, results["cnn"]))
-    publish("train_table", BUILD, results, parts,
-            f"Machine: {machine()}; one thread; latencies are medians of interleaved runs in one process. "
-            f"Produced by `python scripts/train_table.py` in {time.perf_counter() - started:.0f} s.", args.only is None)
+    publish("train_table", BUILD, results, parts, footer("python scripts/train_table.py", started), args.only is None)
 
 
 if __name__ == "__main__":

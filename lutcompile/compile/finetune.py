@@ -43,7 +43,7 @@ class TrainOptions:
     epochs: int | None = None  # None: DEFAULT_EPOCHS, or AUGMENTED_EPOCHS with augment
     lr: float = 1e-3
     schedule: str = "onecycle"  # finetune.train's schedule
-    mixup: float | None = None  # Beta(a, a) parameter (0: off; None: 0.3, or 0 with augment)
+    mixup: float | None = None  # Beta(a, a) parameter (0: off; None: DEFAULT_MIXUP, or 0 with augment)
     tree_temperature: float = 0.3
     distill_weight: float = 0.9
     ema: float = 0.995
@@ -57,6 +57,7 @@ class TrainOptions:
 
     DEFAULT_EPOCHS = 20
     AUGMENTED_EPOCHS = 40
+    DEFAULT_MIXUP = 0.3
 
     @property
     def epoch_count(self) -> int:
@@ -64,7 +65,7 @@ class TrainOptions:
 
     @property
     def mixup_alpha(self) -> float:
-        return (0.0 if self.augment is not None else 0.3) if self.mixup is None else self.mixup
+        return (0.0 if self.augment is not None else self.DEFAULT_MIXUP) if self.mixup is None else self.mixup
 
 
 @dataclass(frozen=True)
