@@ -16,11 +16,13 @@ from lutcompile.compile.augment import Augment, parse_augment
 from lutcompile.compile.calibrate import load_calibration
 from lutcompile.errors import OptionsError
 
+from conftest import load_digits_data
 
-def images(n: int = 12, side: int = 8) -> torch.Tensor:
-    from sklearn.datasets import load_digits
-    x = load_digits().images[:n].astype(np.float32) / 16
-    return torch.from_numpy(x[:, :side, :side].copy())
+
+def images(n: int = 12) -> torch.Tensor:
+    """The first n digits (conftest's real data) as 8x8 images."""
+    X, _ = load_digits_data()
+    return torch.from_numpy(X[:n].reshape(n, 8, 8).copy())
 
 
 def reference_affine(image: np.ndarray, angle: float, zoom: float, move: np.ndarray) -> np.ndarray:
