@@ -67,7 +67,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   progress: bool | None = None,
                   max_accuracy_drop: float | None = None,
                   max_output_error: float | None = None,
-                  budget_options: BudgetOptions | None = None) -> CompileResult:
+                  budget_options: BudgetOptions | None = None,
+                  mask_input: str | bool | None = None) -> CompileResult:
     """Replace the model's constant-weight matrix products by lookup nodes.
 
     calibration_data: an .npz path, a dict of arrays (one per model input keyed by name; a
@@ -106,6 +107,10 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     held-out part of the calibration data stays within this fraction (0.01 = one point);
     needs labels. max_output_error: the same with the relative error of the first output
     against the original model's (no labels needed). See lutcompile/budget/search.py.
+    mask_input: the input whose zeros mark padding positions ([batch, tokens], a sequence
+    model's attention mask): rows at those positions are neither fitted on nor counted in the
+    training loss. None: CalibrateOptions.mask_input ("auto": an input named attention_mask);
+    False: every position counts.
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -117,6 +122,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                                fuse_activation=fuse_activation, seed=seed, batch_size=batch_size,
                                fit_options=fit_options, finetune_options=finetune_options, epochs=epochs,
                                augment=augment)
+    if mask_input is not None:
+        options = replace(options, calibrate=replace(options.calibrate, mask_input=mask_input or None))
     if prune_columns is not None:
         options = replace(options, prune_columns=prune_columns)
     options.fit.check()

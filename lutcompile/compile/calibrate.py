@@ -36,6 +36,13 @@ class CalibrateOptions:
     batch_size: int = 256  # rows per onnxruntime run
     max_rows: int = 20000  # rows kept per node (a seeded sample: Conv patches, or rows of 3-D inputs)
     seed: int = 0
+    # the model input whose zeros mark padding positions, [batch, tokens] like a sequence
+    # model's: a node's rows at those positions are left out of fitting and of the training
+    # loss, since they are not tokens. "auto": the input named attention_mask, if there is one;
+    # None: every row counts
+    mask_input: str | None = "auto"
+
+    MASK_NAME = "attention_mask"  # Hugging Face's name, which its exporters keep
 
 
 class CalibrationError(ValueError):
@@ -176,9 +183,19 @@ def last_axis_rows(value: np.ndarray) -> np.ndarray:
     return value.reshape(-1, value.shape[-1])
 
 
+def mask_input(model: onnx.ModelProto, option: str | None) -> str | None:
+    """The input that masks padding positions (CalibrateOptions.mask_input resolved), or None."""
+    names = [vi.name for vi in _graph_inputs(model)]
+    if option == "auto":
+        return CalibrateOptions.MASK_NAME if CalibrateOptions.MASK_NAME in names else None
+    if option and option not in names:
+        raise CalibrationError(f"mask input '{option}' is not an input of the model (inputs: {', '.join(names)})")
+    return option or None
+
+
 def collect_activations(model: onnx.ModelProto, data: CalibrationData,
                         requests: list[str] | dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]],
-                        batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
+                        batch_size: int = 256, progress=None, mask: str | None = None) -> dict[str, np.ndarray]:
     """Rows [n, D] of tensors over the calibration data.
 
     `requests` is a list of tensor names (each flattened to its last axis), or a dict
@@ -186,6 +203,7 @@ def collect_activations(model: onnx.ModelProto, data: CalibrationData,
     or a sample of convolution patches, so that memory stays bounded by one batch plus the
     rows kept. `model` may contain lookup nodes (it runs with our kernel registered), which is
     how the fine-tune pass sees activations produced by already-replaced layers.
+    With `mask` (an input's name), each view is also given `keep=`, that input's batch != 0.
     """
     if not isinstance(requests, dict):
         requests = {name: (name, last_axis_rows) for name in requests}
@@ -202,8 +220,9 @@ def collect_activations(model: onnx.ModelProto, data: CalibrationData,
                                    batch_size, progress):
         values = dict(zip(wanted, outs))
         values.update({k: v[rows] for k, v in data.inputs.items()})
+        extra = {} if mask is None else {"keep": np.asarray(data.inputs[mask][rows]) != 0}
         for key, (name, view) in requests.items():
-            collected[key].append(view(np.asarray(values[name], dtype=np.float32)))
+            collected[key].append(view(np.asarray(values[name], dtype=np.float32), **extra))
     return {k: np.concatenate(v) for k, v in collected.items()}
 
 
@@ -226,16 +245,19 @@ def patches_per_image(max_rows: int, images: int) -> int:
     return -(-max_rows // images)
 
 
-def _row_count(target, per_image: int, value: np.ndarray) -> np.ndarray:
+def _row_count(target, per_image: int, value: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
     """[rows target.rows would return for this batch], without building them."""
     if target.conv is None:
+        if keep is not None and target.masked(value, keep):
+            return np.array([int(keep.sum())])
         return np.array([value.size // target.D])
     OH, OW = target.conv.output_size(*value.shape[2:])
     return np.array([value.shape[0] * min(OH * OW, per_image)])
 
 
 def check_enough_rows(model: onnx.ModelProto, data: CalibrationData, targets: list,
-                      codebooks: Callable[[object], int], max_rows: int, batch_size: int = 256) -> None:
+                      codebooks: Callable[[object], int], max_rows: int, batch_size: int = 256,
+                      mask_option: str | None = None) -> None:
     """Fail, before any fitting, when a target (a frontend.TargetNode) would get fewer rows
     than `codebooks(target)` codebooks need. The rows per calibration sample follow from the
     shapes, so one batch of the model's run in onnxruntime counts them."""
@@ -244,7 +266,8 @@ def check_enough_rows(model: onnx.ModelProto, data: CalibrationData, targets: li
     sample = data.subset(slice(0, batch_size))
     per_image = patches_per_image(max_rows, data.rows)
     counts = collect_activations(model, sample, {t.name: (t.input_name, partial(_row_count, t, per_image))
-                                                 for t in targets}, batch_size)
+                                                 for t in targets}, batch_size,
+                                 mask=mask_input(model, mask_option))
     for t in targets:
         rows = int(counts[t.name].sum()) * data.rows // sample.rows
         require_rows(t.name, min(rows, max_rows), codebooks(t))
@@ -253,13 +276,13 @@ def check_enough_rows(model: onnx.ModelProto, data: CalibrationData, targets: li
 def target_rows(model: onnx.ModelProto, data: CalibrationData, targets: list,
                 options: CalibrateOptions, progress=None) -> dict[str, np.ndarray]:
     """Each target's input rows [n, D] over the calibration data, from a run of `model` in
-    onnxruntime: a Conv's patches sampled per image, and every node's rows bounded by
-    options.max_rows (a seeded sample, in row order)."""
+    onnxruntime: a Conv's patches sampled per image, rows at masked (padding) positions left
+    out, and every node's rows bounded by options.max_rows (a seeded sample, in row order)."""
     rng = np.random.default_rng(options.seed)
     per_image = patches_per_image(options.max_rows, data.rows)
     rows = collect_activations(
         model, data, {t.name: (t.input_name, partial(t.rows, rng=rng, per_image=per_image)) for t in targets},
-        options.batch_size, progress=progress)
+        options.batch_size, progress=progress, mask=mask_input(model, options.mask_input))
     for name, X in rows.items():
         if len(X) > options.max_rows:
             rows[name] = X[np.sort(rng.choice(len(X), options.max_rows, replace=False))]

@@ -85,6 +85,10 @@ class FinetuneOptions:
     train: "TrainOptions" = field(default_factory=lambda: TrainOptions())
     distill_weight: float = 0.5  # with labels: (1 - w) cross-entropy + w distillation
     distill_temperature: float = 4.0
+    # what distillation matches: "kl" between softmaxes of a classifier's logits, "mse" the
+    # outputs themselves (relative squared error: hidden states, embeddings); "auto": kl for a
+    # [rows, classes] output, mse for any other shape
+    objective: str = "auto"
     epochs: int = 8
     lr: float = 1e-3
     batch_size: int = 64
@@ -130,7 +134,8 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
           options: FinetuneOptions, train_tables: bool = False, epochs: int | None = None,
           lr: float | None = None, progress=None, train_trees: bool = False, mixup: float = 0.0,
           schedule: str = "cosine", stage: str = "fine-tune", held_out: np.ndarray | None = None,
-          ema: float = 0.0, group: World = World(), augment: Augment | None = None) -> Trained:
+          ema: float = 0.0, group: World = World(), augment: Augment | None = None,
+          mask: str | None = None) -> Trained:
     """Train `trainable` initializers (and the tables and trees, if asked) of `model`.
 
     The objective: cross-entropy on the labels; distillation (KL) from the teacher when there
@@ -148,6 +153,8 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     steps, and their average generalises better.
     group: under torchrun, the ranks train data-parallel (compile/distributed.py), each on its
     own shard of the training rows; all evaluate the same held-out rows.
+    mask: the input whose zeros mark padding positions (calibrate.mask_input): with the mse
+    objective, output positions it masks do not count.
 
     The rows `held_out` (default: a seeded `val_fraction`) are never trained on; the parameters of the epoch with the
     lowest held-out loss are kept (epoch 0 being the untrained model), so training cannot
@@ -166,6 +173,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     epochs = epochs or (options.table_epochs if train_tables else options.epochs)
     lr = lr or (options.table_lr if train_tables else options.lr)
     inputs = [torch.from_numpy(data.inputs[name]) for name in program.input_names]
+    inputs_by_name = dict(zip(program.input_names, inputs))
     labels = None if data.labels is None else torch.from_numpy(data.labels)
     teacher_logits = torch.from_numpy(teacher.astype(np.float32)) if isinstance(teacher, np.ndarray) else None
     # nothing in it trains: TorchProgram makes parameters only of what it is told to train
@@ -188,14 +196,19 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
             pair = torch.from_numpy(rng.permutation(len(rows)))
             lam = float(rng.beta(mixup, mixup))
             xs = [lam * x + (1 - lam) * x[pair] if x.is_floating_point() else x for x in xs]
-        logits = net(*xs)[0].reshape(len(rows), -1)
+        output = net(*xs)[0]
+        logits = output.reshape(len(rows), -1)
         if teacher_logits is not None:
             target = teacher_logits[rows]
         elif teacher_program is not None:
             with torch.no_grad():
-                target = teacher_program(*xs)[0].reshape(len(rows), -1)
+                target = teacher_program(*xs)[0]
         else:
             target = None
+        if target is not None and _objective(options.objective, output) == "mse":
+            return _relative_squared_error(output, target.reshape(output.shape),
+                                           None if mask is None else inputs_by_name[mask][rows]), logits
+        target = None if target is None else target.reshape(len(rows), -1)
 
         def cross_entropy():
             ce = F.cross_entropy(logits, labels[rows])
@@ -284,6 +297,25 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     trained.CopyFrom(model)
     program.write_back(trained)
     return Trained(trained, curve)
+
+
+OBJECTIVES = ("auto", "kl", "mse")
+
+
+def _objective(option: str, output: torch.Tensor) -> str:
+    if option not in OBJECTIVES:
+        raise ValueError(f"unknown objective {option!r}, choose from {', '.join(OBJECTIVES)}")
+    return option if option != "auto" else "kl" if output.dim() == 2 else "mse"
+
+
+def _relative_squared_error(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """||output - target||^2 / ||target||^2, over the positions `mask` keeps when it lays out
+    the output's leading axes ([batch, tokens] of a sequence model), else over everything."""
+    weight = torch.ones(())
+    if mask is not None and tuple(output.shape[:mask.dim()]) == tuple(mask.shape):
+        weight = (mask != 0).to(output.dtype).reshape(*mask.shape, *[1] * (output.dim() - mask.dim()))
+    error = ((output - target) ** 2 * weight).sum()
+    return error / ((target ** 2) * weight).sum().clamp_min(1e-12)
 
 
 @contextmanager

@@ -54,11 +54,12 @@ class TargetNode:
     conv: ConvGeometry | None = None  # a Conv: rows are the input's patches
 
     def rows(self, value: np.ndarray, rng: np.random.Generator | None = None,
-             per_image: int | None = None) -> np.ndarray:
+             per_image: int | None = None, keep: np.ndarray | None = None) -> np.ndarray:
         """The rows [n, D] this node multiplies, from one batch of its input tensor.
 
         For a Conv, `per_image` patches per image are sampled (all when None), so the
-        stored calibration rows stay bounded.
+        stored calibration rows stay bounded. `keep`, a boolean [batch, tokens] mask, drops
+        the rows of positions it marks False, where this node's rows are laid out that way.
         """
         if self.conv is not None:
             N, _, H, W = value.shape
@@ -69,9 +70,19 @@ class TargetNode:
             chosen = np.concatenate([n * OH * OW + np.sort(rng.choice(OH * OW, per_image, replace=False))
                                      for n in range(N)])
             return im2col_reference(value, self.conv, chosen)
+        drop_masked = keep is not None and self.masked(value, keep)
         if self.transpose_input:
             value = np.swapaxes(value, -1, -2)
+        if drop_masked:
+            return value[keep]
         return value.reshape(-1, value.shape[-1])
+
+    def masked(self, value: np.ndarray, keep: np.ndarray) -> bool:
+        """Whether a mask of shape keep.shape lays out this node's rows: its input `value` is
+        [batch, tokens, D] (after any transpose), not a Conv's image."""
+        if self.transpose_input:
+            value = np.swapaxes(value, -1, -2)
+        return self.conv is None and value.shape[:-1] == keep.shape
 
     @property
     def D(self) -> int:

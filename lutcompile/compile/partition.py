@@ -90,12 +90,20 @@ def opq_rotation(X: np.ndarray, C: int, iterations: int = 8, seed: int = 0,
                                                              seed=int(rng.integers(2**31)))
             recon[:, g] = centroids[labels]
         # orthogonal Procrustes: the rotation taking X closest to its quantised image
-        cross = X.T @ recon
-        if not np.all(np.isfinite(cross)):
+        if not np.all(np.isfinite(recon)):
             break
-        U, _, Vt = scipy.linalg.svd(cross, lapack_driver="gesvd")  # slower, but always converges
-        R = U @ Vt
+        R = _procrustes(X, recon)
     return R
+
+
+def _procrustes(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """The orthogonal R minimising ||A R - B|| (scipy's divide-and-conquer SVD; LAPACK's
+    gesvd, which always converges but is 27x slower at D = 1536, only if that fails)."""
+    try:
+        return scipy.linalg.orthogonal_procrustes(A, B)[0]
+    except np.linalg.LinAlgError:
+        U, _, Vt = scipy.linalg.svd(A.T @ B, lapack_driver="gesvd")
+        return U @ Vt
 
 
 def _opq_order(X: np.ndarray, C: int, seed: int) -> np.ndarray:

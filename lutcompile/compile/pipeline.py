@@ -96,7 +96,7 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
         data = calibrate.without_rows(data, train_data.subset(held_out))
     with timed(seconds, "calibrate"):  # too few rows for the codebooks fail here, before any fitting
         calibrate.check_enough_rows(analysis.model, data, chosen, lambda t: min(plan[t.name], t.D),
-                                    co.max_rows, co.batch_size)
+                                    co.max_rows, co.batch_size, co.mask_input)
     teacher = first_output(analysis.model, data) if (incremental or tune.tables) and data.labels is None else None
     current = analysis.model
     reports: list[NodeReport] = []
@@ -119,7 +119,8 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
             done = train(model, train_data, analysis.model, _exact_parameters(model, fo), stage_options,
                          train_tables=True, train_trees=True, epochs=epochs, lr=recipe.lr,
                          progress=bar(progress, stage), mixup=recipe.mixup_alpha, schedule=recipe.schedule,
-                         ema=recipe.ema, stage=stage, held_out=held_out, group=group, augment=recipe.augment)
+                         ema=recipe.ema, stage=stage, held_out=held_out, group=group, augment=recipe.augment,
+                         mask=calibrate.mask_input(analysis.model, co.mask_input))
         curves.append(done.curve)
         return done.model
 

@@ -246,8 +246,8 @@ def _reshape(x, shape, allowzero=0):
 
 
 def _flatten(x, axis=1):
-    axis = axis % x.dim() if x.dim() else 0
-    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    axis = axis + x.dim() if axis < 0 else axis  # 0..rank: axis = rank gives [numel, 1]
+    return x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
 
 
 def _axes(node_axes, axes_input):
@@ -294,6 +294,48 @@ def _clip(x, lo=None, hi=None, min=None, max=None):
 
 _ONNX_TORCH_DTYPE = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 11: torch.float64}
 
+
+def _gather(x, i, axis=0):
+    axis = axis % x.dim()
+    i = i.long()
+    i = torch.where(i < 0, i + x.shape[axis], i)  # ONNX counts negative indices from the end
+    picked = torch.index_select(x, axis, i.reshape(-1))
+    return picked.reshape(tuple(x.shape[:axis]) + tuple(i.shape) + tuple(x.shape[axis + 1:]))
+
+
+def _layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5, **_):
+    return F.layer_norm(x, x.shape[axis % x.dim():], scale, bias, epsilon)
+
+
+def _reduce_mean(x, axes_input=None, axes=None, keepdims=1, noop_with_empty_axes=0):
+    axes = _axes(axes, axes_input)
+    if not axes:
+        return x if noop_with_empty_axes else x.mean().reshape([1] * x.dim() if keepdims else [])
+    return x.mean(dim=tuple(axes), keepdim=bool(keepdims))
+
+
+def _slice(x, starts, ends, axes=None, steps=None):
+    """ONNX Slice: per listed axis, start:end:step, clamped as Python clamps (steps > 0 here)."""
+    starts, ends = starts.tolist(), ends.tolist()
+    axes = list(range(len(starts))) if axes is None else axes.tolist()
+    steps = [1] * len(starts) if steps is None else steps.tolist()
+    if any(step <= 0 for step in steps):
+        raise UnsupportedOp("Slice with a negative step is not supported")
+    index = [slice(None)] * x.dim()
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[axis] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def _constant_of_shape(shape, value=None):
+    value = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
+    return torch.full([int(s) for s in shape.tolist()], value[0].item(),
+                      dtype=torch.from_numpy(value.copy()).dtype)
+
+
+def _expand(x, shape):  # ONNX Expand broadcasts both ways: a 1 in `shape` keeps x's extent
+    return x.expand(torch.broadcast_shapes(x.shape, tuple(int(s) for s in shape.tolist())))
+
 OPS: dict[str, Callable] = {
     "Gemm": _gemm,
     "MatMul": lambda a, b: a @ b,
@@ -319,10 +361,31 @@ OPS: dict[str, Callable] = {
     "Unsqueeze": _unsqueeze,
     "Concat": lambda *xs, axis: torch.cat(xs, dim=axis),
     "Shape": lambda x, start=0, end=None: torch.tensor(x.shape[start:end], dtype=torch.int64),
-    "Gather": lambda x, i, axis=0: torch.index_select(x, axis, i.reshape(-1).long()).reshape(
-        *x.shape[:axis], *i.shape, *x.shape[axis + 1:]),
+    "Gather": _gather,
     "Cast": lambda x, to, **_: x.to(_ONNX_TORCH_DTYPE[to]),
     "Clip": _clip,
+    "Softmax": _softmax,
+    "LayerNormalization": _layer_norm,
+    "ReduceMean": _reduce_mean,
+    "Erf": torch.erf,
+    "Sqrt": torch.sqrt,
+    "Exp": torch.exp,
+    "Neg": torch.neg,
+    "Pow": torch.pow,
+    "Reciprocal": torch.reciprocal,
+    "Where": lambda c, x, y: torch.where(c.bool(), x, y),
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
+    "Not": torch.logical_not,
+    "Equal": torch.eq,
+    "Less": torch.lt,
+    "Greater": torch.gt,
+    "GreaterOrEqual": torch.ge,
+    "LessOrEqual": torch.le,
+    "Range": lambda start, limit, delta: torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": _expand,
+    "Slice": _slice,
 }
 
 
@@ -340,6 +403,7 @@ class TorchProgram(torch.nn.Module):
         self.nodes = list(graph.node)
         self.params = torch.nn.ParameterDict()
         self.luts = torch.nn.ModuleDict()
+        self._lut_key: dict[str, str] = {}  # lookup node name -> key in self.luts
         self._slot: dict[str, str] = {}  # tensor name -> key in self.params
         self._constants: dict[str, torch.Tensor] = {}
         for t in graph.initializer:
@@ -354,11 +418,13 @@ class TorchProgram(torch.nn.Module):
             if node.domain == DOMAIN:
                 lut = LutModule(params_from_node(node), train_tables, train_trees, temperature)
                 geometry = geometry_from_node(node)
-                self.luts[node.name] = lut if geometry is None else LutConvModule(lut, geometry)
+                # ModuleDict keys may not hold '.', which exported node names often do
+                self._lut_key[node.name] = f"lut{len(self.luts)}"
+                self.luts[self._lut_key[node.name]] = lut if geometry is None else LutConvModule(lut, geometry)
             elif node.op_type == "Constant":
                 a = attributes(node)
                 value = a.get("value", a.get("value_float", a.get("value_floats", a.get("value_int"))))
-                self._constants[node.output[0]] = torch.as_tensor(np.asarray(value))
+                self._constants[node.output[0]] = torch.as_tensor(np.array(value))
             elif node.op_type not in OPS:
                 raise UnsupportedOp(f"op {node.op_type} (node {node.name}) is not supported by the fine-tune pass")
         self._node_attrs = [attributes(n) for n in self.nodes]
@@ -374,7 +440,7 @@ class TorchProgram(torch.nn.Module):
             while args and args[-1] is None:
                 args.pop()
             if node.domain == DOMAIN:
-                result = self.luts[node.name](args[0])
+                result = self.luts[self._lut_key[node.name]](args[0])
             else:
                 kwargs = {k: v for k, v in attrs.items()}
                 if node.op_type == "Softmax":
@@ -401,7 +467,7 @@ class TorchProgram(torch.nn.Module):
             else:
                 model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, t.name))
         for node in model.graph.node:
-            lut = self.luts[node.name] if node.domain == DOMAIN else None
+            lut = self.luts[self._lut_key[node.name]] if node.domain == DOMAIN else None
             lut = getattr(lut, "lut", lut)  # a LutConvModule wraps its LutModule
             if lut is not None and lut.trained:
                 set_lut_attributes(node, lut.export_params())

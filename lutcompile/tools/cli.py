@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR",
                    help="write report.json and report.html (per-node error, accuracy per stage, "
                         "bytes, timings, with plots) into DIR")
+    p.add_argument("--mask-input", metavar="NAME", default=None,
+                   help="the model input whose zeros mark padding positions (a sequence model's [batch, tokens] "
+                        "attention mask): those rows are not fitted on nor trained on. Default: an input named "
+                        "attention_mask, if any; 'none': every position counts")
     p.add_argument("--seed", type=int, default=None, help="seed of every random choice (default 0)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads of the compiler's own onnxruntime sessions and torch (default: every core)")
@@ -272,6 +276,8 @@ def main_compile(argv: list[str]) -> int:
                                    finetune_trees=args.finetune_trees,
                                    nodes_to_include=args.include, nodes_to_exclude=args.exclude,
                                    seed=args.seed, threads=args.threads, report_dir=args.report,
+                                   mask_input=None if args.mask_input is None else
+                                   False if args.mask_input.lower() == "none" else args.mask_input,
                                    prune_columns=args.prune_columns,
                                    progress=False if args.quiet else None,
                                    max_accuracy_drop=args.max_accuracy_drop,
