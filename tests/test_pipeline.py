@@ -154,6 +154,29 @@ def test_ridge_tables_solve_the_normal_equations(digits):
     np.testing.assert_allclose((G.T @ G + 0.5 * np.eye(48)) @ T, G.T @ target, atol=1e-8)
 
 
+def test_linear_node_tables_minimise_the_mse_objective_exactly(digits):
+    """Without an activation the table loss is quadratic, and optimise_tables solves it: the
+    numpy gradient of mean((G T + b - y)^2) / mean(y^2) + reg mean((T - T0)^2) / mean(T0^2)
+    vanishes at the tables it returns (1e-6 of its size at the ridge start)."""
+    from lutcompile.compile.fit import optimise_tables
+    X = digits[0][:400].astype(np.float64)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(400, 3)).astype(np.uint8)
+    product, bias = X[:, :5] * 3.0, np.linspace(-1, 1, 5)
+    T0 = ridge_tables(codes, product, 1.0)
+    options = FitOptions(table_loss="mse", table_reg=0.5)
+    T = optimise_tables(codes, T0, product + bias, bias, None, options)
+    G = np.zeros((400, 48))
+    G[np.arange(400)[:, None], np.arange(3) * 16 + codes] = 1
+
+    def gradient(tables):
+        tables = tables.reshape(48, 5)
+        data = 2 * G.T @ (G @ tables + bias - product - bias) / ((product + bias) ** 2).mean() / tables.size * 48 / 400
+        prior = 2 * options.table_reg * (tables - T0.reshape(48, 5)) / (T0 ** 2).mean() / tables.size
+        return data + prior
+    assert np.abs(gradient(T)).max() <= 1e-6 * np.abs(gradient(T0)).max()
+
+
 def test_quantised_tables_reconstruct_within_half_a_step(digits):
     T = np.random.default_rng(0).standard_normal((4, 16, 7)) * np.array([1, 10, 0.1, 3])[:, None, None]
     q, scale, offsets = quantise_tables(T)

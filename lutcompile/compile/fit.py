@@ -141,12 +141,16 @@ def one_hot(codes: np.ndarray) -> np.ndarray:
     return G
 
 
-def ridge_tables(codes: np.ndarray, target: np.ndarray, ridge: float) -> np.ndarray:
-    """float64 [C, 16, M] tables minimising ||G T - target||^2 + ridge ||T||^2."""
+def ridge_tables(codes: np.ndarray, target: np.ndarray, ridge: float,
+                 prior: np.ndarray | None = None) -> np.ndarray:
+    """float64 [C, 16, M] tables minimising ||G T - target||^2 + ridge ||T - prior||^2 (prior 0)."""
     G = one_hot(codes)
     gram = G.T @ G
     gram[np.diag_indices_from(gram)] += ridge
-    T = scipy.linalg.solve(gram, G.T @ target, assume_a="pos")
+    rhs = G.T @ target
+    if prior is not None:
+        rhs += ridge * prior.reshape(rhs.shape)
+    T = scipy.linalg.solve(gram, rhs, assume_a="pos")
     return T.reshape(codes.shape[1], K, -1)
 
 
@@ -210,13 +214,21 @@ def optimise_tables(codes: np.ndarray, T0: np.ndarray, exact: np.ndarray, bias: 
 
     The loss is taken after the node's activation: relative MSE, or for the logits layer the
     KL divergence between the softmaxes of the exact and the approximate outputs. Both terms
-    are normalised by the target's scale, so `table_reg` is unit-free.
+    are normalised by the target's scale, so `table_reg` is unit-free. L-BFGS minimises it,
+    except for MSE without an activation, which is solved exactly (a ridge towards T0).
     """
+    options.check()
+    C, _, M = T0.shape
+    if activation is None and options.table_loss == "mse":
+        # the loss is quadratic in T: its exact minimiser is a ridge towards T0, one linear
+        # solve instead of L-BFGS steps over every row (90 s at 15,593 rows x 384 outputs)
+        norm_t = float(np.mean(T0 ** 2)) or 1.0
+        norm_y = float(np.mean(exact ** 2)) or 1.0
+        pull = options.table_reg * len(codes) * norm_y / (C * K * norm_t)
+        return ridge_tables(codes, exact - bias, pull, prior=T0)
     import torch
     import torch.nn.functional as F
 
-    options.check()
-    C, _, M = T0.shape
     idx = torch.from_numpy(codes.astype(np.int64) + np.arange(C) * K)
     T0_t = torch.from_numpy(T0.reshape(C * K, M))
     b = torch.from_numpy(bias.astype(np.float64))
