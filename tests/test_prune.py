@@ -150,7 +150,9 @@ def test_diff_compares_a_narrowed_tensor_on_the_columns_it_holds(compiled_pair, 
         x = x if columns is None else x[:, columns]
         y = got[tensor].astype(np.float64)
         assert (columns is None) == (node.name == "fc2")
-        assert d.node(node.name).relative_error == pytest.approx(np.linalg.norm(y - x) / np.linalg.norm(x), rel=1e-9)
+        # diff runs the original in onnxruntime, this reference in numpy: their float32 exact
+        # tensors differ by rounding (summation order), about 1e-9 of the error here
+        assert d.node(node.name).relative_error == pytest.approx(np.linalg.norm(y - x) / np.linalg.norm(x), rel=1e-6)
     same = diff_models(unpruned.model, pruned.model, {"input": X})
     assert all(n.relative_error == 0.0 for n in same.nodes if n.relative_error is not None)
     assert [same.node(n).relative_error for n in names] == [0.0, 0.0, 0.0] and same.node("fc0").status == "changed"

@@ -141,6 +141,9 @@ def test_straight_through_training_lifts_an_all_ternary_mlp_towards_exact(digits
     exact = float((numpy_mlp(digits_mlp, Xte).argmax(1) == yte).mean())
     before = accuracy()
     opt = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=3e-3)
+    # a cosine decay settles the ternary pattern: at a constant rate the last epoch's accuracy
+    # swings by 3-5 points as weights cross the threshold (0.92-0.97 over the last ten)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 30)
     x, y = torch.as_tensor(Xtr), torch.as_tensor(ytr)
     generator = torch.Generator().manual_seed(0)
     for _ in range(30):
@@ -152,6 +155,7 @@ def test_straight_through_training_lifts_an_all_ternary_mlp_towards_exact(digits
             opt.zero_grad()
             loss.backward()
             opt.step()
+        schedule.step()
     after = accuracy()
     print(f"all-ternary digits MLP: {before:.3f} -> {after:.3f} (exact {exact:.3f})")
     assert after >= before + 0.1 and after >= exact - 0.05, (before, after, exact)
