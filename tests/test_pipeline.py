@@ -143,6 +143,60 @@ def test_tree_levels_share_one_split_dimension_and_balance(digits):
     assert sse < 0.6 * ((sub - sub.mean(0)) ** 2).sum()
 
 
+def _leaf_sse(X, dims, target, tree):
+    codes = encode_reference(X, tree[0][None], tree[1][None])[:, 0]
+    return sum(((target[codes == k] - target[codes == k].mean(0)) ** 2).sum() for k in np.unique(codes))
+
+
+@pytest.mark.parametrize("objective", ["input", "output"])
+def test_histogram_split_search_equals_the_exact_search_when_bins_hold_every_value(digits, digits_mlp, objective):
+    """Digits' pixels take at most 17 values, so 256 bins hold one value each and the histogram
+    search (one sparse product per level) must find the sort-per-node search's very trees."""
+    X = digits[0].astype(np.float32)
+    weight = digits_mlp[0][0]
+    for start in range(0, 64, 16):
+        dims = np.arange(start, start + 16)
+        target = None if objective == "input" else X[:, dims].astype(np.float64) @ weight[dims]
+        exact = learn_tree(X, dims, 16, target, bins=0)
+        histogram = learn_tree(X, dims, 16, target, bins=256)
+        np.testing.assert_array_equal(histogram[0], exact[0])
+        np.testing.assert_array_equal(histogram[1], exact[1])
+
+
+def test_histogram_split_search_on_continuous_rows_stays_near_the_exact_search(digits, digits_mlp):
+    """On continuous rows (the digits MLP's hidden activations, 1,797 rows, most columns with
+    more than 64 distinct values) 64 quantile bins leave the trees' leaf SSE within 5 % of the
+    exact search's; with a bin per row the search is exact again."""
+    X, _ = digits
+    (w1, b1), _ = digits_mlp[0], digits_mlp[1]
+    H = np.maximum(X @ w1 + b1, 0).astype(np.float32)
+    assert np.median([len(np.unique(c)) for c in H.T]) > 64
+    for start in range(0, 32, 8):
+        dims = np.arange(start, start + 8)
+        exact = learn_tree(H, dims, 8, bins=0)
+        np.testing.assert_array_equal(learn_tree(H, dims, 8, bins=len(H))[0], exact[0])
+        coarse = learn_tree(H, dims, 8, bins=64)
+        sub = H[:, dims].astype(np.float64)
+        assert _leaf_sse(H, dims, sub, coarse) <= 1.05 * _leaf_sse(H, dims, sub, exact)
+
+
+def test_split_bins_reach_the_fitter_and_the_record(digits_model, digits_split):
+    """compile_model(split_bins=N) fits with N bins (recorded in the options report.json shows):
+    the first layer's pixels take at most 17 values, so 32 bins fit it exactly as the exact
+    search does, while 4 bins cannot (unpruned: the first node's columns follow the next one's trees)."""
+    Xtr = digits_split[0][:600]
+    fast = dict(codebooks=4, partition="contiguous", table_loss="ridge", finetune=False, progress=False,
+                prune_columns=False)
+    results = {bins: lutcompile.compile_model(digits_model, None, {"input": Xtr}, split_bins=bins, **fast)
+               for bins in (0, 32, 4)}
+    assert [r.options["fit_options"]["split_bins"] for r in results.values()] == [0, 32, 4]
+    first = {bins: next(n for n in r.model.graph.node if n.domain == DOMAIN).SerializeToString()
+             for bins, r in results.items()}
+    assert first[32] == first[0] != first[4]
+    with pytest.raises(ValueError, match="split_bins"):
+        FitOptions(split_bins=1).check()
+
+
 def test_ridge_tables_solve_the_normal_equations(digits):
     X = digits[0][:400]
     rng = np.random.default_rng(0)
