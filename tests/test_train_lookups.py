@@ -210,3 +210,37 @@ def test_held_out_training_rows_are_fitted_on_by_no_stage(digits_model, digits_s
     untrained = lutcompile.evaluate_accuracy(result.before_training, CalibrationData({"input": Xtr[held]}, ytr[held]))
     assert curve["epochs"][0]["held_out_accuracy"] == pytest.approx(untrained, abs=1.5 / len(held))
     assert 'id="plot-training"' in (tmp_path / "report.html").read_text()
+
+
+def test_uncompressed_training_rows_are_memory_mapped_and_train_the_same_model(digits_model, digits_split, tmp_path):
+    """np.savez (stored) training files are memory-mapped, not read: loading 8 MB of rows
+    allocates almost nothing (tracemalloc sees numpy's allocations), while the compressed file
+    is read into memory once. Training from the map gives the very model the in-memory rows do."""
+    import tracemalloc
+    Xtr, ytr, _, _ = digits_split
+    rows = np.tile(Xtr, (25, 1))  # 32,425 rows x 64 floats = 8.3 MB
+    labels = np.tile(ytr, 25)
+    np.savez(tmp_path / "stored.npz", input=rows, labels=labels)
+    np.savez_compressed(tmp_path / "compressed.npz", input=rows, labels=labels)
+    peaks = {}
+    for name in ("stored", "compressed"):
+        tracemalloc.start()
+        data = load_calibration(tmp_path / f"{name}.npz", digits_model, "training")
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        np.testing.assert_array_equal(data.inputs["input"], rows)
+        np.testing.assert_array_equal(data.labels, labels)
+    # the map's only allocations: the finite-values check's chunk of booleans (a quarter of
+    # the floats here, bounded by calibrate.CHECK_BYTES / 4 for larger files) and the labels
+    assert peaks["stored"] < 0.3 * rows.nbytes < rows.nbytes <= peaks["compressed"]
+
+    np.savez(tmp_path / "train.npz", input=Xtr, labels=ytr)
+    loaded = load_calibration(tmp_path / "train.npz", digits_model).inputs["input"]
+    assert isinstance(loaded, np.memmap) or isinstance(loaded.base, np.memmap)  # a view of the map, not a copy
+    calib = {"input": Xtr[:600], "labels": ytr[:600]}
+    mapped = lutcompile.compile_model(digits_model, None, calib, train=tmp_path / "train.npz", epochs=2, **FAST)
+    in_memory = lutcompile.compile_model(digits_model, None, calib, train={"input": Xtr, "labels": ytr},
+                                         epochs=2, **FAST)
+    assert mapped.model.SerializeToString() == in_memory.model.SerializeToString()
+    assert mapped.model.SerializeToString() != lutcompile.compile_model(
+        digits_model, None, calib, **FAST).model.SerializeToString()

@@ -5,7 +5,9 @@ graph outputs, one batch at a time, so memory is bounded by one batch plus what 
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -17,6 +19,7 @@ from ..ops.spec import K
 from ..onnx_io.sessions import iter_batches, make_session
 
 LABELS_KEY = "labels"
+CHECK_BYTES = 1 << 24  # rows are checked (finite values) in chunks of about this size
 
 _ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -69,9 +72,10 @@ def without_rows(data: CalibrationData, excluded: CalibrationData) -> Calibratio
     The training stage's held-out rows pick the epoch; when the calibration set shares rows
     with the training set (a subset of it, or the same file), those rows are dropped from
     the fitting too, so the held-out rows are unseen by every stage."""
-    def keys(d: CalibrationData) -> list[bytes]:
+    def keys(d: CalibrationData) -> list[bytes]:  # a digest per row: no copy of the rows
         names = sorted(d.inputs)
-        return [b"".join(np.ascontiguousarray(d.inputs[n][i]).tobytes() for n in names) for i in range(d.rows)]
+        return [hashlib.blake2b(b"".join(np.ascontiguousarray(d.inputs[n][i]).tobytes() for n in names),
+                                digest_size=16).digest() for i in range(d.rows)]
     if set(excluded.inputs) != set(data.inputs) or not excluded.rows:
         return data
     seen = set(keys(excluded))
@@ -112,8 +116,7 @@ def load_calibration(source, model: onnx.ModelProto, what: str = "calibration") 
         if not os.path.isfile(path):
             raise CalibrationError(f"{what} file not found: {path}")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
+            arrays = read_npz(path)
         except ValueError as exc:
             raise CalibrationError(f"{path}: cannot load without pickle ({exc})") from exc
         except Exception as exc:
@@ -148,6 +151,46 @@ def load_calibration(source, model: onnx.ModelProto, what: str = "calibration") 
     return CalibrationData(inputs, labels)
 
 
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, without pickle. Members stored uncompressed (np.savez) are
+    memory-mapped, so rows are read from disk as batches index them and a training set of any
+    size costs no memory up front; compressed members (np.savez_compressed) are read into
+    memory, once."""
+    with np.load(path, allow_pickle=False) as npz:
+        names = list(npz.files)
+        stored = {}
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if info.compress_type == zipfile.ZIP_STORED and name in names:
+                    stored[name] = info
+        mapped = {k: _mapped_member(path, info) for k, info in stored.items()}
+        return {k: npz[k] if mapped.get(k) is None else mapped[k] for k in names}
+
+
+def _mapped_member(path: str, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """A read-only memory map of one uncompressed .npy member of a zip archive (None for an
+    .npy version this reader does not know)."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header: its name and extra field lengths vary
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError("corrupt zip member header")
+        name_length, extra_length = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        reader = readers.get(np.lib.format.read_magic(f))
+        if reader is None:  # a newer .npy version: read it the ordinary way
+            return None
+        shape, fortran, dtype = reader(f)
+        if dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        offset = f.tell()
+    if not int(np.prod(shape)):
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
 def _classes(model: onnx.ModelProto) -> int | None:
     """The static last dimension of the model's first output (its class count), if known."""
     dims = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
@@ -173,9 +216,11 @@ def _check_input(vi: onnx.ValueInfoProto, arr: np.ndarray, what: str = "calibrat
                 f"{what} array '{vi.name}' has shape {arr.shape}, dimension {axis} must be {d.dim_value}")
     if len(arr) == 0:
         raise CalibrationError(f"{what} array '{vi.name}' has no rows")
-    arr = np.ascontiguousarray(arr, dtype=dtype)
-    if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(arr)):
-        raise CalibrationError(f"{what} array '{vi.name}' holds NaN or Inf values")
+    arr = np.ascontiguousarray(arr, dtype=dtype)  # no copy when it already is (a memory map stays one)
+    if np.issubdtype(dtype, np.floating):
+        step = max(1, CHECK_BYTES // max(1, arr[:1].nbytes))
+        if not all(np.isfinite(arr[i:i + step]).all() for i in range(0, len(arr), step)):
+            raise CalibrationError(f"{what} array '{vi.name}' holds NaN or Inf values")
     return arr
 
 

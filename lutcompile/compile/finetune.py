@@ -12,6 +12,7 @@ original model's outputs.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Union
@@ -172,7 +173,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     rng = np.random.default_rng(options.seed)
     epochs = epochs or (options.table_epochs if train_tables else options.epochs)
     lr = lr or (options.table_lr if train_tables else options.lr)
-    inputs = [torch.from_numpy(data.inputs[name]) for name in program.input_names]
+    inputs = [_rows_tensor(data.inputs[name]) for name in program.input_names]
     inputs_by_name = dict(zip(program.input_names, inputs))
     labels = None if data.labels is None else torch.from_numpy(data.labels)
     teacher_logits = torch.from_numpy(teacher.astype(np.float32)) if isinstance(teacher, np.ndarray) else None
@@ -297,6 +298,15 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     trained.CopyFrom(model)
     program.write_back(trained)
     return Trained(trained, curve)
+
+
+def _rows_tensor(rows: np.ndarray) -> torch.Tensor:
+    """The rows as a tensor sharing their memory: a memory-mapped training file (calibrate.read_npz)
+    stays on disk, and batches read only their rows. Such a map is read-only, which torch warns
+    of; nothing here writes to the inputs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(rows)
 
 
 OBJECTIVES = ("auto", "kl", "mse")
