@@ -311,8 +311,7 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
     choices = candidate_choices(targets, options)
     # too few rows for the largest candidate fail here, before any timing or fitting
     check_enough_rows(analysis.model, fit_data, targets, lambda t: max(choices[t.name], default=1),
-                      compile_options.calibrate.max_rows, compile_options.calibrate.batch_size,
-                      compile_options.calibrate.mask_input)
+                      compile_options.calibrate)
     with timed(seconds, "cost model"):
         cost = options.cost_model or measure_costs(analysis.model, targets, choices, fit_data, options.cost_batch,
                                                    options.repetitions, bar(progress, "cost model"))

@@ -301,21 +301,21 @@ def _row_count(target, per_image: int, value: np.ndarray, keep: np.ndarray | Non
 
 
 def check_enough_rows(model: onnx.ModelProto, data: CalibrationData, targets: list,
-                      codebooks: Callable[[object], int], max_rows: int, batch_size: int = 256,
-                      mask_option: str | None = None) -> None:
+                      codebooks: Callable[[object], int], options: CalibrateOptions) -> None:
     """Fail, before any fitting, when a target (a frontend.TargetNode) would get fewer rows
-    than `codebooks(target)` codebooks need. The rows per calibration sample follow from the
-    shapes, so one batch of the model's run in onnxruntime counts them."""
+    than `codebooks(target)` codebooks need, counted as target_rows keeps them (options'
+    max_rows and mask). The rows per calibration sample follow from the shapes, so one batch
+    of the model's run in onnxruntime counts them."""
     if not targets:
         return
-    sample = data.subset(slice(0, batch_size))
-    per_image = patches_per_image(max_rows, data.rows)
+    sample = data.subset(slice(0, options.batch_size))
+    per_image = patches_per_image(options.max_rows, data.rows)
     counts = collect_activations(model, sample, {t.name: (t.input_name, partial(_row_count, t, per_image))
-                                                 for t in targets}, batch_size,
-                                 mask=mask_input(model, mask_option))
+                                                 for t in targets}, options.batch_size,
+                                 mask=mask_input(model, options.mask_input))
     for t in targets:
         rows = int(counts[t.name].sum()) * data.rows // sample.rows
-        require_rows(t.name, min(rows, max_rows), codebooks(t))
+        require_rows(t.name, min(rows, options.max_rows), codebooks(t))
 
 
 def target_rows(model: onnx.ModelProto, data: CalibrationData, targets: list,

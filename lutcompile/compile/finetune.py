@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .augment import Augment
 from .calibrate import CalibrationData
 from .distributed import World, data_parallel
+from .fit import TreeSource, refit_trees
 from .torch_program import TorchProgram
 
 
@@ -55,6 +56,10 @@ class TrainOptions:
     layerwise: bool = False
     # random image augmentation of the training rows (compile/augment.py; None: off)
     augment: Augment | None = None
+    # learned split dimensions: every this many epochs the trees are learned afresh on the
+    # activations of the network as trained so far (finetune.train's resplit; 0: the fitter's
+    # split dimensions stay, only the thresholds train)
+    resplit_every: int = 0
 
     DEFAULT_EPOCHS = 20
     AUGMENTED_EPOCHS = 40
@@ -136,7 +141,8 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
           lr: float | None = None, progress=None, train_trees: bool = False, mixup: float = 0.0,
           schedule: str = "cosine", stage: str = "fine-tune", held_out: np.ndarray | None = None,
           ema: float = 0.0, group: World = World(), augment: Augment | None = None,
-          mask: str | None = None) -> Trained:
+          mask: str | None = None, resplit: dict[str, TreeSource] | None = None,
+          resplit_every: int = 0) -> Trained:
     """Train `trainable` initializers (and the tables and trees, if asked) of `model`.
 
     The objective: cross-entropy on the labels; distillation (KL) from the teacher when there
@@ -156,11 +162,18 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     own shard of the training rows; all evaluate the same held-out rows.
     mask: the input whose zeros mark padding positions (calibrate.mask_input): with the mse
     objective, output positions it masks do not count.
+    resplit, resplit_every: every `resplit_every` epochs (but after the last), the trees of the
+    lookup nodes named in `resplit` are learned afresh, split dimensions included, on their
+    inputs as the network now computes them (fit.refit_trees), and their tables refitted to
+    their present outputs. It re-splits the parameters' average (with `ema`), from which the
+    live parameters then restart; the optimiser's state restarts for the trees and tables.
 
     The rows `held_out` (default: a seeded `val_fraction`) are never trained on; the parameters of the epoch with the
     lowest held-out loss are kept (epoch 0 being the untrained model), so training cannot
     make the model worse on data it was not trained on. The curve records every epoch.
     """
+    if options.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {options.objective!r}, choose from {', '.join(OBJECTIVES)}")
     program = TorchProgram(model, trainable, train_tables, train_trees, options.tree_temperature)
     curve = TrainingCurve(stage)
     params = [p for p in program.parameters() if p.requires_grad]
@@ -255,9 +268,14 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
 
     if teacher_program is not None and n_val:
         curve.reference_loss, curve.reference_accuracy = evaluate_held_out(teacher_program)
+    luts = list(program.lut_modules().values())
+
+    def snapshot() -> list[torch.Tensor]:  # the split dimensions too, which a re-split changes
+        return [p.detach().clone() for p in params] + [m.split_dims.clone() for m in luts]
+
     first = EpochRecord(0, None, *evaluate_held_out(), seconds=0.0)
     curve.epochs.append(first)
-    best = (first.held_out_loss, [p.detach().clone() for p in params])
+    best = (first.held_out_loss, snapshot())
     averaged = [p.detach().clone() for p in params] if ema > 0 else None
     steps_done = 0
     steps = progress(range(epochs)) if progress else range(epochs)
@@ -280,20 +298,25 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
             total, count = total + float(loss.detach()), count + 1
         if schedule == "cosine":
             sched.step()
+        if resplit and resplit_every and (epoch + 1) % resplit_every == 0 and epoch + 1 < epochs:
+            with _swapped(params, averaged, keep=True):  # re-split the average, which is what is kept
+                changed = _resplit(program, resplit, inputs, rest, step, fixed, options.seed + epoch)
+            for p in changed:
+                opt.state.pop(p, None)
         with _swapped(params, averaged):  # the average is what is evaluated and kept
             record = EpochRecord(epoch + 1, total / max(count, 1), *evaluate_held_out(),
                                  seconds=time.perf_counter() - started)
-            snapshot = [p.detach().clone() for p in params]
+            kept = snapshot()
         curve.epochs.append(record)
         if hasattr(steps, "set_postfix"):
             steps.set_postfix(loss=f"{record.train_loss:.3f}", **(
                 {} if record.held_out_accuracy is None else {"held_out": f"{record.held_out_accuracy:.2%}"}))
         if best[0] is None or record.held_out_loss < best[0]:
-            best = (record.held_out_loss, snapshot)
+            best = (record.held_out_loss, kept)
             curve.best_epoch = epoch + 1
     with torch.no_grad():
-        for p, kept in zip(params, best[1]):
-            p.copy_(kept)
+        for p, value in zip(params + [m.split_dims for m in luts], best[1]):
+            p.copy_(value)
     trained = onnx.ModelProto()
     trained.CopyFrom(model)
     program.write_back(trained)
@@ -310,11 +333,11 @@ def _rows_tensor(rows: np.ndarray) -> torch.Tensor:
 
 
 OBJECTIVES = ("auto", "kl", "mse")
+RESPLIT_ROWS = 8192  # rows per node a re-split learns its trees on
 
 
 def _objective(option: str, output: torch.Tensor) -> str:
-    if option not in OBJECTIVES:
-        raise ValueError(f"unknown objective {option!r}, choose from {', '.join(OBJECTIVES)}")
+    """The objective `option` (checked by train) means for a model whose output is `output`."""
     return option if option != "auto" else "kl" if output.dim() == 2 else "mse"
 
 
@@ -329,8 +352,9 @@ def _relative_squared_error(output: torch.Tensor, target: torch.Tensor, mask: to
 
 
 @contextmanager
-def _swapped(params: list[torch.Tensor], replacement: list[torch.Tensor] | None):
-    """Within the block, `params` hold `replacement`'s values (if any); restored after."""
+def _swapped(params: list[torch.Tensor], replacement: list[torch.Tensor] | None, keep: bool = False):
+    """Within the block, `params` hold `replacement`'s values (if any); restored after, unless
+    `keep`: then both the parameters and `replacement` hold what the block left."""
     if replacement is None:
         yield
         return
@@ -342,8 +366,45 @@ def _swapped(params: list[torch.Tensor], replacement: list[torch.Tensor] | None)
         yield
     finally:
         with torch.no_grad():
-            for p, k in zip(params, kept):
-                p.copy_(k)
+            for p, k, r in zip(params, kept, replacement):
+                r.copy_(p) if keep else p.copy_(k)
+
+
+def _resplit(program: TorchProgram, sources: dict[str, TreeSource], inputs: list[torch.Tensor],
+             rows: np.ndarray, step: int, fixed: int | None, seed: int,
+             max_rows: int = RESPLIT_ROWS) -> list[torch.Tensor]:
+    """Learn the named lookups' trees afresh on their current inputs over `rows` (the same on
+    every rank, so ranks stay identical), at most `max_rows` rows per node sampled evenly
+    across batches; return the parameters replaced."""
+    modules = {n: m for n, m in program.lut_modules().items() if n in sources}
+    rng = np.random.default_rng(seed)
+    batches = [rows[i:i + step] for i in range(0, len(rows) - (fixed or 1) + 1, step)]
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+
+    def capture(name):
+        def hook(module, args):
+            flat = args[0].detach().reshape(-1, module.D).float()
+            share = -(-max_rows // len(batches))
+            if len(flat) > share:
+                flat = flat[torch.from_numpy(np.sort(rng.choice(len(flat), share, replace=False)))]
+            captured[name].append(flat)
+        return hook
+    hooks = [m.register_forward_pre_hook(capture(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                program(*[x[torch.from_numpy(batch)] for x in inputs])
+    finally:
+        for h in hooks:
+            h.remove()
+    changed = []
+    for name, module in modules.items():
+        X = torch.cat(captured[name])
+        with torch.no_grad():
+            current = (module.linear(X) - module.bias).double().numpy()
+        module.replace_trees(*refit_trees(X.numpy(), current, sources[name]))
+        changed += [module.thresholds, module.tables]
+    return changed
 
 
 def held_out_rows(rows: int, options: FinetuneOptions) -> np.ndarray:

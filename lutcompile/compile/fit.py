@@ -223,6 +223,30 @@ def _learn_codebook_tree(X: np.ndarray, dims: np.ndarray, weight: np.ndarray, op
                       options.split_bins)
 
 
+@dataclass(frozen=True)
+class TreeSource:
+    """What re-learning a lookup node's trees needs beside its rows: each codebook's input
+    dimensions (the partition the fitter chose) and the exact layer's weight [D, M], whose
+    per-codebook contribution the trees make homogeneous (FitOptions.tree_objective)."""
+
+    groups: list[np.ndarray]
+    weight: np.ndarray
+    options: FitOptions
+
+
+def refit_trees(X: np.ndarray, current: np.ndarray, source: TreeSource) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(split_dims [C, 4], thresholds [C, 15], float tables [C, 16, M]): trees learned afresh on
+    rows X [N, D] (the activations of the network as trained so far), split dimensions
+    included, and tables ridge-fitted on their codes to `current` [N, M], the node's present
+    output before its activation and bias, so that the network around it sees as little
+    change as 16 leaves per codebook allow."""
+    trees = [_learn_codebook_tree(X, g, source.weight, source.options) for g in source.groups]
+    split_dims = np.stack([t[0] for t in trees])
+    thresholds = np.stack([t[1] for t in trees])
+    codes = encode_reference(X, split_dims, thresholds)
+    return split_dims, thresholds, ridge_tables(codes, current, source.options.ridge)
+
+
 def one_hot(codes: np.ndarray) -> np.ndarray:
     """float64 [N, C*16] indicator of each row's code in each codebook."""
     N, C = codes.shape

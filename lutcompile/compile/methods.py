@@ -16,7 +16,7 @@ import numpy as np
 from ..ops import node_format
 from ..ops.spec import CONV_OP_TYPE, DOMAIN, OP_TYPE, LutParams
 from .calibrate import require_rows
-from .fit import FitOptions, fit_node
+from .fit import FitOptions, TreeSource, fit_node
 from .frontend import TargetNode
 from .rewrite import Replacement
 from ..errors import OptionsError
@@ -47,6 +47,7 @@ class NodeReport:
 class FittedNode:
     replacement: Replacement
     report: NodeReport
+    trees: TreeSource | None = None  # what the train stage needs to learn its trees afresh
 
 
 class Method(Protocol):
@@ -83,7 +84,7 @@ class LookupMethod:
                             node_format.parameter_bytes(replacement.attributes), len(rows))
         log.info("fitted %s: %dx%d C=%d %s rel.err %.4f", target.name, target.D, target.M, C, loss,
                  fit.relative_error)
-        return FittedNode(replacement, report)
+        return FittedNode(replacement, report, TreeSource(fit.groups, target.weight, options))
 
 
 def lookup_replacement(target: TargetNode, params: LutParams, info: dict | None = None) -> Replacement:

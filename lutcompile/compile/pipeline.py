@@ -20,7 +20,7 @@ from . import calibrate, frontend
 from .calibrate import CalibrateOptions, CalibrationData
 from .distributed import World, world
 from .finetune import FinetuneOptions, TrainingCurve, held_out_rows, train
-from .fit import FitOptions
+from .fit import FitOptions, TreeSource
 from .methods import NodeReport, get_method
 from .prune import narrowed_reports, prune_unread_columns
 from .rewrite import rewrite
@@ -95,11 +95,11 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
         held_out = held_out_rows(train_data.rows, tune)
         data = calibrate.without_rows(data, train_data.subset(held_out))
     with timed(seconds, "calibrate"):  # too few rows for the codebooks fail here, before any fitting
-        calibrate.check_enough_rows(analysis.model, data, chosen, lambda t: min(plan[t.name], t.D),
-                                    co.max_rows, co.batch_size, co.mask_input)
+        calibrate.check_enough_rows(analysis.model, data, chosen, lambda t: min(plan[t.name], t.D), co)
     teacher = first_output(analysis.model, data) if (incremental or tune.tables) and data.labels is None else None
     current = analysis.model
     reports: list[NodeReport] = []
+    trees: dict[str, TreeSource] = {}  # each fitted lookup's partition and weight (the train stage's re-split)
     stages: list[tuple[str, float]] = []
     curves: list[TrainingCurve] = []
     # one-shot: every node fitted on the original model's activations; incremental: node by
@@ -120,7 +120,8 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
                          train_tables=True, train_trees=True, epochs=epochs, lr=recipe.lr,
                          progress=bar(progress, stage), mixup=recipe.mixup_alpha, schedule=recipe.schedule,
                          ema=recipe.ema, stage=stage, held_out=held_out, group=group, augment=recipe.augment,
-                         mask=calibrate.mask_input(analysis.model, co.mask_input))
+                         mask=calibrate.mask_input(analysis.model, co.mask_input), resplit=trees,
+                         resplit_every=recipe.resplit_every)
         curves.append(done.curve)
         return done.model
 
@@ -135,6 +136,7 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
                                  and t.activation is None) for t in bar(progress, "fit")(now)]
             current = rewrite(current, [f.replacement for f in fitted])
         reports += [f.report for f in fitted]
+        trees.update({f.report.name: f.trees for f in fitted if f.trees is not None})
         # ITLUMM fine-tunes every exact product after the one just replaced: those still to be
         # replaced, and those that stay exact (excluded, or kept exact by a budget)
         order = list(by_name)

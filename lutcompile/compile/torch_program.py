@@ -54,15 +54,28 @@ class LutModule(torch.nn.Module):
         self.D, self.C, self.M, self.relu = params.D, params.C, params.M, params.relu
         self.register_buffer("split_dims", torch.from_numpy(params.split_dims.astype(np.int64)))
         self.thresholds = torch.nn.Parameter(torch.from_numpy(params.thresholds.copy()), requires_grad=train_trees)
-        spread = params.thresholds.std(axis=1, keepdims=True)
-        spread = np.where(spread > 0, spread, np.maximum(np.abs(params.thresholds).max(axis=1, keepdims=True), 1.0))
-        self.register_buffer("tau", torch.from_numpy((temperature * spread).astype(np.float32)))
+        self.temperature = temperature
+        self.register_buffer("tau", self._tau(params.thresholds))
         # tables in float: q * scale + offset[c], laid out [C, 16, M]
         T = params.tables.transpose(1, 2, 0).astype(np.float32) * np.float32(params.scale)
         T = T + params.offsets[:, None, None]
         self.tables = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(T)), requires_grad=train_tables)
         self.bias = torch.nn.Parameter(torch.from_numpy(params.bias.copy()), requires_grad=train_tables)
         self.quantised = params  # the frozen values, reproduced exactly when nothing trains
+
+    def _tau(self, thresholds: np.ndarray) -> torch.Tensor:
+        spread = thresholds.std(axis=1, keepdims=True)
+        spread = np.where(spread > 0, spread, np.maximum(np.abs(thresholds).max(axis=1, keepdims=True), 1.0))
+        return torch.from_numpy((self.temperature * spread).astype(np.float32))
+
+    def replace_trees(self, split_dims: np.ndarray, thresholds: np.ndarray, tables: np.ndarray) -> None:
+        """New trees (split_dims [C, 4], thresholds [C, 15]) and float tables [C, 16, M] in place
+        (the train stage's re-split, finetune.train); the bias stays."""
+        with torch.no_grad():
+            self.split_dims.copy_(torch.from_numpy(np.asarray(split_dims, dtype=np.int64)))
+            self.thresholds.copy_(torch.from_numpy(np.asarray(thresholds, dtype=np.float32)))
+            self.tables.copy_(torch.from_numpy(np.asarray(tables, dtype=np.float32)))
+            self.tau.copy_(self._tau(np.asarray(thresholds, dtype=np.float32)))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         node = torch.zeros(x.shape[0], self.C, dtype=torch.int64, device=x.device)
@@ -85,17 +98,20 @@ class LutModule(torch.nn.Module):
         return P
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.D).float()
-        idx = self.codes(flat) + torch.arange(self.C, device=x.device) * K
+        y = self.linear(x.reshape(-1, self.D).float())
+        if self.relu:
+            y = torch.relu(y)
+        return y.reshape(*x.shape[:-1], self.M)
+
+    def linear(self, flat: torch.Tensor) -> torch.Tensor:
+        """The output before the fused activation, of rows `flat` [N, D]."""
+        idx = self.codes(flat) + torch.arange(self.C, device=flat.device) * K
         T = fake_quantise(self.tables) if self.tables.requires_grad else self.tables
         y = F.embedding_bag(idx, T.reshape(self.C * K, self.M), mode="sum") + self.bias
         if self.thresholds.requires_grad:  # hard forward, soft-tree backward
             soft = torch.einsum("nck,ckm->nm", self.leaf_probabilities(flat), T.detach())
             y = y + (soft - soft.detach())
-        if self.relu:
-            y = torch.relu(y)
-        return y.reshape(*lead, self.M)
+        return y
 
     @property
     def trained(self) -> bool:
@@ -103,14 +119,15 @@ class LutModule(torch.nn.Module):
 
     def export_params(self) -> LutParams:
         """The trained values as LutParams: tables re-quantised, thresholds as trained, split
-        dimensions unchanged."""
+        dimensions as the module holds them (the fitter's, unless the train stage re-split)."""
         from .fit import quantise_tables
         p = self.quantised
         if self.tables.requires_grad:
             tables, scale, offsets = quantise_tables(self.tables.detach().double().numpy())
         else:
             tables, scale, offsets = p.tables, p.scale, p.offsets
-        return LutParams(p.D, p.split_dims, self.thresholds.detach().numpy().copy(), tables, scale, offsets,
+        split_dims = self.split_dims.numpy().astype(np.int32)
+        return LutParams(p.D, split_dims, self.thresholds.detach().numpy().copy(), tables, scale, offsets,
                          self.bias.detach().numpy().astype(np.float32), p.relu)
 
 
@@ -428,6 +445,11 @@ class TorchProgram(torch.nn.Module):
             elif node.op_type not in OPS:
                 raise UnsupportedOp(f"op {node.op_type} (node {node.name}) is not supported by the fine-tune pass")
         self._node_attrs = [attributes(n) for n in self.nodes]
+
+    def lut_modules(self) -> dict[str, LutModule]:
+        """Each lookup node's LutModule (a LutConv's inner one), by node name."""
+        modules = {name: self.luts[key] for name, key in self._lut_key.items()}
+        return {name: m.lut if isinstance(m, LutConvModule) else m for name, m in modules.items()}
 
     def forward(self, *inputs: torch.Tensor, outputs: list[str] | None = None) -> list[torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(self._constants)
