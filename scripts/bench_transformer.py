@@ -15,7 +15,6 @@ Builds the ONNX export and the real-sentence data sets with scripts/minilm.py, c
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import lutcompile  # noqa: E402
 from lutcompile.onnx_io.sessions import make_session  # noqa: E402
 from lutcompile.onnx_io.timing import model_latencies  # noqa: E402
 import minilm  # noqa: E402
-from pareto import machine  # noqa: E402
+from pareto import build_int8_dynamic, machine, preprocessed  # noqa: E402
 from readme_tables import publish  # noqa: E402
 
 BUILD = ROOT / "build" / "minilm"
@@ -50,12 +49,8 @@ def embeddings(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def int8_dynamic(folder: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-
-    logging.getLogger().setLevel(logging.ERROR)
-    pre, out = folder / "preprocessed.onnx", folder / "int8_dynamic.onnx"
-    quant_pre_process(str(folder / "minilm.onnx"), str(pre))
-    quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8)
+    out = folder / "int8_dynamic.onnx"
+    build_int8_dynamic(preprocessed(folder / "minilm.onnx", folder), out)
     return out
 
 

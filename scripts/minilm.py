@@ -111,7 +111,10 @@ def main() -> None:
 def write_data(out: Path, calibration: int, held_out: int, tokens: int) -> dict[str, Path]:
     """eval.npz (the first `held_out` sentences), train.npz (all the others) and calib.npz
     (the first `calibration` of those), in lutcompile's --calib format, without labels."""
-    held, train = sentences(held_out), all_sentences()[held_out:]
+    found = all_sentences()
+    if len(found) <= held_out:
+        raise SystemExit(f"only {len(found)} sentences available, {held_out} asked to be held out")
+    held, train = found[:held_out], found[held_out:]
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, texts in (("eval", held), ("train", train), ("calib", train[:calibration])):

@@ -15,7 +15,10 @@ calibration npz (models/*_calib.npz, 2,000 training rows with labels):
   pass on);
 - lutcompile budget 0.5, 1, 2 points: compile_model(max_accuracy_drop=...), defaults. The three
   searches of a model share one cost model and one set of per-node sensitivities (measured by
-  the first; each search would measure the same ones: same split, fits and seeds).
+  the first; each search would measure the same ones: same split, fits and seeds);
+- lutcompile trained: scripts/train_table.py's configurations, compiled and trained by its
+  `compile_trained` (compile_model(train=...) on the training rows: the MLP's 8,000 with
+  augmentation, the CNN's 60,000), so the two scripts' trained models are the same.
 
 Each variant is measured on the held-out test npz (models/*_test.npz): top-1 accuracy, and
 latency in onnxruntime with one thread at batch 1 and batch 256, the median of interleaved
@@ -57,7 +60,7 @@ MODELS = {
 UNIFORM = (4, 8, 16, 32)
 BUDGETS = (0.005, 0.01, 0.02)
 BATCHES = (1, 256)
-FAMILIES = ("fp32", "int8", "lut", "budget")
+FAMILIES = ("fp32", "int8", "lut", "budget", "trained")
 
 
 @dataclass
@@ -83,24 +86,38 @@ class NpzReader:
         return next(self._batches, None)
 
 
+def preprocessed(model: Path, folder: Path) -> Path:
+    """onnxruntime's quantisation pre-processing of `model`, written to folder/preprocessed.onnx."""
+    from onnxruntime.quantization import quant_pre_process
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice on pre-processing
+    pre = folder / "preprocessed.onnx"
+    quant_pre_process(str(model), str(pre))
+    return pre
+
+
+def build_int8_dynamic(pre: Path, out: Path) -> float:
+    """onnxruntime's dynamic int8 quantisation (int8 weights, activations per batch) of the
+    pre-processed model to `out`; its seconds."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    start = time.perf_counter()
+    quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8)
+    return time.perf_counter() - start
+
+
 def build_int8(spec: dict, folder: Path) -> dict[str, dict]:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, \
-        quantize_dynamic, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     class Reader(NpzReader, CalibrationDataReader):
         pass
 
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice on pre-processing
-    pre = folder / "preprocessed.onnx"
-    quant_pre_process(str(ROOT / spec["model"]), str(pre))
+    pre = preprocessed(ROOT / spec["model"], folder)
     model = load_model(ROOT / spec["model"])
     calib = load_calibration(ROOT / spec["calib"], model)
     start = time.perf_counter()
     quantize_static(str(pre), str(folder / "int8_static.onnx"), Reader(calib.inputs), quant_format=QuantFormat.QDQ)
     static = time.perf_counter() - start
-    start = time.perf_counter()
-    quantize_dynamic(str(pre), str(folder / "int8_dynamic.onnx"), weight_type=QuantType.QInt8)
-    return {"int8_static": {"seconds": static}, "int8_dynamic": {"seconds": time.perf_counter() - start}}
+    return {"int8_static": {"seconds": static},
+            "int8_dynamic": {"seconds": build_int8_dynamic(pre, folder / "int8_dynamic.onnx")}}
 
 
 def lut_info(result: lutcompile.CompileResult, seconds: float) -> dict:
@@ -136,11 +153,17 @@ def build_model(name: str, spec: dict, variants: list[Variant], reuse: bool) -> 
             store(by_key[key], info)
     shared = BudgetOptions()
     for v in variants:
-        if v.family not in ("lut", "budget") or cached(v):
+        if v.family not in ("lut", "budget", "trained") or cached(v):
             continue
         print(f"{name}: building {v.label}", flush=True)
         start = time.perf_counter()
-        if v.family == "lut":
+        if v.family == "trained":  # scripts/train_table.py's configuration, compiled as it does
+            import train_table
+            spec = train_table.MLP if name == "mnist_mlp" else train_table.cnn_spec()
+            result = train_table.compile_trained(spec, dict(trained_configs(name))[v.info["config"]],
+                                                 folder / f"{v.key}.onnx", progress=False)
+            v.info["train_seconds"] = result.seconds.get("train")
+        elif v.family == "lut":
             result = lutcompile.compile_model(ROOT / spec["model"], folder / f"{v.key}.onnx", ROOT / spec["calib"],
                                               codebooks=v.info["codebooks"], progress=False)
         else:
@@ -151,12 +174,20 @@ def build_model(name: str, spec: dict, variants: list[Variant], reuse: bool) -> 
         store(v, {**v.info, **lut_info(result, time.perf_counter() - start)})
 
 
+def trained_configs(name: str) -> list[tuple[str, dict]]:
+    """The trained configurations of scripts/train_table.py for one model: (label, widths)."""
+    import train_table
+    return train_table.MLP_CONFIGS if name == "mnist_mlp" else train_table.CNN_CONFIGS
+
+
 def variants_of(name: str) -> list[Variant]:
     return ([Variant("fp32", "fp32", "fp32"), Variant("int8_static", "int8 static (QDQ)", "int8"),
              Variant("int8_dynamic", "int8 dynamic", "int8")]
             + [Variant(f"lut_c{C}", f"lut C={C}", "lut", {"codebooks": C}) for C in UNIFORM]
             + [Variant(f"budget_{x}", f"lut budget {100 * x:g} pt", "budget", {"max_accuracy_drop": x})
-               for x in BUDGETS])
+               for x in BUDGETS]
+            + [Variant(f"trained_{i}", f"lut trained {label}", "trained", {"config": label})
+               for i, (label, _) in enumerate(trained_configs(name))])
 
 
 def path_of(name: str, spec: dict, v: Variant) -> Path:
@@ -191,6 +222,9 @@ def plan_text(v: Variant) -> str:
         return ", ".join(f"{n} C={C}" for n, C in replaced.items()) or "all exact"
     if v.family == "lut":
         return f"{len(v.info['replaced'])} nodes at C={v.info['codebooks']}"
+    if v.family == "trained":
+        return (f"C = {', '.join(map(str, v.info['replaced'].values()))}, trained "
+                f"{v.info['train_seconds']:.0f} s")
     return ""
 
 
@@ -231,7 +265,7 @@ def verdict(results: dict[str, list[Variant]]) -> str:
     for name, variants in results.items():
         title = MODELS[name]["title"]
         int8 = [v for v in variants if v.family == "int8"]
-        luts = [v for v in variants if v.family in ("lut", "budget") and v.info.get("replaced")]
+        luts = [v for v in variants if v.family in ("lut", "budget", "trained") and v.info.get("replaced")]
         for batch in BATCHES:
             wins = [(v, q) for q in int8 for v in luts
                     if v.accuracy >= q.accuracy and v.latency[batch] < q.latency[batch]]
@@ -297,7 +331,7 @@ def budget_notes(results: dict[str, list[Variant]]) -> str:
 
 # where each family's labels go (points), so that neighbours do not print over each other
 LABEL_OFFSETS = {"fp32": (8, 5), "int8_static": (-8, 7), "int8_dynamic": (8, -11), "lut": (7, 3),
-                 "budget": (7, -11)}
+                 "budget": (7, -11), "trained": (-8, -12)}
 
 
 def identity(v: Variant) -> str:
@@ -317,9 +351,10 @@ def chart(results: dict[str, list[Variant]], out: Path) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     style = {"fp32": dict(marker="s", color="black", s=50), "int8": dict(marker="^", color="tab:blue", s=60),
-             "lut": dict(marker="o", color="tab:orange", s=45), "budget": dict(marker="*", color="tab:red", s=150)}
+             "lut": dict(marker="o", color="tab:orange", s=45), "budget": dict(marker="*", color="tab:red", s=150),
+             "trained": dict(marker="D", color="tab:green", s=55)}
     legend = {"fp32": "onnxruntime fp32", "int8": "onnxruntime int8", "lut": "lutcompile, one C for every node",
-              "budget": "lutcompile --max-accuracy-drop"}
+              "budget": "lutcompile --max-accuracy-drop", "trained": "lutcompile --train (scripts/train_table.py)"}
     fig, axes = plt.subplots(len(results), len(BATCHES), figsize=(11, 4.4 * len(results)), squeeze=False)
     for row, (name, variants) in enumerate(results.items()):
         same: dict[str, list[Variant]] = {}
@@ -336,6 +371,7 @@ def chart(results: dict[str, list[Variant]], out: Path) -> None:
                     ax.scatter(*zip(*[xy[v.key] for v in members]), label=legend[family], zorder=3, **style[family])
             for v in shown:
                 text = " = ".join(w.label.replace("lut budget ", "≤").replace("lut ", "").replace(" (QDQ)", "")
+                                  .replace(" (C = 196, 50, 50, 50)", "")
                                   for w in same[identity(v)])
                 dx, dy = LABEL_OFFSETS.get(v.key, LABEL_OFFSETS.get(v.family))
                 ax.annotate(text, xy[v.key], textcoords="offset points", xytext=(dx, dy), fontsize=8,

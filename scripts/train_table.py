@@ -66,6 +66,20 @@ CNN_NODES = ["/3/Conv", "/6/Conv", "/10/Gemm", "/12/Gemm"]
 CNN_CONFIGS = [("C = 16, 32, 144, 32", {"codebooks": dict(zip(CNN_NODES, (16, 32, 144, 32)))})]
 
 
+def compile_trained(spec: dict, widths: dict, out: Path, progress: bool = True) -> lutcompile.CompileResult:
+    """One configuration compiled and trained as a user would: this table's, and pareto.py's
+    trained points."""
+    return lutcompile.compile_model(ROOT / spec["model"], out, ROOT / spec["calib"], train=ROOT / spec["train"],
+                                    **widths, epochs=spec.get("epochs"), augment=spec.get("augment"),
+                                    threads=1, progress=progress)
+
+
+def cnn_spec(epochs: int = 5) -> dict:
+    """CNN with its training rows (Fashion-MNIST's 60,000, written into build/ on first use)."""
+    train = str(write_fashion_train(BUILD / "fashion_train.npz").relative_to(ROOT))
+    return dict(CNN, train=train, calib=train, epochs=epochs)
+
+
 def measure(spec: dict, configs: list, repetitions: int) -> dict:
     folder = spec.get("build", BUILD) / Path(spec["model"]).stem
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,9 +93,7 @@ def measure(spec: dict, configs: list, repetitions: int) -> dict:
         out = folder / f"lut_{len(compiled)}.onnx"
         print(f"{spec['exact_name']}: compiling and training {label}", flush=True)
         start = time.perf_counter()
-        result = lutcompile.compile_model(model, out, ROOT / spec["calib"], train=ROOT / spec["train"],
-                                          **widths, epochs=spec.get("epochs"), augment=spec.get("augment"),
-                                          threads=1, progress=True)
+        result = compile_trained(spec, widths, out)
         curve = next(c for c in result.training if c.stage == "train")
         rows[label] = {"accuracy_before": evaluate_accuracy(result.before_training, test, threads=1),
                        "accuracy": evaluate_accuracy(str(out), test, threads=1),
@@ -157,9 +169,7 @@ def main() -> None:
         results["mlp"] = measure(MLP, MLP_CONFIGS, args.repetitions)
         parts.append(table("MNIST MLP, every layer replaced, 2,000 held-out rows", MLP, results["mlp"]))
     if args.only in (None, "cnn"):
-        train = str(write_fashion_train(BUILD / "fashion_train.npz").relative_to(ROOT))
-        cnn = dict(CNN, train=train, calib=train, epochs=args.cnn_epochs)
-        results["cnn"] = measure(cnn, CNN_CONFIGS, args.repetitions)
+        results["cnn"] = measure(cnn_spec(args.cnn_epochs), CNN_CONFIGS, args.repetitions)
         parts.append(table("Fashion-MNIST CNN, every replaceable node replaced, official 10,000 test rows",
                            CNN, results["cnn"]))
     publish("train_table", BUILD, results, parts, footer("python scripts/train_table.py", started), args.only is None)
