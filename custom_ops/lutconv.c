@@ -13,6 +13,7 @@ struct lut_conv {
     int64_t U;               /* distinct split dims ("columns") */
     int64_t *chan, *ky, *kx; /* [U]: each column's channel and kernel offsets */
     int64_t *columns;        /* [C*4]: each split dim's column */
+    int64_t pkh, pkw, psh, psw; /* a fused MaxPool's window and strides; 0: none */
     struct cached_index *cache; /* lut_conv_index_for's, set once */
 };
 
@@ -121,6 +122,81 @@ int lut_conv_output_size(const lut_conv *c, int64_t H, int64_t W, int64_t *OH, i
 }
 
 int64_t lut_conv_columns(const lut_conv *c) { return c->U; }
+
+int lut_conv_set_pool(lut_conv *c, const int64_t kernel[2], const int64_t strides[2], char *err, size_t errlen) {
+    for (int i = 0; i < 2; i++) {
+        if (kernel[i] < 1 || kernel[i] > 4096) FAIL("max_pool window[%d] = %lld out of range [1, 4096]", i, (long long)kernel[i]);
+        if (strides[i] < 1 || strides[i] > 4096) FAIL("max_pool strides[%d] = %lld out of range [1, 4096]", i, (long long)strides[i]);
+    }
+    c->pkh = kernel[0]; c->pkw = kernel[1]; c->psh = strides[0]; c->psw = strides[1];
+    return LUT_OK;
+}
+
+int lut_conv_pooled(const lut_conv *c) { return c->pkh > 0; }
+
+int lut_conv_pooled_size(const lut_conv *c, int64_t OH, int64_t OW, int64_t *PH, int64_t *PW) {
+    if (!c->pkh) {
+        *PH = OH;
+        *PW = OW;
+        return LUT_OK;
+    }
+    if (OH < c->pkh || OW < c->pkw) return LUT_EINVAL;
+    *PH = (OH - c->pkh) / c->psh + 1;
+    *PW = (OW - c->pkw) / c->psw + 1;
+    return LUT_OK;
+}
+
+void lut_conv_pool_rows(const lut_conv *c, int64_t py0, int64_t py1, int64_t *r0, int64_t *r1) {
+    *r0 = py0 * c->psh;
+    *r1 = (py1 - 1) * c->psh + c->pkh;
+}
+
+/* the common 2 x 2 window at stride 2: 16 outputs from two 32-float runs of two rows */
+__attribute__((target("avx512f")))
+static void pool_2x2_avx512(const float *S, int64_t lds, int64_t M, int64_t OW, int64_t rows, int64_t PW,
+                            float *Y, int64_t ldy) {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t py = 0; py < rows; py++) {
+            const float *a = S + m * lds + 2 * py * OW, *b = a + OW;
+            float *y = Y + m * ldy + py * PW;
+            for (int64_t px = 0; px < PW; px += 16) {
+                const int64_t n = PW - px < 16 ? PW - px : 16; /* outputs; they read 2n inputs */
+                const __mmask16 lo = (__mmask16)(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
+                const __mmask16 lo_in = (__mmask16)(2 * n >= 16 ? 0xFFFFu : (1u << (2 * n)) - 1u);
+                const __mmask16 hi_in = (__mmask16)(2 * n <= 16 ? 0u : 2 * n >= 32 ? 0xFFFFu : (1u << (2 * n - 16)) - 1u);
+                const __m512 v0 = _mm512_max_ps(_mm512_maskz_loadu_ps(lo_in, a + 2 * px),
+                                                _mm512_maskz_loadu_ps(lo_in, b + 2 * px));
+                const __m512 v1 = _mm512_max_ps(_mm512_maskz_loadu_ps(hi_in, a + 2 * px + 16),
+                                                _mm512_maskz_loadu_ps(hi_in, b + 2 * px + 16));
+                const __m512 out = _mm512_max_ps(_mm512_permutex2var_ps(v0, even, v1),
+                                                 _mm512_permutex2var_ps(v0, odd, v1));
+                _mm512_mask_storeu_ps(y + px, lo, out);
+            }
+        }
+}
+
+void lut_conv_pool(const lut_conv *c, const float *S, int64_t lds, int64_t M, int64_t OW, int64_t py0,
+                   int64_t py1, int64_t PW, float *Y, int64_t ldy, int path) {
+    const int64_t rows = py1 - py0;
+    if (path == LUT_PATH_AVX512 && c->pkh == 2 && c->pkw == 2 && c->psh == 2 && c->psw == 2) {
+        pool_2x2_avx512(S, lds, M, OW, rows, PW, Y, ldy);
+        return;
+    }
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t py = 0; py < rows; py++)
+            for (int64_t px = 0; px < PW; px++) {
+                const float *window = S + m * lds + py * c->psh * OW + px * c->psw;
+                float best = window[0];
+                for (int64_t ky = 0; ky < c->pkh; ky++)
+                    for (int64_t kx = 0; kx < c->pkw; kx++) {
+                        const float v = window[ky * OW + kx];
+                        best = v > best ? v : best;
+                    }
+                Y[m * ldy + py * PW + px] = best;
+            }
+}
 
 const int64_t *lut_conv_split_columns(const lut_conv *c) { return c->columns; }
 

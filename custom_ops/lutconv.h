@@ -43,6 +43,29 @@ int64_t lut_conv_in_channels(const lut_conv *conv);
  * input is smaller than the dilated kernel or H, W are out of range. */
 int lut_conv_output_size(const lut_conv *conv, int64_t H, int64_t W, int64_t *OH, int64_t *OW);
 
+/* A MaxPool fused after the convolution (docs/lutmatmul.md, attribute `max_pool`): window
+ * kernel[0] x kernel[1], strides[0] x strides[1], each 1 to 4096, no padding, dilation 1,
+ * floor rounding.  The op then writes the pooled output, and the full-size one never leaves
+ * the worker's cache.  Validated here; LUT_EINVAL with a message otherwise. */
+int lut_conv_set_pool(lut_conv *conv, const int64_t kernel[2], const int64_t strides[2], char *err, size_t errlen);
+
+/* 1 when a MaxPool is fused (lut_conv_set_pool), else 0. */
+int lut_conv_pooled(const lut_conv *conv);
+
+/* The op's output size for a convolution output of OH x OW: with a fused MaxPool the pooled
+ * size, LUT_EINVAL when OH or OW is smaller than its window; otherwise OH x OW itself. */
+int lut_conv_pooled_size(const lut_conv *conv, int64_t OH, int64_t OW, int64_t *PH, int64_t *PW);
+
+/* The convolution rows pooled rows [py0, py1) read: rows *r0 .. *r1 - 1 (r1 <= OH when py1 <= PH). */
+void lut_conv_pool_rows(const lut_conv *conv, int64_t py0, int64_t py1, int64_t *r0, int64_t *r1);
+
+/* The fused MaxPool over M channels: S[m*lds + (r - r0)*OW + x] holds convolution row r of
+ * channel m for the rows lut_conv_pool_rows gives for pooled rows [py0, py1); writes
+ * Y[m*ldy + (py - py0)*PW + px].  The maximum of finite floats, so the order of the
+ * comparisons cannot change a bit. */
+void lut_conv_pool(const lut_conv *conv, const float *S, int64_t lds, int64_t M, int64_t OW, int64_t py0,
+                   int64_t py1, int64_t PW, float *Y, int64_t ldy, int path);
+
 /* U: the number of distinct split dims (1 <= U <= min(C*4, D)). */
 int64_t lut_conv_columns(const lut_conv *conv);
 

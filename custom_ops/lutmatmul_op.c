@@ -124,6 +124,24 @@ static OrtStatus *read_ints(const OrtApi *api, const OrtKernelInfo *info, const 
     return NULL;
 }
 
+/* An ints attribute the node may leave out: *out stays NULL when it is absent.  onnxruntime
+ * reports a missing attribute and one of another type alike; only the second names the type
+ * ("don't match"), and that one is an error. */
+static OrtStatus *read_optional_ints(const OrtApi *api, const OrtKernelInfo *info, const char *label,
+                                     const char *name, int64_t **out, size_t *count) {
+    size_t n = 0;
+    *out = NULL;
+    *count = 0;
+    OrtStatus *st = api->KernelInfoGetAttributeArray_int64(info, name, NULL, &n); /* [163] */
+    if (st) {
+        const int wrong_type = strstr(api->GetErrorMessage(st), "don't match") != NULL;
+        if (wrong_type) return attr_error(api, label, name, "ints", st);
+        api->ReleaseStatus(st);
+        return NULL;
+    }
+    return read_ints(api, info, label, name, out, count);
+}
+
 static OrtStatus *read_floats(const OrtApi *api, const OrtKernelInfo *info, const char *label,
                               const char *name, float **out, size_t *count) {
     size_t n = 0;
@@ -173,8 +191,8 @@ static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D,
             st = make_status(api, ORT_INVALID_ARGUMENT, "%s: attribute '%s' must have %zu values, got %zu",
                              k->label, names[i], expected[i], counts[i]);
     }
+    char err[512];
     if (!st) {
-        char err[512];
         int rc = lut_conv_create(&k->conv, cin, arrays[0], arrays[1], arrays[2], arrays[3], D, C, split,
                                  n_split, err, sizeof err);
         if (rc != LUT_OK)
@@ -182,6 +200,17 @@ static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D,
                              k->label, err);
     }
     for (int i = 0; i < 4; i++) free(arrays[i]);
+    /* optional: a fused MaxPool, [window h, w, stride h, w] */
+    int64_t *pool = NULL;
+    size_t n_pool = 0;
+    if (!st && (st = read_optional_ints(api, info, k->label, "max_pool", &pool, &n_pool)) == NULL && pool) {
+        if (n_pool != 4)
+            st = make_status(api, ORT_INVALID_ARGUMENT, "%s: attribute 'max_pool' must have 4 values "
+                             "(window h, w, stride h, w), got %zu", k->label, n_pool);
+        else if (lut_conv_set_pool(k->conv, pool, pool + 2, err, sizeof err) != LUT_OK)
+            st = make_status(api, ORT_INVALID_ARGUMENT, "%s: %s", k->label, err);
+    }
+    free(pool);
     return st;
 }
 
@@ -377,7 +406,10 @@ typedef struct ConvJob {
     const int32_t *index; /* lut_conv_index of this call's H x W */
     float *Y;
     int64_t H, W, in_image, positions, tiles, items;
-    size_t p_bytes, work_bytes; /* a worker's scratch: P[U][CONV_LD], then the kernel's work */
+    /* with a fused MaxPool: items are (image, band of `band` pooled rows) of PH x PW; a worker
+     * computes the band's convolution rows into S[M][s_ld] (at most s_ld positions), then pools */
+    int64_t OW, PH, PW, band, bands, s_ld;
+    size_t p_bytes, work_bytes, s_bytes; /* a worker's scratch: P[U][CONV_LD], the kernel's work, S */
     int64_t next;               /* the next item to claim */
     int failed;
     char err[256];
@@ -385,6 +417,32 @@ typedef struct ConvJob {
 
 static void conv_fail(ConvJob *job, const char *err) {
     if (__atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0) snprintf(job->err, sizeof job->err, "%s", err);
+}
+
+/* One (image, band of pooled rows) item of a LutConv with a fused MaxPool: the convolution
+ * rows the band's windows read, CONV_TILE positions at a time, into S (the scratch after P and
+ * the kernel's work), then the pooled rows into Y.  0 with `err` set on failure. */
+static int pool_band(ConvJob *job, int64_t item, uint8_t *scratch, char *err, size_t errlen) {
+    const LutKernel *k = job->k;
+    const int64_t n = item / job->bands, py0 = item % job->bands * job->band;
+    const int64_t py1 = py0 + job->band < job->PH ? py0 + job->band : job->PH;
+    int64_t r0 = 0, r1 = 0;
+    lut_conv_pool_rows(k->conv, py0, py1, &r0, &r1);
+    const int64_t first = r0 * job->OW, count = (r1 - r0) * job->OW; /* count <= s_ld */
+    float *P = (float *)(void *)scratch;
+    float *S = (float *)(void *)(scratch + job->p_bytes + job->work_bytes);
+    for (int64_t t = 0; t < count; t += CONV_TILE) {
+        const int64_t rows = count - t < CONV_TILE ? count - t : CONV_TILE;
+        lut_conv_gather(k->conv, job->X + n * job->in_image, job->H, job->W, job->index, first + t, rows, CONV_LD,
+                        k->path, P);
+        if (lut_apply_columns(k->plan, P, CONV_LD, rows, S + t, job->s_ld, scratch + job->p_bytes,
+                              job->work_bytes, k->path, err, errlen) != LUT_OK)
+            return 0;
+    }
+    const int64_t pooled = job->PH * job->PW;
+    lut_conv_pool(k->conv, S, job->s_ld, k->M, job->OW, py0, py1, job->PW,
+                  job->Y + n * k->M * pooled + py0 * job->PW, pooled, k->path);
+    return 1;
 }
 
 static void run_conv_worker(void *arg, size_t task) {
@@ -396,9 +454,16 @@ static void run_conv_worker(void *arg, size_t task) {
     while (!__atomic_load_n(&job->failed, __ATOMIC_ACQUIRE)) {
         const int64_t item = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
         if (item >= job->items) break;
-        if (!scratch && !(scratch = (uint8_t *)aligned_alloc(64, job->p_bytes + job->work_bytes))) {
+        if (!scratch && !(scratch = (uint8_t *)aligned_alloc(64, job->p_bytes + job->work_bytes + job->s_bytes))) {
             conv_fail(job, "out of memory for a worker's patch buffer");
             break;
+        }
+        if (job->bands) {
+            if (!pool_band(job, item, scratch, err, sizeof err)) {
+                conv_fail(job, err);
+                break;
+            }
+            continue;
         }
         const int64_t n = item / job->tiles, first = item % job->tiles * CONV_TILE;
         const int64_t rows = job->positions - first < CONV_TILE ? job->positions - first : CONV_TILE;
@@ -437,7 +502,11 @@ static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtVal
     if (dims[0] > 0 && (k->M > INT64_MAX / OH / OW || dims[0] > INT64_MAX / (k->M * OH * OW)))
         return make_status(api, ORT_INVALID_ARGUMENT, "%s: output [%lld, %lld, %lld, %lld] is too large", k->label,
                            (long long)dims[0], (long long)k->M, (long long)OH, (long long)OW);
-    int64_t out_dims[4] = {dims[0], k->M, OH, OW};
+    int64_t PH = OH, PW = OW;
+    if (lut_conv_pooled_size(k->conv, OH, OW, &PH, &PW) != LUT_OK)
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: the convolution's output of %lld x %lld is smaller than "
+                           "the fused max_pool window", k->label, (long long)OH, (long long)OW);
+    int64_t out_dims[4] = {dims[0], k->M, PH, PW};
     OrtValue *y = NULL;
     if ((st = api->KernelContext_GetOutput(ctx, 0, out_dims, 4, &y))) return st; /* [91] */
     if (dims[0] == 0) return NULL;
@@ -455,6 +524,27 @@ static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtVal
     job.positions = OH * OW;
     job.tiles = (job.positions + CONV_TILE - 1) / CONV_TILE;
     job.items = dims[0] * job.tiles; /* <= N * M * OH * OW, checked above */
+    if (lut_conv_pooled(k->conv)) {
+        /* bands of pooled rows whose convolution rows hold about 2 * CONV_TILE positions */
+        int64_t r0 = 0, r1 = 0;
+        job.OW = OW;
+        job.PH = PH;
+        job.PW = PW;
+        job.band = 1;
+        while (job.band < PH) {
+            lut_conv_pool_rows(k->conv, 0, job.band + 1, &r0, &r1);
+            if ((r1 - r0) * OW > 2 * CONV_TILE) break;
+            job.band++;
+        }
+        lut_conv_pool_rows(k->conv, 0, job.band, &r0, &r1);
+        job.s_ld = (r1 - r0) * OW; /* <= max(pool window, 2 * CONV_TILE / OW) rows of OW <= 2^21 */
+        job.bands = (PH + job.band - 1) / job.band;
+        job.items = dims[0] * job.bands;
+        if (job.s_ld > INT64_MAX / 4 / k->M || (uint64_t)(job.s_ld * k->M) > SIZE_MAX / 4 / 2)
+            return make_status(api, ORT_INVALID_ARGUMENT, "%s: the fused max_pool's rows of %lld x %lld outputs "
+                               "are too large", k->label, (long long)k->M, (long long)job.s_ld);
+        job.s_bytes = (sizeof(float) * (size_t)(job.s_ld * k->M) + 63) & ~(size_t)63;
+    }
     /* U <= 4C < 2^26 columns of CONV_LD floats, rounded to whole cache lines */
     job.p_bytes = (sizeof(float) * (size_t)(lut_conv_columns(k->conv) * CONV_LD) + 63) & ~(size_t)63;
     job.work_bytes = lut_apply_columns_work(k->plan, k->path);

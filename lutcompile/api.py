@@ -64,6 +64,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   options: CompileOptions | None = None,
                   threads: int | None = None,
                   prune_columns: bool | None = None,
+                  fuse_pooling: bool | None = None,
                   report_dir: str | os.PathLike | None = None,
                   progress: bool | None = None,
                   max_accuracy_drop: float | None = None,
@@ -104,6 +105,9 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     prune_columns: False keeps every output column of every lookup node; by default
     (CompileOptions.prune_columns) a lookup feeding another computes only the columns that
     one's trees read, with the same model outputs bit for bit (compile/prune.py).
+    fuse_pooling: False leaves each MaxPool after a LutConv a node of its own; by default
+    (CompileOptions.fuse_pooling) the LutConv writes the pooled output itself, with the same
+    model outputs bit for bit (compile/fuse.py).
     report_dir: write report.json and report.html there.
     max_accuracy_drop: instead of `codebooks`, search per node for the fastest choice (exact,
     or lookups at a count from budget_options.candidates) whose top-1 accuracy drop on a
@@ -130,6 +134,8 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
         options = replace(options, calibrate=replace(options.calibrate, mask_input=mask_input or None))
     if prune_columns is not None:
         options = replace(options, prune_columns=prune_columns)
+    if fuse_pooling is not None:
+        options = replace(options, fuse_pooling=fuse_pooling)
     options.fit.check()
     if train is None and augment is not None:
         raise OptionsError("augment applies to the training rows; give train (--train) too")

@@ -6,9 +6,10 @@ and two threads.
 
 Speed only: the lookups are compiled from the shipped calibration rows without fine-tuning
 (ridge tables), since the time of a lookup node depends on its shape (D, M, C), not on its
-values; accuracy after training is scripts/train_table.py's. Each "pruned" model is the
-unpruned one passed through compile/prune.py, whose outputs are the same bit for bit, so the
-pair shows what the pass saves. Every latency is a median of interleaved runs in this one
+values; accuracy after training is scripts/train_table.py's. Each width is timed as the
+compiler writes it (both graph passes), "unpruned" without either, and "unfused" (where a
+LutConv is followed by a MaxPool) with compile/prune.py's pass but not compile/fuse.py's: every
+pass leaves the outputs the same bit for bit, so the rows show what each saves. Every latency is a median of interleaved runs in this one
 process, all variants of a model, batch and thread count timed together, so every ratio is
 taken in one run. The table goes into README.md between <!-- bench_models:start --> and
 <!-- bench_models:end -->, and every figure into build/bench_models/results.json.
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import lutcompile  # noqa: E402
 from lutcompile.compile.calibrate import load_calibration  # noqa: E402
+from lutcompile.compile.fuse import fuse_max_pools  # noqa: E402
 from lutcompile.compile.prune import prune_unread_columns  # noqa: E402
 from lutcompile.onnx_io.timing import model_latencies  # noqa: E402
 from datasets import write_fashion_train  # noqa: E402
@@ -63,16 +65,23 @@ def build(key: str, spec: dict) -> dict[str, str]:
     for i, (label, codebooks) in enumerate(spec["widths"]):
         print(f"\n{spec['title']}: compiling {label}", flush=True)
         result = lutcompile.compile_model(ROOT / spec["model"], None, fit_data, codebooks=codebooks,
-                                          finetune=False, table_loss="ridge", prune_columns=False, progress=True)
+                                          finetune=False, table_loss="ridge", prune_columns=False,
+                                          fuse_pooling=False, progress=True)
         unpruned = folder / f"lut_{i}.onnx"
         onnx.save(result.model, str(unpruned))
         pruned, narrowed = prune_unread_columns(result.model)
-        onnx.save(pruned, str(folder / f"lut_{i}_pruned.onnx"))
+        fused, pools = fuse_max_pools(pruned)
         paths[f"{label}, unpruned"] = str(unpruned)
-        paths[f"{label}"] = str(folder / f"lut_{i}_pruned.onnx")
+        if pools:  # the pruned model without the fusion pass, to show what each pass saves
+            onnx.save(pruned, str(folder / f"lut_{i}_pruned.onnx"))
+            paths[f"{label}, unfused"] = str(folder / f"lut_{i}_pruned.onnx")
+        onnx.save(fused, str(folder / f"lut_{i}_fused.onnx"))
+        paths[f"{label}"] = str(folder / f"lut_{i}_fused.onnx")
         for p in narrowed:
             print(f"  {p.producer} computes {p.columns_after} of {p.columns_before} columns "
                   f"({p.scan_saved:.0%} of its scan saved), the ones {p.consumer} reads")
+        for p in pools:
+            print(f"  {p.conv} writes the output of {p.pool} (max-pool {p.window})")
     return paths
 
 

@@ -360,6 +360,9 @@ def _geometry_mutations() -> list[Callable]:
     plan += [("strides", v) for v in ([0, 1], [-1, 1], [1, 4097], [INT64_MAX, 1])]
     plan += [("dilations", v) for v in ([0, 1], [1, -2], [4097, 1], [2**40, 2**40])]
     plan += [("pads", v) for v in ([-1, 0, 0, 0], [0, 0, 65537, 0], [2**40, 0, 0, 0], [INT64_MIN, 0, 0, INT64_MAX])]
+    # a fused MaxPool (compile/fuse.py): [window h, w, stride h, w]
+    plan += [("max_pool", v) for v in ([0, 2, 2, 2], [2, 2, 0, 2], [4097, 1, 1, 1], [2, 2, 2], [2, 2, 2, 2, 2],
+                                       [2**40, 2, 2, 2], [INT64_MIN, 2, 2, INT64_MAX])]
     out = []
     for name, value in plan:
         def mutate(node, rng, name=name, value=value):
@@ -374,13 +377,18 @@ def _geometry_mutations() -> list[Callable]:
         _put(node, "pads", [top + dy, left + dx, bottom - dy, right - dx])
         return f"pads {[top, left, bottom, right]} -> {_value(node, 'pads')}", "ok"
 
+    def max_pool(node, rng):  # valid, but the window may exceed the output, or the next node not fit
+        value = [int(v) for v in rng.integers(1, 4, 4)]
+        _put(node, "max_pool", value)
+        return f"max_pool={value}", "any"
+
     def other_geometry(node, rng):  # valid, but the next node may not fit the new output size
         name = str(rng.choice(["strides", "dilations", "pads"]))
         size = 4 if name == "pads" else 2
         value = [int(v) for v in rng.integers(0 if name == "pads" else 1, 4, size)]
         _put(node, name, value)
         return f"{name}={value}", "any"
-    return _for_conv(out + [shift_pads, other_geometry])
+    return _for_conv(out + [shift_pads, max_pool, other_geometry])
 
 
 def _extra_attribute(node, rng):

@@ -99,13 +99,16 @@ def test_mnist8_compiles_keeping_ir3_rules_and_matches_the_reference(compiled_mn
     result, model = compiled_mnist8, compiled_mnist8.model
     # both Convs (patches of 1x5x5 = 25 and 8x5x5 = 200 inputs) and the MatMul (its weight a
     # Reshape of an initializer to 256 x 10) become lookups; each Conv absorbs its bias Add
-    # and ReLU; no node is kept exact
-    assert [(r.name, r.D, r.M) for r in result.nodes] == [
-        ("Convolution28", 25, 8), ("Convolution110", 200, 16), ("Times212", 256, 10)]
+    # and ReLU, and writes the output of the MaxPool after it (2x2 stride 2, then 3x3 stride 3:
+    # compile/fuse.py); no node is kept exact
+    assert [(r.name, r.D, r.M, r.fused_pool) for r in result.nodes] == [
+        ("Convolution28", 25, 8, "Pooling66"), ("Convolution110", 200, 16, "Pooling160"), ("Times212", 256, 10, None)]
     assert result.skipped == []
     assert [(n.op_type, n.name) for n in model.graph.node] == [
-        ("LutConv", "Convolution28"), ("MaxPool", "Pooling66"), ("LutConv", "Convolution110"),
-        ("MaxPool", "Pooling160"), ("Reshape", "Times212_reshape0"), ("LutMatMul", "Times212")]
+        ("LutConv", "Convolution28"), ("LutConv", "Convolution110"), ("Reshape", "Times212_reshape0"),
+        ("LutMatMul", "Times212")]
+    assert [geometry_from_node(n).max_pool for n in model.graph.node if n.op_type == "LutConv"] == [
+        (2, 2, 2, 2), (3, 3, 3, 3)]
     assert [params_from_node(n).relu for n in model.graph.node if n.domain == DOMAIN] == [True, True, False]
     assert_ir3_rules(model)
     # the one weight left (the activation Reshape's shape) stays a graph input, as in the original

@@ -94,6 +94,16 @@ def conv_geometry(node: onnx.NodeProto, weight: np.ndarray) -> dict:
             "strides": list(a["strides"]), "pads": list(a["pads"]), "dilations": list(a["dilations"])}
 
 
+def pool_after(nodes: dict[str, onnx.NodeProto], conv: onnx.NodeProto) -> list[int]:
+    """[window h, w, stride h, w] of the MaxPool the original model runs on the Relu of `conv`'s output."""
+    readers = {i: n for n in nodes.values() for i in n.input}
+    relu = readers[conv.output[0]]
+    pool = readers[relu.output[0]]
+    assert (relu.op_type, pool.op_type) == ("Relu", "MaxPool")
+    a = raw(pool)
+    return list(a["kernel_shape"]) + list(a["strides"])
+
+
 def run_module(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lutcompile", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
@@ -131,8 +141,10 @@ def test_inspect_lists_every_lookup_node_with_dims_bytes_and_geometry(cnn):
             assert source.op_type == "Conv" and info["source_op"] == "Conv"
             cout, cin, kh, kw = weight.shape
             assert (info["D"], info["M"]) == written_shape(node, fast, (cin * kh * kw, cout))
-            # a LutConv fed by a narrowed one reads fewer channels (compile/prune.py)
-            assert info["conv"] == {**conv_geometry(source, weight), "in_channels": info["D"] // (kh * kw)}
+            # a LutConv fed by a narrowed one reads fewer channels (compile/prune.py); each of the
+            # shipped CNN's lookup convolutions writes the 2x2 max-pool after its Relu (compile/fuse.py)
+            assert info["conv"] == {**conv_geometry(source, weight), "in_channels": info["D"] // (kh * kw),
+                                    "max_pool": pool_after(nodes, source)}
             assert info["conv"] == {k: a[k] if k == "in_channels" else list(a[k]) for k in info["conv"]}
         else:
             assert source.op_type == "Gemm" and info["conv"] is None
@@ -198,15 +210,20 @@ def _set_value_info(model: onnx.ModelProto, tensor: str, shape: list[int]) -> No
     (lambda m, n: _set(n, "M", raw(n)["M"] + 2),  # the messages name the node's own M (narrowed or not)
      lambda M: [f"tables have shape [{M}, 8, 16], expected [M, C, 16] = [{M + 2}, 8, 16]",
                 f"has {M} channels, but M = {M + 2}"]),
-    (lambda m, n: _set_value_info(m, n.output[0], [1, 32, 196]), ["has rank 3, expected 4 (NCHW)"]),
-    (lambda m, n: _set_value_info(m, n.output[0], [1, 32, 13, 14]),
-     ["is 13 x 14, but the convolution of a 14 x 14 input gives 14 x 14"]),
+    # the output of the last LutConv, which no other lookup reads (the first one's output is the
+    # second one's input, whose checks would flag it too); 7 x 7 input, max-pooled 2 x 2 (compile/fuse.py)
+    (lambda m, n: _set_value_info(m, n.output[0], [1, 64, 9]), ["has rank 3, expected 4 (NCHW)"]),
+    (lambda m, n: _set_value_info(m, n.output[0], [1, 64, 7, 7]),
+     ["is 7 x 7, but the convolution and max_pool of a 7 x 7 input gives 3 x 3"]),
+    (lambda m, n: _set(n, "max_pool", [2, 0, 2, 2]),
+     ["max_pool must be 4 integers from 1 to 4096 (window h, w, stride h, w), got [2, 0, 2, 2]"]),
 ], ids=["in_channels", "strides", "dilations", "pads", "kernel_shape", "missing", "thresholds", "M",
-        "output_rank", "output_size"])
+        "output_rank", "output_size", "max_pool"])
 @pytest.mark.bad_input
-def test_inspect_rejects_an_inconsistent_lutconv(capsys, tmp_path, cnn, corrupt, messages):
+def test_inspect_rejects_an_inconsistent_lutconv(capsys, tmp_path, cnn, corrupt, messages, request):
     model = onnx.load(str(cnn[1]))
-    node = next(n for n in lookup_nodes(model) if n.op_type == "LutConv")
+    convs = [n for n in lookup_nodes(model) if n.op_type == "LutConv"]
+    node = convs[-1] if request.node.callspec.id.startswith("output") else convs[0]
     messages = messages(raw(node)["M"]) if callable(messages) else messages
     corrupt(model, node)
     path = tmp_path / "bad.onnx"
@@ -263,16 +280,24 @@ def test_diff_pairs_lutconv_with_its_conv_and_absorbs_the_relu(cnn):
         want = (int(np.prod(weight.shape[1:])), weight.shape[0])  # Conv [M, Cin, kh, kw], Gemm [M, D]
         assert (d["a"]["D"], d["a"]["M"]) == want and (d["b"]["D"], d["b"]["M"]) == written_shape(node, fast, want)
         assert d["b"]["lut"]["relu"] == bool(raw(node)["relu"])
-        # the fused Relu: the original's sole consumer of the product, producing the lookup's output
+        # the fused Relu: the original's sole consumer of the product, producing the lookup's
+        # output, or with a fused MaxPool (a LutConv, compile/fuse.py) that pool's input
         consumers = [n for n in nodes.values() if source.output[0] in n.input]
+        pooled = "max_pool" in raw(node)
         if raw(node)["relu"]:
             assert len(consumers) == 1 and consumers[0].op_type == "Relu"
             relu = consumers[0]
-            assert relu.output[0] == node.output[0] and relu.name not in {n.name for n in fast.graph.node}
-            assert by_name[relu.name]["status"] == "absorbed"
-            assert by_name[relu.name]["absorbed_into"] == node.name and d["absorbs"] == [relu.name]
+            absorbed = [relu.name]
+            if pooled:
+                pool = next(n for n in nodes.values() if relu.output[0] in n.input)
+                assert pool.op_type == "MaxPool" and by_name[pool.name]["absorbed_into"] == node.name
+                absorbed.append(pool.name)
+            assert nodes[absorbed[-1]].output[0] == node.output[0]
+            assert not set(absorbed) & {n.name for n in fast.graph.node}
+            assert all(by_name[a]["status"] == "absorbed" for a in absorbed)
+            assert by_name[relu.name]["absorbed_into"] == node.name and d["absorbs"] == absorbed
         else:
-            assert d["absorbs"] == []
+            assert d["absorbs"] == [] and not pooled
     convs = [n for n in found if n.op_type == "LutConv"]
     assert convs and all(raw(n)["relu"] for n in convs)  # each Conv of the CNN is followed by a Relu
     summary = data["summary"]
@@ -281,7 +306,7 @@ def test_diff_pairs_lutconv_with_its_conv_and_absorbs_the_relu(cnn):
     assert summary["param_bytes_b"] == sum(r.bytes_after for r in result.nodes) + sum(
         v.nbytes for v in inits.values()) - sum(r.bytes_before for r in result.nodes)  # the compile report agrees
     assert summary["removed"] == summary["added"] == summary["changed"] == 0
-    assert summary["absorbed"] == sum(bool(raw(n)["relu"]) for n in found)
+    assert summary["absorbed"] == sum(bool(raw(n)["relu"]) + ("max_pool" in raw(n)) for n in found)
 
 
 def test_diff_table_and_summary_line_on_the_cnn(capsys, cnn):

@@ -41,6 +41,8 @@ class NodeReport:
     # the output columns the written node computes: fewer than M when the lookup it feeds reads
     # only these (compile/prune.py), else M
     columns_computed: int | None = None
+    # a LutConv: the MaxPool node it absorbed, whose pooled output it writes (compile/fuse.py)
+    fused_pool: str | None = None
 
 
 @dataclass

@@ -21,6 +21,7 @@ from .calibrate import CalibrateOptions, CalibrationData
 from .distributed import World, world
 from .finetune import FinetuneOptions, TrainingCurve, held_out_rows, train
 from .fit import FitOptions, TreeSource
+from .fuse import fuse_max_pools
 from .methods import NodeReport, get_method
 from .prune import narrowed_reports, prune_unread_columns
 from .rewrite import rewrite
@@ -40,6 +41,8 @@ class CompileOptions:
     # lookup producers compute only the columns the lookup they feed reads (compile/prune.py);
     # the outputs are the same bit for bit
     prune_columns: bool = True
+    # a LutConv writes the output of the MaxPool after it (compile/fuse.py); bit for bit too
+    fuse_pooling: bool = True
 
     def record(self, plan: dict[str, int], incremental: bool) -> dict:
         """What CompileResult.options (and report.json) say the model was compiled with."""
@@ -175,6 +178,11 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
         with timed(seconds, "prune"):
             current, narrowed = prune_unread_columns(current)
             reports = narrowed_reports(reports, narrowed, current)
+    if options.fuse_pooling:
+        with timed(seconds, "fuse"):
+            current, pools = fuse_max_pools(current)
+            absorbed = {f.conv: f.pool for f in pools}
+            reports = [replace(r, fused_pool=absorbed.get(r.name)) for r in reports]
     result = CompileResult(current, reports, list(analysis.skipped), data.rows, seconds=seconds,
                            stages=stages, training=curves, before_training=before_training,
                            options={**options.record(plan, incremental),

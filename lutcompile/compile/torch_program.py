@@ -132,7 +132,8 @@ class LutModule(torch.nn.Module):
 
 
 class LutConvModule(torch.nn.Module):
-    """LutConv in torch: unfold the NCHW input into patches, look them up, fold back."""
+    """LutConv in torch: unfold the NCHW input into patches, look them up, fold back (and
+    max-pool, with a fused MaxPool)."""
 
     def __init__(self, lut: LutModule, geometry):
         super().__init__()
@@ -144,8 +145,11 @@ class LutConvModule(torch.nn.Module):
         N, _, H, W = x.shape
         OH, OW = g.output_size(H, W)
         cols = F.unfold(F.pad(x, (left, right, top, bottom)), g.kernel, dilation=g.dilations, stride=g.strides)
-        y = self.lut(cols.transpose(1, 2))  # [N, OH*OW, M]
-        return y.transpose(1, 2).reshape(N, -1, OH, OW)
+        y = self.lut(cols.transpose(1, 2)).transpose(1, 2).reshape(N, -1, OH, OW)  # [N, M, OH, OW]
+        if g.max_pool is None:
+            return y
+        kh, kw, sh, sw = g.max_pool
+        return F.max_pool2d(y, (kh, kw), (sh, sw))
 
 
 def _ternary(w: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,8 +47,11 @@ def lut_attributes(params: LutParams, info: dict[str, str | int] | None = None) 
 
 
 def conv_attributes(g: ConvGeometry) -> dict:
-    return {"in_channels": g.in_channels, "kernel_shape": list(g.kernel), "strides": list(g.strides),
-            "pads": list(g.pads), "dilations": list(g.dilations)}
+    attrs = {"in_channels": g.in_channels, "kernel_shape": list(g.kernel), "strides": list(g.strides),
+             "pads": list(g.pads), "dilations": list(g.dilations)}
+    if g.max_pool is not None:
+        attrs["max_pool"] = list(g.max_pool)
+    return attrs
 
 
 def parameter_bytes(attrs: dict) -> int:
@@ -66,8 +69,9 @@ def geometry_from_node(node: onnx.NodeProto) -> ConvGeometry | None:
     if node.op_type != CONV_OP_TYPE:
         return None
     a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    pool = a.get("max_pool")
     return ConvGeometry(int(a["in_channels"]), tuple(a["kernel_shape"]), tuple(a["strides"]),
-                        tuple(a["pads"]), tuple(a["dilations"]))
+                        tuple(a["pads"]), tuple(a["dilations"]), None if pool is None else tuple(pool))
 
 
 def set_attributes(node: onnx.NodeProto, values: dict) -> None:

@@ -128,6 +128,9 @@ class ConvGeometry:
     strides: tuple[int, int] = (1, 1)
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
     dilations: tuple[int, int] = (1, 1)
+    # a MaxPool fused after the convolution (compile/fuse.py): (window h, w, stride h, w), no
+    # padding, dilation 1, floor rounding; the op's output is the pooled one
+    max_pool: tuple[int, int, int, int] | None = None
 
     @property
     def D(self) -> int:
@@ -138,6 +141,18 @@ class ConvGeometry:
         top, left, bottom, right = self.pads
         return ((H + top + bottom - dh * (kh - 1) - 1) // sh + 1,
                 (W + left + right - dw * (kw - 1) - 1) // sw + 1)
+
+
+def max_pool_reference(Y: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
+    """MaxPool of Y [N, M, OH, OW] with (window h, w, stride h, w), no padding, floor rounding."""
+    kh, kw, sh, sw = window
+    N, M, OH, OW = Y.shape
+    PH, PW = (OH - kh) // sh + 1, (OW - kw) // sw + 1
+    out = np.full((N, M, PH, PW), -np.inf, dtype=Y.dtype)
+    for ky in range(kh):
+        for kx in range(kw):
+            out = np.maximum(out, Y[:, :, ky:ky + sh * (PH - 1) + 1:sh, kx:kx + sw * (PW - 1) + 1:sw])
+    return out
 
 
 def im2col_reference(X: np.ndarray, g: ConvGeometry, positions: np.ndarray | None = None) -> np.ndarray:
@@ -165,8 +180,9 @@ def im2col_reference(X: np.ndarray, g: ConvGeometry, positions: np.ndarray | Non
 
 
 def apply_conv_reference(X: np.ndarray, params: LutParams, g: ConvGeometry) -> np.ndarray:
-    """LutConv on X [N, Cin, H, W] in numpy: [N, M, OH, OW]."""
+    """LutConv on X [N, Cin, H, W] in numpy: [N, M, OH, OW] (pooled, with a fused MaxPool)."""
     N, _, H, W = X.shape
     OH, OW = g.output_size(H, W)
     y = apply_reference(im2col_reference(X, g), params)  # [N*OH*OW, M]
-    return y.reshape(N, OH, OW, params.M).transpose(0, 3, 1, 2).copy()
+    y = y.reshape(N, OH, OW, params.M).transpose(0, 3, 1, 2).copy()
+    return y if g.max_pool is None else max_pool_reference(y, g.max_pool)

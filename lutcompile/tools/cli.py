@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prune-columns", dest="prune_columns", action="store_false", default=None,
                    help="keep every output column of every lookup node; by default a lookup node feeding "
                         "another computes only the columns that one's trees read (same outputs, bit for bit)")
+    p.add_argument("--no-fuse-pooling", dest="fuse_pooling", action="store_false", default=None,
+                   help="leave each MaxPool after a LutConv a node of its own; by default the LutConv "
+                        "writes the pooled output itself (same outputs, bit for bit)")
     p.add_argument("--no-finetune", dest="finetune", action="store_false", default=None,
                    help="skip ITLUMM's incremental replacement with fine-tuning (on when labels exist)")
     p.add_argument("--finetune", dest="finetune", action="store_true",
@@ -221,8 +224,9 @@ def _print_summary(result: api.CompileResult, eval_accuracy: tuple[float, float]
     for n in result.nodes:
         # the output columns the written node computes (compile/prune.py): all, or kept/M
         computes = "all" if n.columns_computed in (None, n.M) else f"{n.columns_computed}/{n.M}"
+        activation = (n.activation or "-") + (" + MaxPool" if n.fused_pool else "")
         rows.append((n.name, n.op_type, f"{n.D} x {n.M}", str(n.codebooks), n.partition, n.table_loss,
-                     n.activation or "-", f"{n.relative_error:.4f}", computes))
+                     activation, f"{n.relative_error:.4f}", computes))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -283,7 +287,7 @@ def main_compile(argv: list[str]) -> int:
                                    seed=args.seed, threads=args.threads, report_dir=args.report,
                                    mask_input=None if args.mask_input is None else
                                    False if args.mask_input.lower() == "none" else args.mask_input,
-                                   prune_columns=args.prune_columns,
+                                   prune_columns=args.prune_columns, fuse_pooling=args.fuse_pooling,
                                    progress=False if args.quiet else None,
                                    max_accuracy_drop=args.max_accuracy_drop,
                                    max_output_error=args.max_output_error,

@@ -74,6 +74,7 @@ EXACT_OPS = ("MatMul", "Gemm", "Conv")
 # LutConv's geometry attributes: (name, entries, smallest, largest), the kernel's limits
 CONV_ATTRIBUTES = (("kernel_shape", 2, 1, 4096), ("strides", 2, 1, 4096), ("pads", 4, 0, 65536),
                    ("dilations", 2, 1, 4096))
+MAX_POOL = "max_pool"  # optional: a fused MaxPool's (window h, w, stride h, w), each 1 to 4096
 MAX_IN_CHANNELS = 1 << 24
 MAX_SIDE = 1 << 20  # a LutConv input's height and width
 EXACT_NAMES_SHOWN = 5  # the text output names this many exact nodes; --json lists them all
@@ -98,7 +99,7 @@ class LookupNode:
     threshold_range: list[float] | None = None
     split_dims_used: int | None = None
     param_bytes: int = 0
-    conv: dict | None = None  # LutConv: in_channels, kernel_shape, strides, pads, dilations
+    conv: dict | None = None  # LutConv: in_channels, kernel_shape, strides, pads, dilations (and max_pool, if fused)
     problems: list[str] = field(default_factory=list)
 
     def geometry(self) -> ConvGeometry | None:
@@ -108,8 +109,11 @@ class LookupNode:
             return None
         if any(not low <= v <= high for key, _, low, high in CONV_ATTRIBUTES for v in c[key]):
             return None
+        pool = c.get(MAX_POOL)
+        if pool is not None and not all(1 <= v <= 4096 for v in pool):
+            return None
         return ConvGeometry(c["in_channels"], tuple(c["kernel_shape"]), tuple(c["strides"]),
-                            tuple(c["pads"]), tuple(c["dilations"]))
+                            tuple(c["pads"]), tuple(c["dilations"]), None if pool is None else tuple(pool))
 
 
 @dataclass
@@ -177,6 +181,12 @@ def _check_conv(a: dict, info: LookupNode) -> None:
         if bad:
             bound = "positive" if low == 1 else "non-negative"
             problems.append(f"{key} {values} must be {bound} and at most {high}")
+    if MAX_POOL in a:
+        pool = _ints(a[MAX_POOL], 4)
+        if pool is None or not all(1 <= v <= 4096 for v in pool):
+            problems.append(f"{MAX_POOL} must be 4 integers from 1 to 4096 (window h, w, stride h, w), "
+                            f"got {a[MAX_POOL]!r}")
+        conv[MAX_POOL] = pool
     if conv["in_channels"] is not None and conv["kernel_shape"] is not None and info.D is not None:
         kh, kw = conv["kernel_shape"]
         if conv["in_channels"] * kh * kw != info.D:
@@ -210,12 +220,20 @@ def _check_shapes(node: onnx.NodeProto, info: LookupNode, shapes: dict[str, list
         problems.append(f"input '{node.input[0]}' is {H} x {W}; height and width must lie in [1, {MAX_SIDE}]")
         return
     OH, OW = g.output_size(H, W)
+    want, what = (OH, OW), "the convolution"
+    if g.max_pool is not None and OH >= 1 and OW >= 1:
+        kh, kw, sh, sw = g.max_pool
+        if OH < kh or OW < kw:
+            problems.append(f"the convolution's output of {OH} x {OW} is smaller than the fused max_pool window "
+                            f"{kh} x {kw}")
+            return
+        want, what = ((OH - kh) // sh + 1, (OW - kw) // sw + 1), "the convolution and max_pool"
     if OH < 1 or OW < 1:
         problems.append(f"input '{node.input[0]}' of {H} x {W} is smaller than the dilated kernel "
                         f"(output {OH} x {OW})")
-    elif y is not None and len(y) == 4 and any(d is not None and d != want for d, want in zip(y[2:], (OH, OW))):
-        problems.append(f"output '{node.output[0]}' is {y[2]} x {y[3]}, but the convolution of a "
-                        f"{H} x {W} input gives {OH} x {OW}")
+    elif y is not None and len(y) == 4 and any(d is not None and d != w for d, w in zip(y[2:], want)):
+        problems.append(f"output '{node.output[0]}' is {y[2]} x {y[3]}, but {what} of a "
+                        f"{H} x {W} input gives {want[0]} x {want[1]}")
 
 
 def check_node(node: onnx.NodeProto, shapes: dict[str, list[int | None]] | None = None) -> LookupNode:
@@ -321,7 +339,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike) -> Inspection:
 
 def format_geometry(conv: dict | None) -> str:
     """A LutConv's geometry in a table cell: "16ch 3x3 s1 p1 d1" (pairs and pads written out
-    in full when their entries differ: "s1x2", "p0,1,0,1")."""
+    in full when their entries differ: "s1x2", "p0,1,0,1"), and "+ maxpool 2x2/2" when one is fused."""
     if conv is None:
         return "-"
 
@@ -334,7 +352,14 @@ def format_geometry(conv: dict | None) -> str:
     cin = "?" if conv.get("in_channels") is None else conv["in_channels"]
     k = conv.get("kernel_shape")
     kernel = "?" if k is None else "x".join(map(str, k))
-    return f"{cin}ch {kernel} s{entries('strides', 'x')} p{entries('pads', ',')} d{entries('dilations', 'x')}"
+    text = f"{cin}ch {kernel} s{entries('strides', 'x')} p{entries('pads', ',')} d{entries('dilations', 'x')}"
+    if MAX_POOL in conv:
+        pool = conv[MAX_POOL]
+        if pool is None:
+            return text + " + maxpool ?"
+        strides = str(pool[2]) if pool[2] == pool[3] else f"{pool[2]}x{pool[3]}"
+        text += f" + maxpool {pool[0]}x{pool[1]}/{strides}"
+    return text
 
 
 def format_exact(exact: list[dict[str, str]], shown: int = EXACT_NAMES_SHOWN) -> str:
