@@ -50,7 +50,12 @@ from lutcompile.ops.spec import DOMAIN, OP_TYPE, LutParams  # noqa: E402
 from lutcompile.onnx_io.timing import interleaved_medians  # noqa: E402
 
 SHAPES = [(1, 784, 200), (64, 784, 200), (1024, 784, 200), (1024, 512, 10), (1024, 512, 100),
-          (4096, 256, 256)]
+          (4096, 256, 256), (10000, 512, 10)]
+# MADDNESS's own kernel, mithral (dblalock/bolt at e7726a4), encode + scan at C = 16, one thread,
+# microseconds, median of 21: published in issue 15, built and timed on an AMD Zen 5 of this
+# workplace. It reads column-major X and writes uint8 outputs without dequantisation; ours reads
+# row-major float X and writes float with bias. Quoted as facts, not re-measured here.
+MITHRAL_C16_US = {(1024, 512, 100): 13.5, (1024, 784, 200): 21.6, (4096, 256, 256): 110.0, (10000, 512, 10): 40.0}
 CODEBOOKS = (4, 8, 16, 32, 64, 128, 256)  # issue 15: short sub-vectors take C to 50-200
 THREADS = (1, 2)
 RESULTS = ROOT / "docs" / "results" / "bench_kernel.md"
@@ -643,6 +648,7 @@ def report(res: dict, cpu: dict, mic: dict) -> tuple[str, str, list[str]]:
 
 
 def targets_met(res: dict, frac) -> list[str]:
+    """Issue 15's kernel targets, each met or MISSED, from this run's figures."""
     rows, krows = res["rows"], res["kernel"]
 
     def find(N, D, M, C, threads):
@@ -652,22 +658,23 @@ def targets_met(res: dict, frac) -> list[str]:
         return None
 
     out = []
-    r = find(1024, 512, 100, 16, 1)
-    if r:
-        s32, s8 = r["matmul"] / r["lut"], r["int8"] / r["lut"]
-        out.append(f"{'met' if s32 >= 20 else 'MISSED'}: one thread, N=1024, D=512, M=100, C=16: "
-                   f"{s32:.1f}x faster than the fp32 MatMul node (target 20x)")
-        out.append(f"{'met' if s8 >= 5 else 'MISSED'}: the same, {s8:.1f}x faster than its int8 "
-                   f"version (target 5x)")
-    for C in sorted({r["C"] for r in krows if r["C"] >= 16}):
-        vals = [frac(r, r["scan"]) for r in krows if r["C"] == C and r["N"] >= 64]
-        if not vals:
-            continue
-        lo, hi = min(vals), max(vals)
-        verdict = "met" if lo >= 0.40 else "partly met" if hi >= 0.40 else "MISSED"
-        out.append(f"{verdict}: the scan (kernel alone, one thread) at C={C} reaches "
-                   f"{100 * lo:.0f}-{100 * hi:.0f}% of the shuffle peak over the shapes with "
-                   f"N >= 64 (target 40% at >= 16 codebooks)")
+    kernel_at = {(r["N"], r["D"], r["M"], r["C"]): r for r in krows}
+    for shape, theirs in MITHRAL_C16_US.items():
+        r = kernel_at.get(shape + (16,))
+        if r:
+            ratio = r["apply"] * 1e6 / theirs
+            out.append(f"{'met' if ratio <= 1.2 else 'MISSED'}: kernel alone, one thread, {shape[0]}x{shape[1]}x"
+                       f"{shape[2]}, C=16: our fused apply {us(r['apply'])} us against mithral's encode + scan "
+                       f"{theirs:g} us (published, Zen 5), {ratio:.1f}x its time (target <= 1.2x)")
+    out.append("not measured: the same at C=8 and C=32 (no mithral figure at those widths)")
+    for C in sorted({r["C"] for r in krows if r["C"] >= 32}):
+        shares = sorted((frac(r, r["scan"]), f"{r['N']}x{r['D']}x{r['M']}") for r in krows
+                        if r["C"] == C and r["N"] >= 64)
+        if shares:
+            below = [f"{name} {100 * v:.0f}%" for v, name in shares if v < 0.40]
+            out.append(f"{'met' if not below else 'MISSED'}: the scan (kernel alone, one thread) at C={C} reaches "
+                       f"{100 * shares[0][0]:.0f}-{100 * shares[-1][0]:.0f}% of the shuffle peak over the shapes "
+                       f"with N >= 64 (target 40% per shape" + (f"; below: {', '.join(below)})" if below else ")"))
     b1 = [r for r in res["batch1"]]
     if b1:
         slower = [r for r in b1 if r["lut"] > r["matmul"]]
@@ -677,12 +684,15 @@ def targets_met(res: dict, frac) -> list[str]:
                    f"(D, M) of the shapes, every C, 1 and 2 threads; slowest relative: D={worst['D']} "
                    f"M={worst['M']} C={worst['C']} {worst['threads']} thread(s), {us(worst['lut'])} "
                    f"vs {us(worst['matmul'])} us)")
-    for C in res["codebooks"]:
-        one, two = find(4096, 256, 256, C, 1), find(4096, 256, 256, C, 2)
-        if one and two:
-            sp = one["lut"] / two["lut"]
-            out.append(f"{'met' if sp >= 1.7 else 'MISSED'}: two threads give {sp:.2f}x one thread "
-                       f"at N=4096 (D=256, M=256, C={C}; target 1.7x)")
+    pairs = [(one, find(*key[:4], 2)) for key, one in
+             (((r["N"], r["D"], r["M"], r["C"], 1), r) for r in rows if r["threads"] == 1 and r["N"] >= 256)]
+    speedups = sorted((one["lut"] / two["lut"], one) for one, two in pairs if two)
+    if speedups:
+        short = [s for s in speedups if s[0] < 1.7]
+        worst_s, w = speedups[0]
+        out.append(f"{'met' if not short else 'MISSED'}: two threads give >= 1.7x one thread in "
+                   f"{len(speedups) - len(short)} of {len(speedups)} (shape, C) cases with N >= 256 (lowest "
+                   f"{worst_s:.2f}x at {w['N']}x{w['D']}x{w['M']}, C={w['C']}; highest {speedups[-1][0]:.2f}x)")
     return out
 
 

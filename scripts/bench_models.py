@@ -117,6 +117,28 @@ def table(spec: dict, rows: dict) -> str:
     return "\n".join(lines)
 
 
+# issue 15's whole-model targets, one thread: (model, row, batch, baseline, at least this speed-up)
+TARGETS = [("mlp", "C = 32", 256, "fp32", 12.0), ("mlp", "C = 32", 256, "int8 static", 4.0),
+           ("mlp", "C = 32", 1, "int8 static", 1.5), ("mlp", "C = 64", 256, "int8 static", 2.0),
+           ("mlp", "C = 64", 1, "int8 static", 1.0), ("cnn", "C = 16", 256, "fp32", 2.5),
+           ("cnn", "C = 16", 256, "int8 static", 1.0), ("cnn", "C = 16", 1, "int8 static", 1.0)]
+
+
+def target_lines(results: dict) -> list[str]:
+    """Each target of this run's models, met or MISSED, with the ratio measured."""
+    out = []
+    for key, label, batch, baseline, wanted in TARGETS:
+        rows = results.get(key)
+        if rows is None:
+            continue
+        ratio = rows[baseline][f"b{batch}_t1"] / rows[label][f"b{batch}_t1"]
+        met = ratio > 1.0 if wanted == 1.0 else ratio >= wanted
+        goal = f"faster than {baseline}" if wanted == 1.0 else f">= {wanted:g}x"
+        out.append(f"- {'met' if met else 'MISSED'}: {SPECS[key]['title']}, {label}, batch {batch}, one thread: "
+                   f"{ratio:.2f}x {baseline} (target {goal})")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=tuple(SPECS), default=None)
@@ -129,6 +151,7 @@ def main() -> None:
             continue
         results[key] = measure(build(key, spec), spec, args.repetitions)
         parts.append(table(spec, results[key]))
+    parts.append("Targets (issue 15):\n\n" + "\n".join(target_lines(results)))
     publish("bench_models", BUILD, results, parts,
             f"Machine: {machine()}; latencies are medians of interleaved runs in one process. "
             f"Produced by `python scripts/bench_models.py` in {time.perf_counter() - started:.0f} s.", args.only is None)
