@@ -2,6 +2,7 @@
 
     python scripts/pareto.py            # build every variant (cached in build/pareto/), measure, write
     python scripts/pareto.py --reuse    # reuse the variants already in build/pareto/: measure, write
+    python scripts/pareto.py --trained-from build/train_table   # the trained variants from train_table.py's run
 
 For the MNIST MLP and the Fashion-MNIST CNN, each variant is built from the model and its
 calibration npz (models/*_calib.npz, 2,000 training rows with labels):
@@ -18,7 +19,9 @@ calibration npz (models/*_calib.npz, 2,000 training rows with labels):
   the first; each search would measure the same ones: same split, fits and seeds);
 - lutcompile trained: scripts/train_table.py's configurations, compiled and trained by its
   `compile_trained` (compile_model(train=...) on the training rows: the MLP's 8,000 with
-  augmentation, the CNN's 60,000), so the two scripts' trained models are the same.
+  augmentation, the CNN's 60,000), so the two scripts' trained models are the same; with
+  --trained-from, the models scripts/train_table.py wrote in its last run are taken instead of
+  training them again (the same call, so the same models, without the 20 minutes).
 
 Each variant is measured on the held-out test npz (models/*_test.npz): top-1 accuracy, and
 latency in onnxruntime with one thread at batch 1 and batch 256, the median of interleaved
@@ -131,8 +134,9 @@ def lut_info(result: lutcompile.CompileResult, seconds: float) -> dict:
     return info
 
 
-def build_model(name: str, spec: dict, variants: list[Variant], reuse: bool) -> None:
-    """Build (or, with reuse, load the cached) compiled and quantised variants of one model."""
+def build_model(name: str, spec: dict, variants: list[Variant], reuse: bool, trained_from: Path | None = None) -> None:
+    """Build (or, with reuse, load the cached) compiled and quantised variants of one model;
+    the trained ones taken from scripts/train_table.py's folder `trained_from`, when given."""
     folder = BUILD / name
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -155,6 +159,9 @@ def build_model(name: str, spec: dict, variants: list[Variant], reuse: bool) -> 
     for v in variants:
         if v.family not in ("lut", "budget", "trained") or cached(v):
             continue
+        if v.family == "trained" and trained_from is not None:
+            store(v, {**v.info, **trained_table_info(trained_from, name, v, folder)})
+            continue
         print(f"{name}: building {v.label}", flush=True)
         start = time.perf_counter()
         if v.family == "trained":  # scripts/train_table.py's configuration, compiled as it does
@@ -172,6 +179,22 @@ def build_model(name: str, spec: dict, variants: list[Variant], reuse: bool) -> 
                                               budget_options=shared, progress=False)
             shared = BudgetOptions(cost_model=result.budget.cost, sensitivity=result.budget.sensitivity)
         store(v, {**v.info, **lut_info(result, time.perf_counter() - start)})
+
+
+def trained_table_info(trained_from: Path, name: str, v: Variant, folder: Path) -> dict:
+    """Copy trained variant `v` (trained_i: train_table's i-th configuration) from the folder
+    scripts/train_table.py wrote (its lut_i.onnx and its results.json row)."""
+    import shutil
+    rows = json.loads((trained_from / "results.json").read_text())["mlp" if name == "mnist_mlp" else "cnn"]
+    row = rows.get(v.info["config"])
+    model = trained_from / name / f"lut_{v.key.split('_')[-1]}.onnx"
+    if row is None or not model.exists():
+        raise SystemExit(f"pareto.py: --trained-from {trained_from} has no '{v.info['config']}' for {name}: "
+                         f"run scripts/train_table.py first")
+    shutil.copyfile(model, folder / f"{v.key}.onnx")
+    print(f"{name}: {v.label} taken from {model}", flush=True)
+    return {"seconds": row["compile_seconds"], "train_seconds": row["train_seconds"], "replaced": row["plan"],
+            "from": str(model)}
 
 
 def trained_configs(name: str) -> list[tuple[str, dict]]:
@@ -405,6 +428,9 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reuse", action="store_true", help="reuse the variants already built in build/pareto/")
+    p.add_argument("--trained-from", type=Path, default=None, metavar="DIR",
+                   help="take the trained variants from scripts/train_table.py's last run in DIR "
+                        "(build/train_table) instead of training them again")
     p.add_argument("--repetitions", type=int, default=30, help="interleaved timing repetitions (default 30)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--no-readme", action="store_true")
@@ -415,7 +441,7 @@ def main() -> None:
     results = {}
     for name in args.models:
         variants = variants_of(name)
-        build_model(name, MODELS[name], variants, args.reuse)
+        build_model(name, MODELS[name], variants, args.reuse, args.trained_from)
         measure(name, MODELS[name], variants, args.repetitions)
         results[name] = variants
         (BUILD / name / "measured.json").write_text(json.dumps([asdict(v) for v in variants], indent=2) + "\n")
@@ -427,7 +453,9 @@ def main() -> None:
              f"variants in one process. Machine: {machine()}; 1-minute load average {load_before:.1f} before "
              f"and {load_after:.1f} after the run. The budget searches of a model share one cost model and "
              f"one set of sensitivities, measured (and timed, under build time) by the first. "
-             f"Command: `python scripts/pareto.py`.")
+             + (f"Command: `python scripts/pareto.py --trained-from {args.trained_from}`, the trained variants "
+                f"being the models `python scripts/train_table.py` wrote in its run just before."
+                if args.trained_from else "Command: `python scripts/pareto.py`."))
     verdicts = verdict(results)
     (RESULTS / "pareto.md").write_text(
         "# Accuracy against latency: lutcompile, onnxruntime fp32 and int8\n\n" + full_table(results)
