@@ -54,6 +54,14 @@
  * 3: odd >> 16); the epilogue converts to float, applies scale/base/relu, transposes
  * outputs x rows in registers and stores each row's 4 consecutive outputs.
  *
+ * Few rows (N <= ROW_PATH_MAX_N, row-major output: batch 1): a block's lanes would be mostly
+ * empty, so each row is encoded by the scalar tree walk and scanned output-parallel from a
+ * second, code-major copy of the tables, tabT[c][code][m]: for each codebook the row's code
+ * selects one contiguous run of M bytes, which is widened and added into 16-bit lanes, one
+ * output per lane (exact for 257 codebooks, then flushed to uint32), and the epilogue is the
+ * same float multiply and add as everywhere.  The copy costs M*C*16 bytes more, so plans
+ * whose tables exceed ROW_TABLE_MAX bytes keep to the blocks.
+ *
  * Codes stay one per byte inside a block (the AVX-512 bytes are 6-bit vpermb indices):
  * a block's codes are C*64 bytes and never leave L1, so packing two per byte would only add
  * unpacking work to the scan's inner loop (a few percent, docs/results/bench_kernel.md).
@@ -74,6 +82,11 @@
 #define CHUNK_GROUPS 64 /* AVX2: groups of 4 codebooks per exact uint16 accumulation chunk */
 #define TILE 16    /* AVX-512: outputs per tile */
 #define ALWAYS_INLINE inline __attribute__((always_inline))
+#define ROW_PATH_MAX_N 3    /* at most this many rows: one at a time, tables read code-major (measured: from
+                             * 4 rows, a block of 64 is as fast on some shapes, from 8 on every one) */
+#define ROW_TABLE_MAX ((int64_t)1 << 26) /* bytes of tables up to which a plan keeps the copy */
+#define ROW_FLUSH 257       /* codebooks an exact uint16 lane can sum: 257 * 255 = 65535 */
+#define ROW_CHUNK 256       /* outputs per accumulation chunk of the row scan */
 
 /* signed int32 -> float conversion is exact-equivalent while 255 * C < 2^31 */
 #define SIGNED_CVT_MAX_C (INT32_MAX / 255)
@@ -91,6 +104,8 @@ struct lut_plan {
     uint8_t *tab;     /* the tables, once, for every path: [T][Cq][TILE][64], zero padded
                        * past M and C (see tab_output); NULL in an encode-only plan */
     float *base;      /* [T*TILE] bias + offset_total, zero padded */
+    uint8_t *tabT;    /* few rows: tabT[(c*16 + code)*ldt + m] = tables[m][c][code], zero past M; */
+    int64_t ldt;      /* M rounded up to 32; NULL when the tables exceed ROW_TABLE_MAX bytes  */
 };
 
 /* table layout: tile t = m / TILE, group g = c / 4, slot i = m % TILE hold the 64 bytes
@@ -233,6 +248,7 @@ void lut_plan_destroy(lut_plan *plan) {
     free(plan->thr);
     free(plan->tab);
     free(plan->base);
+    free(plan->tabT);
     free(plan);
 }
 
@@ -381,6 +397,15 @@ static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, in
             uint8_t *dst = p->tab + tab_output(p, m);
             for (int64_t c = 0; c < C; c++)
                 memcpy(dst + tab_codebook(c), tables + (m * C + c) * LUT_K, LUT_K);
+        }
+        p->ldt = (M + 31) / 32 * 32;
+        if (M * C * LUT_K <= ROW_TABLE_MAX) { /* then ldt * C * 16 < 2^27 */
+            p->tabT = (uint8_t *)alloc64((size_t)(p->ldt * C * LUT_K));
+            if (!p->tabT) goto oom;
+            memset(p->tabT, 0, (size_t)(p->ldt * C * LUT_K));
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t c = 0; c < C; c++)
+                    for (int k = 0; k < LUT_K; k++) p->tabT[(c * LUT_K + k) * p->ldt + m] = tables[(m * C + c) * LUT_K + k];
         }
     }
     *out = p;
@@ -940,6 +965,118 @@ static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, f
 }
 
 /* ------------------------------------------------------------------------------------ */
+/* few rows: one row at a time, output-parallel over the code-major tables (tabT)         */
+
+/* code[c] of one row (row r's dimension d at x[d*col_stride]): the scalar tree walk */
+static void encode_row(const lut_plan *p, const float *x, int64_t col_stride, uint8_t *code) {
+    for (int64_t c = 0; c < p->C; c++) {
+        const int32_t *sd = p->split + c * LUT_DEPTH;
+        const float *th = p->thr + c * 16;
+        unsigned q = 1;
+        for (int l = 0; l < LUT_DEPTH; l++) q = 2u * q + (x[sd[l] * col_stride] > th[q] ? 1u : 0u);
+        code[c] = (uint8_t)(q - 16u);
+    }
+}
+
+static inline const uint8_t *row_table(const lut_plan *p, int64_t c, const uint8_t *code) {
+    return p->tabT + (c * LUT_K + (code[c] & 15u)) * p->ldt;
+}
+
+static void scan_row_scalar(const lut_plan *p, const uint8_t *code, float *y) {
+    for (int64_t m0 = 0; m0 < p->M; m0 += ROW_CHUNK) {
+        const int mc = p->M - m0 < ROW_CHUNK ? (int)(p->M - m0) : ROW_CHUNK;
+        uint32_t acc[ROW_CHUNK];
+        memset(acc, 0, sizeof acc);
+        for (int64_t c = 0; c < p->C; c++) {
+            const uint8_t *t = row_table(p, c, code) + m0;
+            for (int i = 0; i < mc; i++) acc[i] += t[i];
+        }
+        for (int i = 0; i < mc; i++) {
+            float v = (float)acc[i] * p->scale + p->base[m0 + i];
+            if (p->relu) v = v > 0.0f ? v : 0.0f;
+            y[m0 + i] = v;
+        }
+    }
+}
+
+/* 16-bit lanes, 16 outputs a vector; a chunk of ROW_CHUNK outputs is nv vectors (tabT's rows
+ * are padded with zeros to a multiple of 32, so a vector never reads past them) */
+AVX2_TARGET
+static void scan_row_avx2(const lut_plan *p, const uint8_t *code, float *y) {
+    const int small = p->C <= SIGNED_CVT_MAX_C;
+    const __m256 vscale = _mm256_set1_ps(p->scale), zero = _mm256_setzero_ps();
+    for (int64_t m0 = 0; m0 < p->M; m0 += ROW_CHUNK) {
+        const int mc = p->M - m0 < ROW_CHUNK ? (int)(p->M - m0) : ROW_CHUNK, nv = (mc + 15) / 16;
+        _Alignas(32) uint32_t acc[ROW_CHUNK];
+        memset(acc, 0, sizeof acc);
+        for (int64_t c0 = 0; c0 < p->C; c0 += ROW_FLUSH) {
+            const int64_t c1 = p->C - c0 < ROW_FLUSH ? p->C : c0 + ROW_FLUSH;
+            __m256i a16[ROW_CHUNK / 16];
+            for (int k = 0; k < ROW_CHUNK / 16; k++) a16[k] = _mm256_setzero_si256();
+            for (int64_t c = c0; c < c1; c++) {
+                const uint8_t *t = row_table(p, c, code) + m0;
+                for (int k = 0; k < ROW_CHUNK / 16; k++)
+                    if (k < nv)
+                        a16[k] = _mm256_add_epi16(a16[k], _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(t + 16 * k))));
+            }
+            for (int k = 0; k < nv; k++) {
+                __m256i *a = (__m256i *)(void *)(acc + 16 * k);
+                a[0] = _mm256_add_epi32(a[0], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(a16[k])));
+                a[1] = _mm256_add_epi32(a[1], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(a16[k], 1)));
+            }
+        }
+        for (int i = 0; i < mc; i += 8) {
+            __m256 v = _mm256_add_ps(_mm256_mul_ps(u32_to_ps_avx2(_mm256_load_si256((const __m256i *)(const void *)(acc + i)), small), vscale),
+                                     _mm256_loadu_ps(p->base + m0 + i));
+            if (p->relu) v = _mm256_max_ps(v, zero);
+            if (mc - i >= 8) {
+                _mm256_storeu_ps(y + m0 + i, v);
+            } else {
+                _Alignas(32) float tail[8];
+                _mm256_store_ps(tail, v);
+                memcpy(y + m0 + i, tail, sizeof(float) * (size_t)(mc - i));
+            }
+        }
+    }
+}
+
+/* 32 outputs a vector (vpmovzxbw), the epilogue 16 a vector with masked stores */
+AVX512_TARGET
+static void scan_row_avx512(const lut_plan *p, const uint8_t *code, float *y) {
+    const __m512 vscale = _mm512_set1_ps(p->scale);
+    for (int64_t m0 = 0; m0 < p->M; m0 += ROW_CHUNK) {
+        const int mc = p->M - m0 < ROW_CHUNK ? (int)(p->M - m0) : ROW_CHUNK, nv = (mc + 31) / 32;
+        _Alignas(64) uint32_t acc[ROW_CHUNK];
+        memset(acc, 0, sizeof acc);
+        for (int64_t c0 = 0; c0 < p->C; c0 += ROW_FLUSH) {
+            const int64_t c1 = p->C - c0 < ROW_FLUSH ? p->C : c0 + ROW_FLUSH;
+            __m512i a16[ROW_CHUNK / 32];
+            for (int k = 0; k < ROW_CHUNK / 32; k++) a16[k] = _mm512_setzero_si512();
+            for (int64_t c = c0; c < c1; c++) {
+                const uint8_t *t = row_table(p, c, code) + m0;
+                for (int k = 0; k < ROW_CHUNK / 32; k++)
+                    if (k < nv)
+                        a16[k] = _mm512_add_epi16(a16[k], _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(const void *)(t + 32 * k))));
+            }
+            for (int k = 0; k < nv; k++) {
+                __m512i *a = (__m512i *)(void *)(acc + 32 * k);
+                a[0] = _mm512_add_epi32(a[0], _mm512_cvtepu16_epi32(_mm512_castsi512_si256(a16[k])));
+                a[1] = _mm512_add_epi32(a[1], _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(a16[k], 1)));
+            }
+        }
+        for (int i = 0; i < mc; i += 16) {
+            const __mmask16 lanes = (__mmask16)(mc - i >= 16 ? 0xFFFFu : (1u << (mc - i)) - 1u);
+            const __m512 base = _mm512_maskz_loadu_ps(lanes, p->base + m0 + i);
+            const __m512 v = dequantise_avx512(p, _mm512_load_si512((const void *)(acc + i)), vscale, base);
+            _mm512_mask_storeu_ps(y + m0 + i, lanes, v);
+        }
+    }
+}
+
+static void (*const ROW_SCANS[LUT_NUM_PATHS])(const lut_plan *, const uint8_t *, float *) = {
+    scan_row_scalar, scan_row_avx2, scan_row_avx512};
+
+/* ------------------------------------------------------------------------------------ */
 /* drivers                                                                               */
 
 typedef struct {
@@ -1015,6 +1152,15 @@ static int run_blocks(int mode, const lut_plan *p, const float *X, int64_t x_row
     const size_t blk_heap = blk_heap_bytes(p);
     uint8_t *blk = blk_heap ? (uint8_t *)work : stack_blk;
     float *rowwise = need > blk_heap ? (float *)(void *)((uint8_t *)work + blk_heap) : NULL;
+    if (mode != MODE_ENCODE && ldy == 0 && N <= ROW_PATH_MAX_N && p->tabT) { /* blk holds >= C bytes */
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *code = codes_in ? codes_in + n * C : blk;
+            if (!codes_in) encode_row(p, X + n * x_row_stride, x_col_stride, blk);
+            ROW_SCANS[rp](p, code, Y + n * M);
+        }
+        free(heap);
+        return LUT_OK;
+    }
     for (int64_t n0 = 0; n0 < N; n0 += BLOCK) {
         const int rows = N - n0 < BLOCK ? (int)(N - n0) : BLOCK;
         if (mode == MODE_SCAN)

@@ -128,12 +128,15 @@ def test_paths_match_reference(N, M, C, path):
 
 @pytest.mark.parametrize("N, M, C", [
     (15, 16, 4), (16, 15, 5), (17, 17, 2), (63, 31, 17), (64, 32, 33), (65, 33, 8),
-    (129, 48, 7), (200, 1, 20), (1, 16, 63)])
+    (129, 48, 7), (200, 1, 20), (1, 16, 63),
+    (1, 1, 1), (2, 31, 5), (3, 255, 16), (1, 256, 64), (3, 257, 3), (2, 600, 70), (4, 256, 64)])
 def test_block_tile_and_group_edges(N, M, C, path):
     """Row counts around the 16-row groups and 64-row blocks, output counts around the 16-wide
     AVX-512 tiles (and their 4-output steps), codebook counts around the groups of 4 and the
     16-codebook encode chunks: every path equals the reference and so the scalar path, whose
-    table reads share the plan's one layout."""
+    table reads share the plan's one layout. Up to 3 rows take the row path instead (scanned
+    output-parallel from the code-major copy of the tables, in chunks of 256 outputs), 4 rows
+    the blocks again."""
     X, params = make_case(7 * N + 3 * M + C, N, M, C, width_for(C) + 40)
     codes_ref = encode_reference(X, params.split_dims, params.thresholds)
     for relu in (False, True):
@@ -158,10 +161,11 @@ def test_split_dims_at_the_end_of_long_rows(path):
     assert np.array_equal(kernel.apply(X, params, path=path), apply_reference(X, params))
 
 
+@pytest.mark.parametrize("N", [70, 1])  # the blocks, and the row path's own flush
 @pytest.mark.parametrize("C", [257, 258, 300, 600])
-def test_uint16_flush_long_C(C, path):
+def test_uint16_flush_long_C(C, N, path):
     """C > 257 overflows 16-bit lanes unless the kernel flushes to uint32."""
-    M, N = 11, 70
+    M = 11
     tables = np.full((M, C, 16), 255, dtype=np.uint8)
     X, params = make_case(C, N, M, C, 23, tables=tables, scale=1.0)
     params.offsets[:] = 0
