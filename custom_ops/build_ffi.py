@@ -18,7 +18,7 @@ from pathlib import Path
 from cffi import FFI
 
 KERNEL_SOURCES = ["custom_ops/lutkernel.c"]
-ORT_SOURCES = ["custom_ops/lutmatmul_op.c", "custom_ops/lutconv.c"]
+ORT_SOURCES = ["custom_ops/lutmatmul_op.c", "custom_ops/lutconv.c", "custom_ops/spnkernel.c"]
 INCLUDE_DIRS = ["custom_ops"]
 COMPILE_ARGS = [
     "-O3",

@@ -67,6 +67,7 @@
  * unpacking work to the scan's inner loop (a few percent, docs/results/bench_kernel.md).
  */
 #include "lutkernel.h"
+#include "lut_errors.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -127,18 +128,6 @@ typedef struct {
 /* ------------------------------------------------------------------------------------ */
 /* errors, allocation                                                                    */
 
-static int set_err(char *err, size_t errlen, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int set_err(char *err, size_t errlen, int code, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 static size_t round64(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 

@@ -19,12 +19,14 @@
 #include "lutconv.h"
 #include "lutkernel.h"
 #include "ort_abi.h"
+#include "spnkernel.h"
 
 #define LUT_EXPORT __attribute__((visibility("default")))
 
 static const char LUT_DOMAIN[] = "ai.lutcompile";
 static const char LUT_OP_NAME[] = "LutMatMul";
 static const char LUT_CONV_OP_NAME[] = "LutConv";
+static const char SPN_OP_NAME[] = "SpnMatMul";
 
 /* Rows handed to one thread-pool task: about TASK_WORK units of work, counting M*C table
  * lookups per row for the scan and ENCODE_COST units per codebook and row for the encode
@@ -50,6 +52,7 @@ typedef struct OpDefinition {
     void *reserved[8]; /* zero-filled room after the version-17 struct */
 } OpDefinition;
 static const OpDefinition g_lutconv;
+static const OpDefinition g_spnmatmul;
 static const char *ORT_API_CALL op_get_name(const OrtCustomOp *op);
 
 /* ------------------------------------------------------------------------------------ */
@@ -164,6 +167,63 @@ static OrtStatus *read_floats(const OrtApi *api, const OrtKernelInfo *info, cons
     return NULL;
 }
 
+/* A uint8 tensor attribute of `rank` dims equal to want[] (its shape spelt `shape` in
+ * messages): *value holds it (the caller releases it), *data its bytes. */
+static OrtStatus *read_u8_tensor(const OrtApi *api, const OrtKernelInfo *info, const char *label,
+                                 const char *name, const char *shape, const int64_t *want, size_t rank,
+                                 OrtValue **value, const void **data) {
+    OrtAllocator *allocator = NULL;
+    OrtTensorTypeAndShapeInfo *tinfo = NULL;
+    OrtStatus *st = NULL;
+    *value = NULL;
+    if ((st = api->GetAllocatorWithDefaultOptions(&allocator))) return st; /* [78] */
+    if ((st = api->KernelInfoGetAttribute_tensor(info, name, allocator, value))) { /* [236] */
+        *value = NULL;
+        char kind[64];
+        snprintf(kind, sizeof kind, "tensor uint8 %s", shape);
+        return attr_error(api, label, name, kind, st);
+    }
+    if ((st = api->GetTensorTypeAndShape(*value, &tinfo))) goto done; /* [65] */
+    ONNXTensorElementDataType et = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if ((st = api->GetTensorElementType(tinfo, &et))) goto done; /* [60] */
+    if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+        st = make_status(api, ORT_INVALID_ARGUMENT, "%s: attribute '%s' must be a uint8 tensor, got %s", label, name,
+                         element_type_name((int)et));
+        goto done;
+    }
+    size_t got_rank = 0;
+    if ((st = api->GetDimensionsCount(tinfo, &got_rank))) goto done; /* [61] */
+    int64_t dims[8] = {0};
+    if (got_rank == rank && (st = api->GetDimensions(tinfo, dims, rank))) goto done; /* [62] */
+    int same = got_rank == rank;
+    for (size_t i = 0; same && i < rank; i++) same = dims[i] == want[i];
+    if (!same) {
+        char expected[128] = "", found[128] = "";
+        for (size_t i = 0; i < rank; i++)
+            snprintf(expected + strlen(expected), sizeof expected - strlen(expected), "%s%lld", i ? ", " : "",
+                     (long long)want[i]);
+        if (got_rank == rank)
+            for (size_t i = 0; i < rank; i++)
+                snprintf(found + strlen(found), sizeof found - strlen(found), "%s%lld", i ? ", " : "", (long long)dims[i]);
+        st = got_rank == rank
+                 ? make_status(api, ORT_INVALID_ARGUMENT, "%s: attribute '%s' must have shape %s = [%s], got [%s]",
+                               label, name, shape, expected, found)
+                 : make_status(api, ORT_INVALID_ARGUMENT, "%s: attribute '%s' must have shape %s = [%s], got a "
+                               "rank-%zu tensor", label, name, shape, expected, got_rank);
+        goto done;
+    }
+    void *bytes = NULL;
+    if ((st = api->GetTensorMutableData(*value, &bytes))) goto done; /* [51] */
+    *data = bytes;
+done:
+    if (tinfo) api->ReleaseTensorTypeAndShapeInfo(tinfo); /* [99] */
+    if (st && *value) {
+        api->ReleaseValue(*value); /* [96] */
+        *value = NULL;
+    }
+    return st;
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* kernel creation                                                                       */
 
@@ -226,9 +286,8 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     int64_t *split = NULL;
     float *thresholds = NULL, *offsets = NULL, *bias = NULL;
     size_t n_split = 0, n_thr = 0, n_off = 0, n_bias = 0;
-    OrtAllocator *allocator = NULL;
     OrtValue *tables = NULL;
-    OrtTensorTypeAndShapeInfo *tinfo = NULL;
+    const void *tdata = NULL;
 
     if ((st = read_int(api, info, label, "D", &D))) goto done;
     if ((st = read_int(api, info, label, "M", &M))) goto done;
@@ -247,42 +306,10 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
         goto done;
     }
 
-    if ((st = api->GetAllocatorWithDefaultOptions(&allocator))) goto done; /* [78] */
-    st = api->KernelInfoGetAttribute_tensor(info, "tables", allocator, &tables); /* [236] */
-    if (st) {
-        st = attr_error(api, label, "tables", "tensor uint8 [M, C, 16]", st);
-        goto done;
+    {
+        const int64_t want[3] = {M, C, LUT_K};
+        if ((st = read_u8_tensor(api, info, label, "tables", "[M, C, 16]", want, 3, &tables, &tdata))) goto done;
     }
-    if ((st = api->GetTensorTypeAndShape(tables, &tinfo))) goto done; /* [65] */
-    ONNXTensorElementDataType et = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    if ((st = api->GetTensorElementType(tinfo, &et))) goto done; /* [60] */
-    if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
-        st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "%s: attribute 'tables' must be a uint8 tensor, got %s", label,
-                         element_type_name((int)et));
-        goto done;
-    }
-    size_t rank = 0;
-    if ((st = api->GetDimensionsCount(tinfo, &rank))) goto done; /* [61] */
-    int64_t dims[3] = {0, 0, 0};
-    if (rank != 3) {
-        st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "%s: attribute 'tables' must have shape [M, C, 16] = "
-                         "[%lld, %lld, 16], got a rank-%zu tensor",
-                         label, (long long)M, (long long)C, rank);
-        goto done;
-    }
-    if ((st = api->GetDimensions(tinfo, dims, 3))) goto done; /* [62] */
-    if (dims[0] != M || dims[1] != C || dims[2] != LUT_K) {
-        st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "%s: attribute 'tables' must have shape [M, C, 16] = "
-                         "[%lld, %lld, 16], got [%lld, %lld, %lld]",
-                         label, (long long)M, (long long)C, (long long)dims[0], (long long)dims[1],
-                         (long long)dims[2]);
-        goto done;
-    }
-    void *tdata = NULL;
-    if ((st = api->GetTensorMutableData(tables, &tdata))) goto done; /* [51] */
 
     /* LutConv runs the plan over the gathered split pixels (lutconv.h): U columns, the split
      * dims renumbered to them */
@@ -307,14 +334,58 @@ static OrtStatus *build_plan(LutKernel *k, const OrtKernelInfo *info) {
     k->C = C;
 
 done:
-    if (tinfo) api->ReleaseTensorTypeAndShapeInfo(tinfo); /* [99] */
-    if (tables) api->ReleaseValue(tables);                /* [96] */
+    if (tables) api->ReleaseValue(tables); /* [96] */
     free(split);
     free(thresholds);
     free(offsets);
     free(bias);
     return st;
 }
+
+/* What every op's kernel creation does first: the label "OP node 'NAME'" that starts every
+ * error (without a name, "... node '?'"), one input and one output, and the kernel path. */
+static OrtStatus *kernel_common(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, char *label,
+                                size_t label_len, int *path) {
+    const char *op_name = op_get_name(op);
+    snprintf(label, label_len, "%s node '?'", op_name);
+    size_t size = 0;
+    OrtStatus *st = api->KernelInfo_GetNodeName(info, NULL, &size); /* [244] */
+    char *name = !st && size > 0 ? (char *)malloc(size) : NULL;
+    if (name) st = api->KernelInfo_GetNodeName(info, name, &size);
+    if (st)
+        api->ReleaseStatus(st);
+    else if (name)
+        snprintf(label, label_len, "%s node '%.256s%s'", op_name, name, strlen(name) > 256 ? "..." : "");
+    free(name);
+    size_t n_in = 0, n_out = 0;
+    if ((st = api->KernelInfo_GetInputCount(info, &n_in)) ||   /* [230] */
+        (st = api->KernelInfo_GetOutputCount(info, &n_out)))   /* [231] */
+        return st;
+    if (n_in != 1 || n_out != 1)
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: expects exactly 1 input (X) and 1 output (Y), got %zu and %zu",
+                           label, n_in, n_out);
+    char err[256];
+    *path = lut_resolve_path(LUT_PATH_AUTO, err, sizeof err);
+    return *path < 0 ? make_status(api, ORT_INVALID_ARGUMENT, "%s: %s", label, err) : NULL;
+}
+
+/* The rest of kernel creation, shared: kernel_common, then the op's own `build`; on failure
+ * the half-built kernel goes to `destroy`. */
+static OrtStatus *finish_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void *k,
+                                char *label, size_t label_len, int *path,
+                                OrtStatus *(*build)(void *, const OrtKernelInfo *), void (*destroy)(void *),
+                                void **kernel) {
+    OrtStatus *st = kernel_common(op, api, info, label, label_len, path);
+    if (!st) st = build(k, info);
+    if (st) {
+        destroy(k);
+        return st;
+    }
+    *kernel = k;
+    return NULL;
+}
+
+static OrtStatus *build_lut(void *k, const OrtKernelInfo *info) { return build_plan((LutKernel *)k, info); }
 
 static OrtStatus *ORT_API_CALL lut_create_kernel(const OrtCustomOp *op, const OrtApi *api,
                                                  const OrtKernelInfo *info, void **kernel) {
@@ -323,44 +394,7 @@ static OrtStatus *ORT_API_CALL lut_create_kernel(const OrtCustomOp *op, const Or
     if (!k) return api->CreateStatus(ORT_FAIL, "LutMatMul: out of memory creating the kernel");
     k->api = api;
     k->conv_requested = op == &g_lutconv.op;
-    /* "LutConv node 'NAME'" starts every error; without a name, "... node '?'" */
-    const char *op_name = op_get_name(op);
-    snprintf(k->label, sizeof k->label, "%s node '?'", op_name);
-    size_t size = 0;
-    OrtStatus *st = api->KernelInfo_GetNodeName(info, NULL, &size); /* [244] */
-    char *name = !st && size > 0 ? (char *)malloc(size) : NULL;
-    if (name) st = api->KernelInfo_GetNodeName(info, name, &size);
-    if (st)
-        api->ReleaseStatus(st);
-    else if (name)
-        snprintf(k->label, sizeof k->label, "%s node '%.256s%s'", op_name, name, strlen(name) > 256 ? "..." : "");
-    free(name);
-    size_t n_in = 0, n_out = 0;
-    if ((st = api->KernelInfo_GetInputCount(info, &n_in)) ||   /* [230] */
-        (st = api->KernelInfo_GetOutputCount(info, &n_out))) { /* [231] */
-        lut_kernel_destroy(k);
-        return st;
-    }
-    if (n_in != 1 || n_out != 1) {
-        st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "%s: expects exactly 1 input (X) and 1 output (Y), got %zu and %zu",
-                         k->label, n_in, n_out);
-        lut_kernel_destroy(k);
-        return st;
-    }
-    char err[256];
-    k->path = lut_resolve_path(LUT_PATH_AUTO, err, sizeof err);
-    if (k->path < 0) {
-        st = make_status(api, ORT_INVALID_ARGUMENT, "%s: %s", k->label, err);
-        lut_kernel_destroy(k);
-        return st;
-    }
-    if ((st = build_plan(k, info))) {
-        lut_kernel_destroy(k);
-        return st;
-    }
-    *kernel = k;
-    return NULL;
+    return finish_kernel(op, api, info, k, k->label, sizeof k->label, &k->path, build_lut, lut_kernel_destroy, kernel);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -368,6 +402,7 @@ static OrtStatus *ORT_API_CALL lut_create_kernel(const OrtCustomOp *op, const Or
 
 typedef struct Job {
     const lut_plan *plan;
+    const spn_plan *spn; /* SpnMatMul: set instead of plan */
     const float *X;
     float *Y;
     int64_t N, D, M, rows_per_task;
@@ -382,8 +417,9 @@ static void run_task(void *arg, size_t index) {
     if (r0 >= job->N) return;
     const int64_t rows = job->N - r0 < job->rows_per_task ? job->N - r0 : job->rows_per_task;
     char err[256];
-    int rc = lut_apply(job->plan, job->X + r0 * job->D, rows, job->Y + r0 * job->M, job->path,
-                       err, sizeof err);
+    int rc = job->spn ? spn_apply(job->spn, job->X + r0 * job->D, rows, job->Y + r0 * job->M, job->path, err, sizeof err)
+                      : lut_apply(job->plan, job->X + r0 * job->D, rows, job->Y + r0 * job->M, job->path,
+                                  err, sizeof err);
     if (rc != LUT_OK && __atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0)
         memcpy(job->err, err, sizeof err);
 }
@@ -566,104 +602,186 @@ static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtVal
     return NULL;
 }
 
+/* The input X, checked to be float32, and its dims in *dims (stack, of 8, or a malloc'd array
+ * the caller frees when it is not `stack`). */
+static OrtStatus *float_input(const OrtApi *api, OrtKernelContext *ctx, const char *label, const OrtValue **x,
+                              int64_t **dims, size_t *rank, int64_t *stack) {
+    OrtStatus *st = NULL;
+    OrtTensorTypeAndShapeInfo *tinfo = NULL;
+    *dims = stack;
+    size_t n_in = 0;
+    if ((st = api->KernelContext_GetInputCount(ctx, &n_in))) return st; /* [88] */
+    if (n_in < 1 || (st = api->KernelContext_GetInput(ctx, 0, x)) || !*x) /* [90] */
+        return st ? st : make_status(api, ORT_INVALID_ARGUMENT, "%s: input X is missing", label);
+    if ((st = api->GetTensorTypeAndShape(*x, &tinfo))) return st; /* [65] */
+    ONNXTensorElementDataType et = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    if ((st = api->GetTensorElementType(tinfo, &et))) goto done; /* [60] */
+    if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        st = make_status(api, ORT_INVALID_ARGUMENT, "%s: input X must be a float32 tensor (tensor(float)), got %s",
+                         label, element_type_name((int)et));
+        goto done;
+    }
+    if ((st = api->GetDimensionsCount(tinfo, rank))) goto done; /* [61] */
+    if (*rank > 8 && !(*dims = (int64_t *)malloc(*rank * sizeof(int64_t)))) {
+        *dims = stack;
+        st = make_status(api, ORT_FAIL, "%s: out of memory", label);
+        goto done;
+    }
+    st = api->GetDimensions(tinfo, *dims, *rank); /* [62] */
+done:
+    api->ReleaseTensorTypeAndShapeInfo(tinfo); /* [99] */
+    return st;
+}
+
+/* A row-wise op's output: X [..., D] gives Y [..., M] (dims rewritten), allocated; *N rows. */
+static OrtStatus *row_output(const OrtApi *api, OrtKernelContext *ctx, const char *label, const OrtValue *x,
+                             int64_t *dims, size_t rank, int64_t D, int64_t M, const float **X, float **Y, int64_t *N) {
+    OrtStatus *st = NULL;
+    if (rank < 1)
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: input X must have rank >= 1 (shape [..., D=%lld]), got a "
+                           "scalar", label, (long long)D);
+    if (dims[rank - 1] != D)
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: input X has last dimension %lld, expected D=%lld", label,
+                           (long long)dims[rank - 1], (long long)D);
+    *N = 1;
+    for (size_t i = 0; i + 1 < rank; i++) {
+        if (dims[i] < 0 || (dims[i] > 0 && *N > INT64_MAX / dims[i]))
+            return make_status(api, ORT_INVALID_ARGUMENT, "%s: invalid input shape", label);
+        *N *= dims[i];
+    }
+    if (*N > 0 && M > INT64_MAX / *N) return make_status(api, ORT_INVALID_ARGUMENT, "%s: output too large", label);
+    dims[rank - 1] = M; /* output shape: X.shape[:-1] + [M] */
+    OrtValue *y = NULL;
+    if ((st = api->KernelContext_GetOutput(ctx, 0, dims, rank, &y))) return st; /* [91] */
+    if (*N == 0) return NULL;
+    void *xdata = NULL, *ydata = NULL;
+    if ((st = api->GetTensorMutableData((OrtValue *)x, &xdata))) return st; /* [51] */
+    if ((st = api->GetTensorMutableData(y, &ydata))) return st;
+    *X = (const float *)xdata;
+    *Y = (float *)ydata;
+    return NULL;
+}
+
+/* Rows split over onnxruntime's thread pool in tasks of about TASK_WORK units (per_row each),
+ * whole ROW_ALIGN-row blocks; one task runs inline. */
+static OrtStatus *run_rows(const OrtApi *api, OrtKernelContext *ctx, const char *label, Job *job, int64_t per_row) {
+    int64_t rows = TASK_WORK / (per_row > 0 ? per_row : 1);
+    rows = rows / ROW_ALIGN * ROW_ALIGN;
+    job->rows_per_task = rows < ROW_ALIGN ? ROW_ALIGN : rows;
+    const int64_t tasks = (job->N + job->rows_per_task - 1) / job->rows_per_task;
+    if (tasks <= 1) {
+        run_task(job, 0);
+    } else {
+        OrtStatus *st = api->KernelContext_ParallelFor(ctx, run_task, (size_t)tasks, 0, job); /* [274] */
+        if (st) return st;
+    }
+    return job->failed ? make_status(api, ORT_FAIL, "%s: %s", label, job->err) : NULL;
+}
+
 static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ctx) {
     LutKernel *k = (LutKernel *)op_kernel;
     const OrtApi *api = k->api;
-    OrtStatus *st = NULL;
-    OrtTensorTypeAndShapeInfo *tinfo = NULL;
-    int64_t stack_dims[8];
-    int64_t *dims = stack_dims;
-
-    size_t n_in = 0;
-    if ((st = api->KernelContext_GetInputCount(ctx, &n_in))) return st; /* [88] */
-    const OrtValue *x = NULL;
-    if (n_in < 1 || (st = api->KernelContext_GetInput(ctx, 0, &x)) || !x) /* [90] */
-        return st ? st : make_status(api, ORT_INVALID_ARGUMENT, "%s: input X is missing", k->label);
-
-    if ((st = api->GetTensorTypeAndShape(x, &tinfo))) return st; /* [65] */
-    ONNXTensorElementDataType et = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    int64_t stack[8], *dims = stack;
     size_t rank = 0;
-    if ((st = api->GetTensorElementType(tinfo, &et))) goto done; /* [60] */
-    if (et != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-        st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "%s: input X must be a float32 tensor (tensor(float)), got %s",
-                         k->label, element_type_name((int)et));
-        goto done;
+    const OrtValue *x = NULL;
+    OrtStatus *st = float_input(api, ctx, k->label, &x, &dims, &rank, stack);
+    if (!st && k->conv) st = conv_compute(k, ctx, x, dims, rank);
+    if (!st && !k->conv) {
+        Job job;
+        memset(&job, 0, sizeof job);
+        job.plan = k->plan;
+        job.D = k->D;
+        job.M = k->M;
+        job.path = k->path;
+        st = row_output(api, ctx, k->label, x, dims, rank, k->D, k->M, &job.X, &job.Y, &job.N);
+        if (!st && job.N > 0) st = run_rows(api, ctx, k->label, &job, k->M * k->C + ENCODE_COST * k->C);
     }
-    if ((st = api->GetDimensionsCount(tinfo, &rank))) goto done; /* [61] */
-    if (rank < 1 && !k->conv) { /* LutConv's own shape check below names its [N, Cin, H, W] */
-        st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "%s: input X must have rank >= 1 (shape [..., D=%lld]), got a scalar",
-                         k->label, (long long)k->D);
-        goto done;
-    }
-    if (rank > sizeof stack_dims / sizeof stack_dims[0]) {
-        dims = (int64_t *)malloc(rank * sizeof(int64_t));
-        if (!dims) {
-            dims = stack_dims;
-            st = make_status(api, ORT_FAIL, "%s: out of memory", k->label);
-            goto done;
-        }
-    }
-    if ((st = api->GetDimensions(tinfo, dims, rank))) goto done; /* [62] */
-    if (k->conv) {
-        st = conv_compute(k, ctx, x, dims, rank);
-        goto done;
-    }
-    if (dims[rank - 1] != k->D) {
-        st = make_status(api, ORT_INVALID_ARGUMENT,
-                         "%s: input X has last dimension %lld, expected D=%lld",
-                         k->label, (long long)dims[rank - 1], (long long)k->D);
-        goto done;
-    }
-    int64_t N = 1;
-    for (size_t i = 0; i + 1 < rank; i++) {
-        if (dims[i] < 0 || (dims[i] > 0 && N > INT64_MAX / dims[i])) {
-            st = make_status(api, ORT_INVALID_ARGUMENT, "%s: invalid input shape", k->label);
-            goto done;
-        }
-        N *= dims[i];
-    }
-    if (N > 0 && k->M > INT64_MAX / N) {
-        st = make_status(api, ORT_INVALID_ARGUMENT, "%s: output too large", k->label);
-        goto done;
-    }
-    dims[rank - 1] = k->M; /* output shape: X.shape[:-1] + [M] */
-    OrtValue *y = NULL;
-    if ((st = api->KernelContext_GetOutput(ctx, 0, dims, rank, &y))) goto done; /* [91] */
-    if (N == 0) goto done;
-    void *xdata = NULL, *ydata = NULL;
-    if ((st = api->GetTensorMutableData((OrtValue *)x, &xdata))) goto done; /* [51] */
-    if ((st = api->GetTensorMutableData(y, &ydata))) goto done;
+    if (dims != stack) free(dims);
+    return st;
+}
 
-    Job job;
-    memset(&job, 0, sizeof job);
-    job.plan = k->plan;
-    job.X = (const float *)xdata;
-    job.Y = (float *)ydata;
-    job.N = N;
-    job.D = k->D;
-    job.M = k->M;
-    job.path = k->path;
-    {
-        int64_t per_row = k->M * k->C + ENCODE_COST * k->C;
-        int64_t rows = TASK_WORK / (per_row > 0 ? per_row : 1);
-        rows = rows / ROW_ALIGN * ROW_ALIGN;
-        job.rows_per_task = rows < ROW_ALIGN ? ROW_ALIGN : rows;
-    }
-    const int64_t tasks = (N + job.rows_per_task - 1) / job.rows_per_task;
-    if (tasks <= 1) {
-        run_task(&job, 0);
-    } else {
-        st = api->KernelContext_ParallelFor(ctx, run_task, (size_t)tasks, 0, &job); /* [274] */
-        if (st) goto done;
-    }
-    if (job.failed)
-        st = make_status(api, ORT_FAIL, "%s: %s", k->label, job.err);
+/* ------------------------------------------------------------------------------------ */
+/* SpnMatMul                                                                             */
 
-done:
-    if (dims != stack_dims) free(dims);
-    if (tinfo) api->ReleaseTensorTypeAndShapeInfo(tinfo); /* [99] */
+typedef struct SpnKernel {
+    const OrtApi *api;
+    spn_plan *plan;
+    int path;
+    int64_t D, M, R;
+    char label[320];
+} SpnKernel;
+
+static void ORT_API_CALL spn_kernel_destroy(void *op_kernel) {
+    SpnKernel *k = (SpnKernel *)op_kernel;
+    if (!k) return;
+    spn_plan_destroy(k->plan);
+    free(k);
+}
+
+static OrtStatus *build_spn(SpnKernel *k, const OrtKernelInfo *info) {
+    const OrtApi *api = k->api;
+    const char *label = k->label;
+    int64_t relu = 0;
+    float *a = NULL, *bias = NULL;
+    size_t n_a = 0, n_bias = 0;
+    OrtValue *wb = NULL, *wc = NULL;
+    const void *wb_data = NULL, *wc_data = NULL;
+    OrtStatus *st = NULL;
+    if ((st = read_int(api, info, label, "D", &k->D)) || (st = read_int(api, info, label, "M", &k->M)) ||
+        (st = read_int(api, info, label, "R", &k->R)) || (st = read_int(api, info, label, "relu", &relu)))
+        return st;
+    if (k->D < 1 || k->M < 1 || k->R < 1 || k->D > INT32_MAX || k->M > INT32_MAX || k->R > INT32_MAX)
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: D, M and R must lie in [1, 2^31 - 1], got %lld, %lld, %lld",
+                           label, (long long)k->D, (long long)k->M, (long long)k->R);
+    const int64_t want_b[2] = {k->R, (k->D + 3) / 4}, want_c[2] = {k->M, (k->R + 3) / 4};
+    char err[512];
+    if (!(st = read_floats(api, info, label, "a", &a, &n_a)) && !(st = read_floats(api, info, label, "bias", &bias, &n_bias)) &&
+        !(st = read_u8_tensor(api, info, label, "wb", "[R, ceil(D / 4)]", want_b, 2, &wb, &wb_data)) &&
+        !(st = read_u8_tensor(api, info, label, "wc", "[M, ceil(R / 4)]", want_c, 2, &wc, &wc_data))) {
+        const int rc = spn_plan_create(&k->plan, k->D, k->M, k->R, (const uint8_t *)wb_data, want_b[0] * want_b[1], a,
+                                       (int64_t)n_a, (const uint8_t *)wc_data, want_c[0] * want_c[1], bias,
+                                       (int64_t)n_bias, relu, err, sizeof err);
+        if (rc != LUT_OK)
+            st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "%s: %s", label, err);
+    }
+    if (wb) api->ReleaseValue(wb); /* [96] */
+    if (wc) api->ReleaseValue(wc);
+    free(a);
+    free(bias);
+    return st;
+}
+
+static OrtStatus *build_spn_kernel(void *k, const OrtKernelInfo *info) { return build_spn((SpnKernel *)k, info); }
+
+static OrtStatus *ORT_API_CALL spn_create_kernel(const OrtCustomOp *op, const OrtApi *api,
+                                                 const OrtKernelInfo *info, void **kernel) {
+    *kernel = NULL;
+    SpnKernel *k = (SpnKernel *)calloc(1, sizeof *k);
+    if (!k) return api->CreateStatus(ORT_FAIL, "SpnMatMul: out of memory creating the kernel");
+    k->api = api;
+    return finish_kernel(op, api, info, k, k->label, sizeof k->label, &k->path, build_spn_kernel, spn_kernel_destroy,
+                         kernel);
+}
+
+static OrtStatus *ORT_API_CALL spn_compute(void *op_kernel, OrtKernelContext *ctx) {
+    SpnKernel *k = (SpnKernel *)op_kernel;
+    const OrtApi *api = k->api;
+    int64_t stack[8], *dims = stack;
+    size_t rank = 0;
+    const OrtValue *x = NULL;
+    OrtStatus *st = float_input(api, ctx, k->label, &x, &dims, &rank, stack);
+    if (!st) {
+        Job job;
+        memset(&job, 0, sizeof job);
+        job.spn = k->plan;
+        job.D = k->D;
+        job.M = k->M;
+        job.path = k->path;
+        st = row_output(api, ctx, k->label, x, dims, rank, k->D, k->M, &job.X, &job.Y, &job.N);
+        /* an add per nonzero weight, about half of them */
+        if (!st && job.N > 0) st = run_rows(api, ctx, k->label, &job, (k->D + k->M) * k->R / 2);
+    }
+    if (dims != stack) free(dims);
     return st;
 }
 
@@ -671,7 +789,7 @@ done:
 /* schema callbacks                                                                      */
 
 static const char *ORT_API_CALL op_get_name(const OrtCustomOp *op) {
-    return op == &g_lutconv.op ? LUT_CONV_OP_NAME : LUT_OP_NAME;
+    return op == &g_lutconv.op ? LUT_CONV_OP_NAME : op == &g_spnmatmul.op ? SPN_OP_NAME : LUT_OP_NAME;
 }
 static const char *ORT_API_CALL op_get_ep(const OrtCustomOp *op) {
     (void)op;
@@ -714,9 +832,9 @@ static int ORT_API_CALL op_end_version(const OrtCustomOp *op) {
     return INT_MAX;
 }
 
-/* Both ops share every callback; create and compute tell them apart by the op pointer and
- * by whether the kernel holds a patch encoder. */
-#define LUT_OP_DEFINITION                                                          \
+/* The ops share every schema callback; LutMatMul and LutConv share create and compute too,
+ * which tell them apart by the op pointer and by whether the kernel holds a patch encoder. */
+#define OP_DEFINITION(destroy, create, compute)                                    \
     {                                                                              \
         .op = {                                                                    \
             .version = ORT_API_VERSION,                                            \
@@ -728,7 +846,7 @@ static int ORT_API_CALL op_end_version(const OrtCustomOp *op) {
             .GetOutputType = op_get_type,                                          \
             .GetOutputTypeCount = op_get_count,                                    \
             .KernelCompute = NULL, /* KernelComputeV2 is used */                   \
-            .KernelDestroy = lut_kernel_destroy,                                   \
+            .KernelDestroy = destroy,                                              \
             .GetInputCharacteristic = op_get_characteristic,                       \
             .GetOutputCharacteristic = op_get_characteristic,                      \
             .GetInputMemoryType = op_get_mem_type,                                 \
@@ -736,8 +854,8 @@ static int ORT_API_CALL op_end_version(const OrtCustomOp *op) {
             .GetVariadicInputHomogeneity = op_variadic_homogeneity,                \
             .GetVariadicOutputMinArity = op_variadic_min_arity,                    \
             .GetVariadicOutputHomogeneity = op_variadic_homogeneity,               \
-            .CreateKernelV2 = lut_create_kernel,                                   \
-            .KernelComputeV2 = lut_compute,                                        \
+            .CreateKernelV2 = create,                                              \
+            .KernelComputeV2 = compute,                                            \
             .InferOutputShapeFn = NULL,                                            \
             .GetStartVersion = op_start_version,                                   \
             .GetEndVersion = op_end_version,                                       \
@@ -745,8 +863,9 @@ static int ORT_API_CALL op_end_version(const OrtCustomOp *op) {
         .reserved = {0},                                                           \
     }
 
-static const OpDefinition g_lutmatmul = LUT_OP_DEFINITION;
-static const OpDefinition g_lutconv = LUT_OP_DEFINITION;
+static const OpDefinition g_lutmatmul = OP_DEFINITION(lut_kernel_destroy, lut_create_kernel, lut_compute);
+static const OpDefinition g_lutconv = OP_DEFINITION(lut_kernel_destroy, lut_create_kernel, lut_compute);
+static const OpDefinition g_spnmatmul = OP_DEFINITION(spn_kernel_destroy, spn_create_kernel, spn_compute);
 
 /* ------------------------------------------------------------------------------------ */
 /* registration                                                                          */
@@ -820,6 +939,7 @@ LUT_EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
     if (st) return st;
     if ((st = api->CustomOpDomain_Add(domain, &g_lutmatmul.op)) || /* [27] */
         (st = api->CustomOpDomain_Add(domain, &g_lutconv.op)) ||
+        (st = api->CustomOpDomain_Add(domain, &g_spnmatmul.op)) ||
         (st = api->AddCustomOpDomain(options, domain))) {          /* [28] */
         api->ReleaseCustomOpDomain(domain);
         return st;

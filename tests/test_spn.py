@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
+
+import lutcompile
+from lutcompile.ops.spec import DOMAIN
 
 from lutcompile.errors import OptionsError
 from lutcompile.onnx_io.sessions import make_session
@@ -159,3 +163,120 @@ def test_straight_through_training_lifts_an_all_ternary_mlp_towards_exact(digits
     after = accuracy()
     print(f"all-ternary digits MLP: {before:.3f} -> {after:.3f} (exact {exact:.3f})")
     assert after >= before + 0.1 and after >= exact - 0.05, (before, after, exact)
+
+
+# ---------------------------------------------------------------- the SpnMatMul op and its kernel
+
+def spn_node_model(params: spn.SpnParams, relu: bool = False, name: str = "spn0") -> onnx.ModelProto:
+    """One SpnMatMul node, X [N, D] -> Y [N, M]."""
+    D, M = params.wb.shape[1], params.wc.shape[0]
+    attrs = spn.node_attributes(params, relu)
+    attrs = {k: numpy_helper.from_array(v, k) if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
+    node = helper.make_node(spn.SPN_OP_TYPE, ["X"], ["Y"], name=name, domain=DOMAIN, **attrs)
+    graph = helper.make_graph([node], "spn", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", D])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", M])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+
+
+def run_spn(model: onnx.ModelProto, X: np.ndarray, threads: int = 1) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), lutcompile.session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"X": np.ascontiguousarray(X, np.float32)})[0]
+
+
+def random_spn(rng, D: int, M: int, R: int, zeros: float = 0.4) -> spn.SpnParams:
+    def ternary(shape):
+        return (rng.choice([-1, 1], shape) * (rng.random(shape) >= zeros)).astype(np.int8)
+    return spn.SpnParams(ternary((R, D)), rng.standard_normal(R).astype(np.float32), ternary((M, R)),
+                         rng.standard_normal(M).astype(np.float32))
+
+
+def test_packing_is_four_weights_a_byte_lowest_first():
+    t = np.array([[1, -1, 0, 1, -1], [0, 0, 0, 0, 1]], np.int8)
+    packed = spn.pack_ternary(t)
+    # row 0: codes 1, 2, 0, 1 -> 0b01_00_10_01; then 2 alone; row 1: 0, then 1
+    assert packed.tolist() == [[0b01001001, 0b10], [0, 0b01]]
+    np.testing.assert_array_equal(spn.unpack_ternary(packed, 5), t)
+
+
+@pytest.mark.parametrize("D, M, R", [(1, 1, 1), (5, 3, 7), (17, 16, 33), (64, 17, 16), (130, 10, 40)])
+@pytest.mark.parametrize("N", [1, 7, 8, 16, 17, 100])
+def test_every_kernel_path_is_bit_exact_to_the_reference(D, M, R, N, path, monkeypatch):
+    """Awkward shapes (row counts around the 8- and 16-row SIMD groups, widths not multiples of
+    4), both epilogues, one and two threads: each path equals kernel_reference bit for bit."""
+    rng = np.random.default_rng(1000 * D + 10 * M + R + N)
+    params = random_spn(rng, D, M, R)
+    X = rng.standard_normal((N, D)).astype(np.float32)
+    monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
+    for relu in (False, True):
+        want = spn.kernel_reference(X, params, relu)
+        np.testing.assert_allclose(want, np.maximum(spn.reference(X, params), 0) if relu else spn.reference(X, params),
+                                   rtol=1e-4, atol=1e-4)  # the float64 layer, within float32 rounding
+        model = spn_node_model(params, relu)
+        for threads in (1, 2):
+            assert run_spn(model, X, threads).tobytes() == want.tobytes(), (path, relu, threads)
+
+
+def test_the_op_on_real_activations_equals_the_numpy_reference(first_layer, path, monkeypatch):
+    """The digits MLP's first layer as its ternary SVD initialisation at r = M, on the real rows."""
+    W, b, X = first_layer
+    params = spn.ternary_init(W, b, W.shape[1])
+    monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
+    got = run_spn(spn_node_model(params, relu=True), X)
+    np.testing.assert_array_equal(got, spn.kernel_reference(X, params, relu=True))
+    assert np.mean(got > 0) > 0.2  # the layer's outputs are not all clipped away
+
+
+def test_special_values_follow_the_reference(path, monkeypatch):
+    rng = np.random.default_rng(3)
+    params = random_spn(rng, 9, 5, 6, zeros=0.2)
+    X = rng.standard_normal((20, 9)).astype(np.float32)
+    X[0, :] = np.nan
+    X[1, 3] = np.inf
+    X[2, :] = -0.0
+    X[3, 2] = 3e38
+    monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
+    for relu in (False, True):
+        np.testing.assert_array_equal(run_spn(spn_node_model(params, relu), X), spn.kernel_reference(X, params, relu))
+
+
+def _corrupt(model: onnx.ModelProto, name: str, value) -> onnx.ModelProto:
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    node = bad.graph.node[0]
+    keep = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    if value is not None:
+        node.attribute.append(helper.make_attribute(name, numpy_helper.from_array(value, name)
+                                                    if isinstance(value, np.ndarray) else value))
+    return bad
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name, value, needle", [
+    ("wb", "code3", "holds code 3"),
+    ("wb", "tail", "has a weight past its 5 entries"),
+    ("wb", np.zeros((4, 1), np.uint8), "must have shape [R, ceil(D / 4)] = [4, 2], got [4, 1]"),
+    ("wc", np.zeros((3, 1), np.int8), "'wc' must be a uint8 tensor"),
+    ("a", [1.0, float("nan"), 1.0, 1.0], "'a' holds a value that is not finite"),
+    ("a", [1.0, 2.0], "'a' must have 4 values, got 2"),
+    ("bias", None, "'bias'"),
+    ("R", 0, "D, M and R must lie in [1, 2^31 - 1]"),
+    ("relu", 2, "'relu' must be 0 or 1"),
+])
+def test_bad_attributes_are_refused_at_session_creation(name, value, needle):
+    params = random_spn(np.random.default_rng(4), 5, 3, 4)
+    model = spn_node_model(params)
+    if isinstance(value, str) and value == "code3":
+        wb = spn.pack_ternary(params.wb)
+        wb[1, 0] |= 0b11
+        value = wb
+    elif isinstance(value, str) and value == "tail":  # D = 5: the second byte of a row holds one weight, in bits 0-1
+        wb = spn.pack_ternary(params.wb)
+        wb[2, 1] |= 0b01 << 2
+        value = wb
+    with pytest.raises(Exception, match=r"SpnMatMul node 'spn0'") as error:
+        ort.InferenceSession(_corrupt(model, name, value).SerializeToString(), lutcompile.session_options(1),
+                             providers=["CPUExecutionProvider"])
+    assert needle in str(error.value)

@@ -119,6 +119,73 @@ def ternary_init(weight: np.ndarray, bias: np.ndarray | None, width: int) -> Spn
                      np.zeros(M, np.float32) if bias is None else np.asarray(bias, np.float32))
 
 
+SPN_OP_TYPE = "SpnMatMul"  # the custom op (docs/lutmatmul.md, "The SpnMatMul operator"), domain ai.lutcompile
+PACKED_CODES = {0: 0, 1: 1, -1: 2}  # 2 bits a weight, four to a byte, lowest bits first; code 3 is invalid
+
+
+def pack_ternary(t: np.ndarray) -> np.ndarray:
+    """A ternary matrix [rows, cols] as the op stores it: uint8 [rows, ceil(cols / 4)], weight i
+    of a row in bits 2(i mod 4) and 2(i mod 4) + 1 of byte i // 4 (0 -> 0, +1 -> 1, -1 -> 2)."""
+    t = np.asarray(t)
+    codes = np.where(t == 1, 1, np.where(t == -1, 2, 0)).astype(np.uint8)
+    codes = np.pad(codes, ((0, 0), (0, (-t.shape[1]) % 4))).reshape(t.shape[0], -1, 4)
+    return (codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6).astype(np.uint8)
+
+
+def unpack_ternary(packed: np.ndarray, cols: int) -> np.ndarray:
+    """pack_ternary's inverse: int8 [rows, cols] (code 3 reads as 0 here; the kernel refuses it)."""
+    packed = np.asarray(packed, np.uint8)
+    codes = (packed[..., None] >> np.array([0, 2, 4, 6], np.uint8)) & 3
+    codes = codes.reshape(packed.shape[0], -1)[:, :cols]
+    return np.where(codes == 1, 1, np.where(codes == 2, -1, 0)).astype(np.int8)
+
+
+def _fold(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """For each row j of ternary t [R, D]: ((0 + x[:, p1]) + x[:, p2] ...) - x[:, q1] - ..., over
+    its +1 inputs p ascending, then its -1 inputs q, every step a float32 add or subtract: the
+    kernel's order (custom_ops/spnkernel.h), all rows j and inputs n at once, step by step."""
+    h = np.zeros((x.shape[0], t.shape[0]), np.float32)
+    for sign in (1, -1):
+        lists = [np.flatnonzero(row == sign) for row in t]
+        steps = max((len(v) for v in lists), default=0)
+        index = np.array([np.pad(v, (0, steps - len(v)), constant_values=-1) for v in lists]).reshape(len(t), steps)
+        for k in range(steps):
+            rows = np.flatnonzero(index[:, k] >= 0)
+            values = x[:, index[rows, k]]
+            h[:, rows] = h[:, rows] + values if sign == 1 else h[:, rows] - values
+    return h
+
+
+def kernel_reference(x: np.ndarray, params: SpnParams, relu: bool = False) -> np.ndarray:
+    """SpnMatMul in numpy, bit for bit the kernel's float32 arithmetic (docs/lutmatmul.md)."""
+    x = np.asarray(x, np.float32)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN here as in the kernel
+        s = _fold(flat, params.wb) * params.a.astype(np.float32)
+        y = _fold(s, params.wc) + params.bias.astype(np.float32)
+    if relu:
+        y = np.where(y > 0, y, np.float32(0))
+    return y.astype(np.float32).reshape(*lead, params.wc.shape[0])
+
+
+def node_attributes(params: SpnParams, relu: bool = False) -> dict:
+    """The SpnMatMul node's attributes (values as onnx.helper.make_attribute takes them)."""
+    r, D = params.wb.shape
+    return {"D": int(D), "M": int(params.wc.shape[0]), "R": int(r), "wb": pack_ternary(params.wb),
+            "a": [float(v) for v in params.a], "wc": pack_ternary(params.wc),
+            "bias": [float(v) for v in params.bias], "relu": int(relu)}
+
+
+def params_from_node(node: onnx.NodeProto) -> tuple[SpnParams, bool]:
+    """An SpnMatMul node's layer and its relu flag."""
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    D, R = int(a["D"]), int(a["R"])
+    wb = unpack_ternary(numpy_helper.to_array(a["wb"]), D)
+    wc = unpack_ternary(numpy_helper.to_array(a["wc"]), R)
+    return SpnParams(wb, np.array(a["a"], np.float32), wc, np.array(a["bias"], np.float32)), bool(a.get("relu", 0))
+
+
 def portable_nodes(params: SpnParams, x: str, y: str, prefix: str) -> tuple[list[onnx.NodeProto],
                                                                            list[onnx.TensorProto]]:
     """The layer as standard ONNX ops (--portable): MatMul by the ternary Wb^T, Mul by a,

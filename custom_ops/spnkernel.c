@@ -1,0 +1,238 @@
+/* spnkernel: StrassenNets' sum-product layer; see spnkernel.h. */
+#include "spnkernel.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lut_errors.h"
+#include "lutkernel.h"
+
+/* One packed ternary matrix as the plan keeps it: row r's inputs of weight +1 are
+ * idx[start[r] .. mid[r]), those of -1 idx[mid[r] .. start[r + 1]), each ascending. */
+typedef struct {
+    int64_t rows;
+    int64_t *start, *mid;
+    int32_t *idx;
+} ternary_rows;
+
+struct spn_plan {
+    int64_t D, M, R;
+    int relu;
+    ternary_rows b, c; /* W_b: R rows over D inputs; W_c: M rows over R hidden units */
+    float *a, *bias;
+};
+
+
+int64_t spn_packed_bytes(int64_t rows, int64_t cols) { return rows * ((cols + 3) / 4); }
+
+static void free_rows(ternary_rows *t) {
+    free(t->start);
+    free(t->mid);
+    free(t->idx);
+}
+
+void spn_plan_destroy(spn_plan *p) {
+    if (!p) return;
+    free_rows(&p->b);
+    free_rows(&p->c);
+    free(p->a);
+    free(p->bias);
+    free(p);
+}
+
+/* Unpack a rows x cols matrix (spn_packed_bytes of it, checked by the caller) into index lists. */
+static int unpack(ternary_rows *t, const char *name, const uint8_t *packed, int64_t rows, int64_t cols,
+                  char *err, size_t errlen) {
+    const int64_t stride = (cols + 3) / 4;
+    int64_t nonzero = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < stride * 4; i++) {
+            const unsigned code = (packed[r * stride + i / 4] >> (2 * (i % 4))) & 3u;
+            if (code == 3)
+                return set_err(err, errlen, LUT_EINVAL, "attribute '%s': row %lld, entry %lld holds code 3 "
+                            "(only 0, 1 = +1 and 2 = -1 are weights)", name, (long long)r, (long long)i);
+            if (code && i >= cols)
+                return set_err(err, errlen, LUT_EINVAL, "attribute '%s': row %lld has a weight past its %lld "
+                            "entries (the last byte's unused bits must be 0)", name, (long long)r, (long long)cols);
+            nonzero += code != 0;
+        }
+    t->rows = rows;
+    t->start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(rows + 1));
+    t->mid = (int64_t *)malloc(sizeof(int64_t) * (size_t)(rows > 0 ? rows : 1));
+    t->idx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nonzero > 0 ? nonzero : 1));
+    if (!t->start || !t->mid || !t->idx) return set_err(err, errlen, LUT_ENOMEM, "out of memory unpacking '%s'", name);
+    int64_t k = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        t->start[r] = k;
+        for (unsigned want = 1; want <= 2; want++) {
+            if (want == 2) t->mid[r] = k;
+            for (int64_t i = 0; i < cols; i++)
+                if (((packed[r * stride + i / 4] >> (2 * (i % 4))) & 3u) == want) t->idx[k++] = (int32_t)i;
+        }
+    }
+    t->start[rows] = k;
+    return LUT_OK;
+}
+
+static int copy_finite(float **out, const char *name, const float *v, int64_t n, int64_t want, char *err,
+                       size_t errlen) {
+    if (!v || n != want)
+        return set_err(err, errlen, LUT_EINVAL, "attribute '%s' must have %lld values, got %lld", name,
+                    (long long)want, (long long)(v ? n : 0));
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(v[i]))
+            return set_err(err, errlen, LUT_EINVAL, "attribute '%s' holds a value that is not finite (at %lld)", name,
+                        (long long)i);
+    *out = (float *)malloc(sizeof(float) * (size_t)n);
+    if (!*out) return set_err(err, errlen, LUT_ENOMEM, "out of memory copying '%s'", name);
+    memcpy(*out, v, sizeof(float) * (size_t)n);
+    return LUT_OK;
+}
+
+int spn_plan_create(spn_plan **out, int64_t D, int64_t M, int64_t R, const uint8_t *wb, int64_t n_wb,
+                    const float *a, int64_t n_a, const uint8_t *wc, int64_t n_wc, const float *bias,
+                    int64_t n_bias, int64_t relu, char *err, size_t errlen) {
+    *out = NULL;
+    const int64_t most = INT32_MAX;
+    if (D < 1 || D > most) return set_err(err, errlen, LUT_EINVAL, "attribute 'D' = %lld out of range [1, 2^31 - 1]", (long long)D);
+    if (M < 1 || M > most) return set_err(err, errlen, LUT_EINVAL, "attribute 'M' = %lld out of range [1, 2^31 - 1]", (long long)M);
+    if (R < 1 || R > most) return set_err(err, errlen, LUT_EINVAL, "attribute 'R' = %lld out of range [1, 2^31 - 1]", (long long)R);
+    if (R > ((int64_t)1 << 36) / (D > M ? D : M))
+        return set_err(err, errlen, LUT_EINVAL, "R * max(D, M) = %lld * %lld exceeds 2^36 weights", (long long)R,
+                    (long long)(D > M ? D : M));
+    if (relu != 0 && relu != 1) return set_err(err, errlen, LUT_EINVAL, "attribute 'relu' must be 0 or 1, got %lld", (long long)relu);
+    if (!wb || n_wb != spn_packed_bytes(R, D))
+        return set_err(err, errlen, LUT_EINVAL, "attribute 'wb' must hold R * ceil(D / 4) = %lld bytes, got %lld",
+                    (long long)spn_packed_bytes(R, D), (long long)(wb ? n_wb : 0));
+    if (!wc || n_wc != spn_packed_bytes(M, R))
+        return set_err(err, errlen, LUT_EINVAL, "attribute 'wc' must hold M * ceil(R / 4) = %lld bytes, got %lld",
+                    (long long)spn_packed_bytes(M, R), (long long)(wc ? n_wc : 0));
+    spn_plan *p = (spn_plan *)calloc(1, sizeof *p);
+    if (!p) return set_err(err, errlen, LUT_ENOMEM, "out of memory creating the SpnMatMul plan");
+    p->D = D;
+    p->M = M;
+    p->R = R;
+    p->relu = (int)relu;
+    int rc = unpack(&p->b, "wb", wb, R, D, err, errlen);
+    if (rc == LUT_OK) rc = unpack(&p->c, "wc", wc, M, R, err, errlen);
+    if (rc == LUT_OK) rc = copy_finite(&p->a, "a", a, n_a, R, err, errlen);
+    if (rc == LUT_OK) rc = copy_finite(&p->bias, "bias", bias, n_bias, M, err, errlen);
+    if (rc != LUT_OK) {
+        spn_plan_destroy(p);
+        return rc;
+    }
+    *out = p;
+    return LUT_OK;
+}
+
+int64_t spn_plan_nonzeros(const spn_plan *p, int which) {
+    const ternary_rows *t = which == 0 ? &p->b : &p->c;
+    return t->start[t->rows];
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* scalar: one row at a time, the fold as spnkernel.h writes it                          */
+
+static float fold_scalar(const ternary_rows *t, int64_t r, const float *x) {
+    float h = 0.0f;
+    for (int64_t k = t->start[r]; k < t->mid[r]; k++) h = h + x[t->idx[k]];
+    for (int64_t k = t->mid[r]; k < t->start[r + 1]; k++) h = h - x[t->idx[k]];
+    return h;
+}
+
+static void rows_scalar(const spn_plan *p, const float *X, int64_t N, float *Y, float *s) {
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = X + n * p->D;
+        for (int64_t j = 0; j < p->R; j++) s[j] = fold_scalar(&p->b, j, x) * p->a[j];
+        for (int64_t m = 0; m < p->M; m++) {
+            float y = fold_scalar(&p->c, m, s) + p->bias[m];
+            Y[n * p->M + m] = p->relu ? (y > 0.0f ? y : 0.0f) : y;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* SIMD: G rows a step, one row per lane; X's G rows transposed into Xt[D][G] first        */
+
+/* Xt[d*G + r] = X[r][d] for the g <= G rows of a group, 0 for the lanes past them */
+static void transpose_rows(const float *X, int64_t D, int g, int G, float *Xt) {
+    for (int64_t d = 0; d < D; d++)
+        for (int r = 0; r < G; r++) Xt[d * G + r] = r < g ? X[(int64_t)r * D + d] : 0.0f;
+}
+
+/* Y[r][m] = Yt[m*G + r] for the group's g rows */
+static void untranspose_rows(const float *Yt, int64_t M, int g, int G, float *Y) {
+    for (int r = 0; r < g; r++)
+        for (int64_t m = 0; m < M; m++) Y[(int64_t)r * M + m] = Yt[m * G + r];
+}
+
+__attribute__((target("avx2")))
+static __m256 fold_avx2(const ternary_rows *t, int64_t r, const float *xt) {
+    __m256 h = _mm256_setzero_ps();
+    for (int64_t k = t->start[r]; k < t->mid[r]; k++) h = _mm256_add_ps(h, _mm256_load_ps(xt + (int64_t)t->idx[k] * 8));
+    for (int64_t k = t->mid[r]; k < t->start[r + 1]; k++) h = _mm256_sub_ps(h, _mm256_load_ps(xt + (int64_t)t->idx[k] * 8));
+    return h;
+}
+
+__attribute__((target("avx2")))
+static void group_avx2(const spn_plan *p, const float *xt, float *st, float *yt) {
+    for (int64_t j = 0; j < p->R; j++)
+        _mm256_store_ps(st + j * 8, _mm256_mul_ps(fold_avx2(&p->b, j, xt), _mm256_set1_ps(p->a[j])));
+    for (int64_t m = 0; m < p->M; m++) {
+        __m256 y = _mm256_add_ps(fold_avx2(&p->c, m, st), _mm256_set1_ps(p->bias[m]));
+        if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps()); /* y > 0 ? y : +0, NaN -> +0 */
+        _mm256_store_ps(yt + m * 8, y);
+    }
+}
+
+__attribute__((target("avx512f")))
+static __m512 fold_avx512(const ternary_rows *t, int64_t r, const float *xt) {
+    __m512 h = _mm512_setzero_ps();
+    for (int64_t k = t->start[r]; k < t->mid[r]; k++) h = _mm512_add_ps(h, _mm512_load_ps(xt + (int64_t)t->idx[k] * 16));
+    for (int64_t k = t->mid[r]; k < t->start[r + 1]; k++) h = _mm512_sub_ps(h, _mm512_load_ps(xt + (int64_t)t->idx[k] * 16));
+    return h;
+}
+
+__attribute__((target("avx512f")))
+static void group_avx512(const spn_plan *p, const float *xt, float *st, float *yt) {
+    for (int64_t j = 0; j < p->R; j++)
+        _mm512_store_ps(st + j * 16, _mm512_mul_ps(fold_avx512(&p->b, j, xt), _mm512_set1_ps(p->a[j])));
+    for (int64_t m = 0; m < p->M; m++) {
+        __m512 y = _mm512_add_ps(fold_avx512(&p->c, m, st), _mm512_set1_ps(p->bias[m]));
+        if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+        _mm512_store_ps(yt + m * 16, y);
+    }
+}
+
+int spn_apply(const spn_plan *p, const float *X, int64_t N, float *Y, int path, char *err, size_t errlen) {
+    if (!p) return set_err(err, errlen, LUT_EINVAL, "spn_apply: plan is NULL");
+    const int rp = lut_resolve_path(path, err, errlen);
+    if (rp < 0) return -rp;
+    if (N < 0) return set_err(err, errlen, LUT_EINVAL, "spn_apply: N must be >= 0, got %lld", (long long)N);
+    if (N == 0) return LUT_OK;
+    if (!X || !Y) return set_err(err, errlen, LUT_EINVAL, "spn_apply: NULL data pointer");
+    const int G = rp == LUT_PATH_AVX512 ? 16 : rp == LUT_PATH_AVX2 ? 8 : 1;
+    /* (D + R + M) * G floats; D, R, M < 2^31 */
+    const size_t floats = (size_t)(p->D + p->R + p->M) * (size_t)G;
+    float *work = (float *)aligned_alloc(64, (sizeof(float) * floats + 63) & ~(size_t)63);
+    if (!work) return set_err(err, errlen, LUT_ENOMEM, "spn_apply: out of memory (%zu floats)", floats);
+    if (G == 1) {
+        rows_scalar(p, X, N, Y, work);
+    } else {
+        float *xt = work, *st = xt + p->D * G, *yt = st + p->R * G;
+        for (int64_t n0 = 0; n0 < N; n0 += G) {
+            const int g = N - n0 < G ? (int)(N - n0) : G;
+            transpose_rows(X + n0 * p->D, p->D, g, G, xt);
+            if (G == 16)
+                group_avx512(p, xt, st, yt);
+            else
+                group_avx2(p, xt, st, yt);
+            untranspose_rows(yt, p->M, g, G, Y + n0 * p->M);
+        }
+    }
+    free(work);
+    return LUT_OK;
+}

@@ -1,0 +1,51 @@
+/*
+ * spnkernel: StrassenNets' sum-product layer (docs/lutmatmul.md, "The SpnMatMul operator").
+ *
+ *   h[n, j] = ((0 + X[n, p1]) + X[n, p2] + ...) - X[n, q1] - X[n, q2] - ...
+ *             over the inputs p of weight +1 in W_b's row j, ascending, then those q of -1
+ *   s[n, j] = h[n, j] * a[j]                         (the layer's only R products per row)
+ *   Y[n, m] = (fold of s[n, j] over W_c's row m the same way) + bias[m], then ReLU if relu
+ *
+ * every operation a float32 add, subtract or multiply, rounded, in that order: no path fuses
+ * or reorders them, so every path equals the scalar one (and the numpy reference,
+ * lutcompile.ops.spn.kernel_reference) bit for bit.  The ternary weights arrive packed, four
+ * to a byte (2 bits each, lowest first: 0 -> 0, 1 -> +1, 2 -> -1; 3 is refused), and the plan
+ * keeps each row's nonzero inputs as two ascending index lists, so the work is one add or
+ * subtract per nonzero weight and row, the SIMD paths doing 8 (AVX2) or 16 (AVX-512) rows a
+ * step.  Paths as lutkernel.h's: LUT_PATH_AUTO honours LUTCOMPILE_KERNEL_PATH.
+ */
+#ifndef SPNKERNEL_H
+#define SPNKERNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct spn_plan spn_plan;
+
+/* Bytes a packed ternary matrix of `rows` x `cols` takes: rows * ceil(cols / 4). */
+int64_t spn_packed_bytes(int64_t rows, int64_t cols);
+
+/* Validates everything (1 <= D, M, R <= 2^31 - 1 and R * max(D, M) <= 2^36; the packed sizes;
+ * no code 3, nor set bits past a row's end; a and bias finite; relu 0 or 1) and copies what it
+ * keeps; LUT_OK, or LUT_EINVAL / LUT_ENOMEM with a message. */
+int spn_plan_create(spn_plan **out, int64_t D, int64_t M, int64_t R, const uint8_t *wb, int64_t n_wb,
+                    const float *a, int64_t n_a, const uint8_t *wc, int64_t n_wc, const float *bias,
+                    int64_t n_bias, int64_t relu, char *err, size_t errlen);
+
+void spn_plan_destroy(spn_plan *plan);
+
+/* Y[N][M] from row-major X[N][D] on `path` (as lut_resolve_path takes it). */
+int spn_apply(const spn_plan *plan, const float *X, int64_t N, float *Y, int path, char *err, size_t errlen);
+
+/* The nonzero weights of W_b and of W_c: the additions and subtractions per row. */
+int64_t spn_plan_nonzeros(const spn_plan *plan, int which);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SPNKERNEL_H */
