@@ -3,6 +3,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -177,14 +178,59 @@ static __m256 fold_avx2(const ternary_rows *t, int64_t r, const float *xt) {
     return h;
 }
 
+/* Rows r .. r+3 of t at once: four independent chains of adds, so the adds' latency overlaps
+ * (one chain alone waits on each add); each chain keeps its own order. */
+#define FOLD4(VEC, ZERO, ADD, SUB, LOAD, LANES)                                                        \
+    VEC h0 = ZERO, h1 = ZERO, h2 = ZERO, h3 = ZERO;                                                    \
+    for (int phase = 0; phase < 2; phase++) {                                                          \
+        int64_t k[4], e[4], common = INT64_MAX;                                                         \
+        for (int q = 0; q < 4; q++) {                                                                  \
+            k[q] = phase ? t->mid[r + q] : t->start[r + q];                                            \
+            e[q] = phase ? t->start[r + q + 1] : t->mid[r + q];                                        \
+            common = e[q] - k[q] < common ? e[q] - k[q] : common;                                      \
+        }                                                                                              \
+        const int32_t *ix = t->idx;                                                                    \
+        for (int64_t i = 0; i < common; i++) {                                                         \
+            VEC v0 = LOAD(xt + (int64_t)ix[k[0] + i] * LANES), v1 = LOAD(xt + (int64_t)ix[k[1] + i] * LANES); \
+            VEC v2 = LOAD(xt + (int64_t)ix[k[2] + i] * LANES), v3 = LOAD(xt + (int64_t)ix[k[3] + i] * LANES); \
+            h0 = phase ? SUB(h0, v0) : ADD(h0, v0);                                                    \
+            h1 = phase ? SUB(h1, v1) : ADD(h1, v1);                                                    \
+            h2 = phase ? SUB(h2, v2) : ADD(h2, v2);                                                    \
+            h3 = phase ? SUB(h3, v3) : ADD(h3, v3);                                                    \
+        }                                                                                              \
+        VEC *hs[4] = {&h0, &h1, &h2, &h3};                                                              \
+        for (int q = 0; q < 4; q++)                                                                    \
+            for (int64_t i = k[q] + common; i < e[q]; i++) {                                           \
+                const VEC v = LOAD(xt + (int64_t)ix[i] * LANES);                                       \
+                *hs[q] = phase ? SUB(*hs[q], v) : ADD(*hs[q], v);                                      \
+            }                                                                                          \
+    }                                                                                                  \
+    out[0] = h0; out[1] = h1; out[2] = h2; out[3] = h3;
+
+__attribute__((target("avx2")))
+static void fold4_avx2(const ternary_rows *t, int64_t r, const float *xt, __m256 out[4]) {
+    FOLD4(__m256, _mm256_setzero_ps(), _mm256_add_ps, _mm256_sub_ps, _mm256_load_ps, 8)
+}
+
+/* One group of rows (a lane each): s = fold(W_b) * a, then Y = fold(W_c over s) + bias, 4 rows of W at a time */
 __attribute__((target("avx2")))
 static void group_avx2(const spn_plan *p, const float *xt, float *st, float *yt) {
-    for (int64_t j = 0; j < p->R; j++)
-        _mm256_store_ps(st + j * 8, _mm256_mul_ps(fold_avx2(&p->b, j, xt), _mm256_set1_ps(p->a[j])));
-    for (int64_t m = 0; m < p->M; m++) {
-        __m256 y = _mm256_add_ps(fold_avx2(&p->c, m, st), _mm256_set1_ps(p->bias[m]));
-        if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps()); /* y > 0 ? y : +0, NaN -> +0 */
-        _mm256_store_ps(yt + m * 8, y);
+    __m256 h[4];
+    for (int64_t j = 0; j < p->R; j += 4) {
+        const int n = p->R - j < 4 ? (int)(p->R - j) : 4;
+        if (n == 4) fold4_avx2(&p->b, j, xt, h);
+        for (int q = 0; q < n; q++)
+            _mm256_store_ps(st + (j + q) * 8, _mm256_mul_ps(n == 4 ? h[q] : fold_avx2(&p->b, j + q, xt),
+                                                          _mm256_set1_ps(p->a[j + q])));
+    }
+    for (int64_t m = 0; m < p->M; m += 4) {
+        const int n = p->M - m < 4 ? (int)(p->M - m) : 4;
+        if (n == 4) fold4_avx2(&p->c, m, st, h);
+        for (int q = 0; q < n; q++) {
+            __m256 y = _mm256_add_ps(n == 4 ? h[q] : fold_avx2(&p->c, m + q, st), _mm256_set1_ps(p->bias[m + q]));
+            if (p->relu) y = _mm256_max_ps(y, _mm256_setzero_ps()); /* y > 0 ? y : +0, NaN -> +0 */
+            _mm256_store_ps(yt + (m + q) * 8, y);
+        }
     }
 }
 
@@ -197,13 +243,28 @@ static __m512 fold_avx512(const ternary_rows *t, int64_t r, const float *xt) {
 }
 
 __attribute__((target("avx512f")))
+static void fold4_avx512(const ternary_rows *t, int64_t r, const float *xt, __m512 out[4]) {
+    FOLD4(__m512, _mm512_setzero_ps(), _mm512_add_ps, _mm512_sub_ps, _mm512_load_ps, 16)
+}
+
+__attribute__((target("avx512f")))
 static void group_avx512(const spn_plan *p, const float *xt, float *st, float *yt) {
-    for (int64_t j = 0; j < p->R; j++)
-        _mm512_store_ps(st + j * 16, _mm512_mul_ps(fold_avx512(&p->b, j, xt), _mm512_set1_ps(p->a[j])));
-    for (int64_t m = 0; m < p->M; m++) {
-        __m512 y = _mm512_add_ps(fold_avx512(&p->c, m, st), _mm512_set1_ps(p->bias[m]));
-        if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
-        _mm512_store_ps(yt + m * 16, y);
+    __m512 h[4];
+    for (int64_t j = 0; j < p->R; j += 4) {
+        const int n = p->R - j < 4 ? (int)(p->R - j) : 4;
+        if (n == 4) fold4_avx512(&p->b, j, xt, h);
+        for (int q = 0; q < n; q++)
+            _mm512_store_ps(st + (j + q) * 16, _mm512_mul_ps(n == 4 ? h[q] : fold_avx512(&p->b, j + q, xt),
+                                                           _mm512_set1_ps(p->a[j + q])));
+    }
+    for (int64_t m = 0; m < p->M; m += 4) {
+        const int n = p->M - m < 4 ? (int)(p->M - m) : 4;
+        if (n == 4) fold4_avx512(&p->c, m, st, h);
+        for (int q = 0; q < n; q++) {
+            __m512 y = _mm512_add_ps(n == 4 ? h[q] : fold_avx512(&p->c, m + q, st), _mm512_set1_ps(p->bias[m + q]));
+            if (p->relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+            _mm512_store_ps(yt + (m + q) * 16, y);
+        }
     }
 }
 
