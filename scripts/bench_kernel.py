@@ -485,8 +485,8 @@ def us(t: float) -> str:
 
 DESIGN = """\
 **Design, and the measurements behind it.** The kernel was designed on an AMD EPYC 9004 (Zen 4);
-"this core" below is that one, and the last bullet adds what differs on the Intel Xeon of the
-tables above.
+"this core" below is that one, and the last bullet adds what differed on an Intel Xeon of an
+earlier run (the machine of the tables above is named at their head).
 - *Accumulation (AVX-512 path): vpermb + vpdpbusd.* One 64-byte vpermb table holds the
   16-entry tables of 4 codebooks of one output; each row's 4 codes sit in one dword (byte j =
   code + 16j), so one vpermb looks up 64 entries and one vpdpbusd with a vector of ones adds

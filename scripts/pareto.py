@@ -397,6 +397,9 @@ def chart(results: dict[str, list[Variant]], out: Path) -> None:
                                   .replace(" (C = 196, 50, 50, 50)", "")
                                   for w in same[identity(v)])
                 dx, dy = LABEL_OFFSETS.get(v.key, LABEL_OFFSETS.get(v.family))
+                if v.family == "trained":  # neighbours: the first label left and below, the next above, ...
+                    step = int(v.key.split("_")[-1])
+                    dx, dy = (dx, dy) if step % 2 == 0 else (-dx, 7 + 4 * (step // 2))
                 ax.annotate(text, xy[v.key], textcoords="offset points", xytext=(dx, dy), fontsize=8,
                             ha="right" if dx < 0 else "left")
             ax.set_xscale("log")
