@@ -51,7 +51,7 @@ def trained(digits_model, digits_split):
     Xtr, ytr, _, _ = digits_split
     return {trees: lutcompile.compile_model(digits_model, None, {"input": Xtr, "labels": ytr}, finetune=False,
                                             finetune_tables=True, finetune_trees=trees,
-                                            finetune_options=FinetuneOptions(table_epochs=20), **FAST)
+                                            finetune_options=FinetuneOptions(table_epochs=30), **FAST)
             for trees in (False, True)}
 
 
@@ -61,7 +61,10 @@ def test_training_the_trees_raises_held_out_accuracy(untrained, trained, digits_
     before = lutcompile.evaluate_accuracy(untrained.model, held_out)
     tables = lutcompile.evaluate_accuracy(trained[False].model, held_out)
     trees = lutcompile.evaluate_accuracy(trained[True].model, held_out)
-    assert trees >= before + 0.10, (before, tables, trees)  # measured: 71.6 % -> 86.2 % (tables alone 73.8 %)
+    # measured: 71.6 % -> 85.4 % (tables alone 73.6 %) at 30 epochs on an AMD EPYC with AVX-512; at 20
+    # epochs 86.2 % on the machine this test was written on but 80.8 % there: the short run follows
+    # the float paths torch takes on each CPU, and 30 epochs leave the margin on both
+    assert trees >= before + 0.10, (before, tables, trees)
     assert trees >= tables + 0.05, (before, tables, trees)
     moved = [not np.array_equal(params_from_node(a).thresholds, params_from_node(b).thresholds)
              for a, b in zip(lookups(untrained.model), lookups(trained[True].model))]
