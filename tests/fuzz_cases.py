@@ -1,8 +1,9 @@
 """Fuzz cases for the LutMatMul / LutConv kernels in onnxruntime, shared by tests/test_fuzz.py
 and scripts/sanitize.py (which runs exactly these cases against a sanitized build).
 
-Two compiled base models, built by `build_base_models`: the digits MLP of conftest.py (three
-LutMatMul nodes) and a small CNN on the digits images (two LutConv nodes and a LutMatMul).
+Three base models, built by `build_base_models`: the digits MLP of conftest.py compiled (three
+LutMatMul nodes), a small CNN on the digits images compiled (two LutConv nodes and a LutMatMul),
+and the MLP's first two layers as StrassenNets sum-product layers (two SpnMatMul nodes).
 `generate_cases` derives CASES cases from them with a fixed seed: each corrupts one lookup
 node's attributes or tables, the node's place in the graph, the serialised file, or the input
 fed to the model. Every case says what it expects: "error" (onnxruntime must refuse it, with
@@ -40,6 +41,7 @@ if str(REPO) not in sys.path:  # the child process runs this file as a script
 
 from lutcompile.ops.spec import CONV_OP_TYPE, DOMAIN, OP_TYPE, apply_conv_reference, apply_reference  # noqa: E402
 from lutcompile.ops.node_format import geometry_from_node, params_from_node  # noqa: E402
+from lutcompile.ops import spn  # noqa: E402
 
 SEED = 20261123
 CASES = 600
@@ -100,8 +102,24 @@ def build_base_models(folder: str | os.PathLike) -> Path:
                              {"input": X[:1297]}, codebooks=8, **fast)
     images = X.reshape(-1, 1, 8, 8)
     lutcompile.compile_model(cnn_model(), folder / "cnn.onnx", {"image": images[:600]}, codebooks=4, **fast)
-    np.savez(folder / "feeds.npz", mlp=X[1297:1297 + MLP_ROWS], cnn=images[1297:1297 + CNN_IMAGES])
+    onnx.save(spn_model(train_digits_mlp(X[:1297], y[:1297])), str(folder / "spn.onnx"))
+    np.savez(folder / "feeds.npz", mlp=X[1297:1297 + MLP_ROWS], cnn=images[1297:1297 + CNN_IMAGES],
+             spn=X[1297:1297 + MLP_ROWS])
     return folder
+
+
+def spn_model(layers) -> onnx.ModelProto:
+    """The digits MLP's first two layers as SpnMatMul nodes (ternary SVD initialisation, r = M + 1,
+    so that W_c's rows end inside a byte), ReLU fused: [N, 64] -> [N, 32]."""
+    nodes, x = [], "input"
+    for i, (W, b) in enumerate(layers[:2]):
+        attrs = spn.node_attributes(spn.ternary_init(W, b, W.shape[1] + 1), relu=True)
+        attrs = {k: numpy_helper.from_array(v, k) if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
+        nodes.append(helper.make_node(spn.SPN_OP_TYPE, [x], [f"h{i}"], name=f"spn{i}", domain=DOMAIN, **attrs))
+        x = f"h{i}"
+    graph = helper.make_graph(nodes, "spn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 32])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,11 +490,72 @@ def _graph_mutations() -> list[Callable]:
     return [extra_input, no_input, empty_input, extra_output, unknown_op]
 
 
+def _for_spn(mutations: list[Callable]) -> list[Callable]:
+    """Mark mutations of SpnMatMul's attributes: they are applied to the spn base model only."""
+    for mutate in mutations:
+        mutate.spn_only = True
+    return mutations
+
+
+def _spn_mutations() -> list[Callable]:
+    """SpnMatMul's attributes out of range, malformed or missing, and valid new weights."""
+    def packed(node, name):
+        return numpy_helper.to_array(_attr(node, name).t).copy()
+
+    def code3(node, rng):
+        w = packed(node, "wb")
+        w[rng.integers(len(w)), rng.integers(w.shape[1])] |= 0b11 << (2 * int(rng.integers(4)))
+        _put(node, "wb", w)
+        return "wb holds code 3", "error"
+
+    def tail(node, rng):  # R = M + 1: W_c's rows end one weight into their last byte
+        w = packed(node, "wc")
+        w[rng.integers(len(w)), -1] |= 0b01 << 2
+        _put(node, "wc", w)
+        return "wc has a weight past its row", "error"
+
+    def plan(name, value, what):
+        def mutate(node, rng):
+            v = value(node, rng) if callable(value) else value
+            if v is None:
+                _drop(node, name)
+            else:
+                _put(node, name, v)
+            return what, "error"
+        return mutate
+
+    def valid_weights(node, rng):  # fresh ternary weights, packed as the op stores them
+        for name in ("wb", "wc"):
+            w = packed(node, name)
+            rows, cols = w.shape[0], int(_value(node, "D" if name == "wb" else "R"))
+            _put(node, name, spn.pack_ternary(rng.integers(-1, 2, (rows, cols))))
+        return "new ternary weights", "ok"
+
+    def valid_scales(node, rng):
+        _put(node, "a", [float(v) for v in rng.standard_normal(int(_value(node, "R"))) * 10.0 ** rng.integers(-3, 4)])
+        _put(node, "relu", int(rng.integers(2)))
+        return "new a and relu", "any"  # the next node may not take what this one now gives
+
+    out = [code3, tail, valid_weights, valid_scales]
+    out += [plan(name, None, f"no attribute {name}") for name in ("D", "M", "R", "wb", "a", "wc", "bias", "relu")]
+    out += [plan("R", v, f"R = {v}") for v in (0, -1, 2**31, INT64_MAX)]
+    out += [plan("D", lambda n, rng: int(_value(n, "D")) + 1, "D one more than wb's"),
+            plan("relu", 2, "relu = 2"),
+            plan("a", lambda n, rng: [float("nan")] * int(_value(n, "R")), "a all NaN"),
+            plan("bias", lambda n, rng: [float("inf")] * int(_value(n, "M")), "bias all inf"),
+            plan("a", [1.0], "a of one value"),
+            plan("wb", lambda n, rng: packed(n, "wb")[:, :-1].copy(), "wb a column short"),
+            plan("wb", lambda n, rng: packed(n, "wb").astype(np.int8), "wb as int8"),
+            plan("wc", lambda n, rng: packed(n, "wc").reshape(-1), "wc flattened"),
+            plan("wb", 1.5, "wb as a float")]
+    return _for_spn(out + _graph_mutations())
+
+
 VALID_MUTATIONS = _valid_mutations()
 NODE_MUTATIONS: list[Callable] = (_size_mutations() + _drop_mutations(REQUIRED) + _for_conv(_drop_mutations(GEOMETRY))
                                   + _wrong_type_mutations() + _length_mutations() + _split_dim_mutations()
                                   + _float_value_mutations() + _table_tensor_mutations() + _geometry_mutations()
-                                  + VALID_MUTATIONS + _graph_mutations())
+                                  + VALID_MUTATIONS + _graph_mutations() + _spn_mutations())
 
 
 def _relaxed(model: onnx.ModelProto, keep_rank: bool) -> onnx.ModelProto:
@@ -511,7 +590,7 @@ def _input_cases(base: str, x: np.ndarray) -> list[tuple[str, str, Callable[[np.
               ("int32", "error", lambda rng: x.astype(np.int32)),
               ("float16", "error", lambda rng: x.astype(np.float16)),
               ("scalar", "error", lambda rng: np.array(1.0, np.float32))]
-    if base == "mlp":
+    if base in ("mlp", "spn"):  # both read [..., 64]
         return shared + [
             ("one row", "ok", lambda rng: x[0]), ("rank 3", "ok", lambda rng: x[:60].reshape(3, 20, 64)),
             ("rank 9", "ok", lambda rng: x[:2].reshape(1, 1, 1, 1, 1, 1, 1, 2, 64)),
@@ -551,7 +630,7 @@ def generate_cases(folder: str | os.PathLike, count: int = CASES) -> list[Case]:
     """`count` cases from the base models in `folder`, the same ones on every call."""
     folder = Path(folder)
     rng = np.random.default_rng(SEED)
-    bases = {name: onnx.load(str(folder / f"{name}.onnx")) for name in ("mlp", "cnn")}
+    bases = {name: onnx.load(str(folder / f"{name}.onnx")) for name in ("mlp", "cnn", "spn")}
     with np.load(folder / "feeds.npz") as npz:
         feeds = {name: npz[name] for name in bases}
     lookup = {name: [n.name for n in m.graph.node if n.domain == DOMAIN] for name, m in bases.items()}
@@ -564,14 +643,14 @@ def generate_cases(folder: str | os.PathLike, count: int = CASES) -> list[Case]:
     def node_case(j: int):
         mutate = NODE_MUTATIONS[j % len(NODE_MUTATIONS)]
         conv_only = getattr(mutate, "conv_only", False)
-        base = "cnn" if conv_only else ("mlp", "cnn")[int(rng.integers(2))]
+        base = "spn" if getattr(mutate, "spn_only", False) else "cnn" if conv_only else ("mlp", "cnn")[int(rng.integers(2))]
         model = onnx.ModelProto()
         model.CopyFrom(bases[base])
         nodes = [n for n in model.graph.node if n.domain == DOMAIN and (n.op_type == CONV_OP_TYPE or not conv_only)]
         node = nodes[int(rng.integers(len(nodes)))]
         name = node.name
         kind, expect = mutate(node, rng)
-        ours = node.op_type in (OP_TYPE, CONV_OP_TYPE)  # else onnxruntime names only the unknown op type
+        ours = node.op_type in (OP_TYPE, CONV_OP_TYPE, spn.SPN_OP_TYPE)  # else onnxruntime names only the unknown op type
         add(base, name, kind, expect, model.SerializeToString(), {model.graph.input[0].name: feeds[base]},
             [name if ours else node.op_type])
 
@@ -628,6 +707,9 @@ def _probe(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _reference(node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
+    if node.op_type == spn.SPN_OP_TYPE:
+        params, relu = spn.params_from_node(node)
+        return spn.kernel_reference(x, params, relu)
     params = params_from_node(node)
     geometry = geometry_from_node(node)
     if geometry is not None:
