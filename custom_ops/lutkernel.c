@@ -105,8 +105,9 @@ struct lut_plan {
     uint8_t *tab;     /* the tables, once, for every path: [T][Cq][TILE][64], zero padded
                        * past M and C (see tab_output); NULL in an encode-only plan */
     float *base;      /* [T*TILE] bias + offset_total, zero padded */
-    uint8_t *tabT;    /* few rows: tabT[(c*16 + code)*ldt + m] = tables[m][c][code], zero past M; */
-    int64_t ldt;      /* M rounded up to 32; NULL when the tables exceed ROW_TABLE_MAX bytes  */
+    uint8_t *tabT;    /* few rows: tabT[(c*16 + code)*ldt + m] = tables[m][c][code], zero past M;
+                       * NULL when the tables exceed ROW_TABLE_MAX bytes */
+    int64_t ldt;      /* M rounded up to 32 */
 };
 
 /* table layout: tile t = m / TILE, group g = c / 4, slot i = m % TILE hold the 64 bytes
@@ -485,20 +486,25 @@ static void blk_to_codes(const lut_plan *p, int layout, const uint8_t *blk, int 
 /* scalar path                                                                           */
 
 /* column layout; X points at the block's first row; rows..BLOCK-1 get code 0 */
+/* Codebook c's code of one row (its dimension d at x[d*col_stride]): the tree walk itself */
+static inline uint8_t walk_scalar(const lut_plan *p, int64_t c, const float *x, int64_t col_stride) {
+    const int32_t *sd = p->split + c * LUT_DEPTH;
+    const float *th = p->thr + c * 16;
+    unsigned q = 1;
+    for (int l = 0; l < LUT_DEPTH; l++) q = 2u * q + (x[sd[l] * col_stride] > th[q] ? 1u : 0u);
+    return (uint8_t)(q - 16u);
+}
+
+/* Output m of an exact sum: float(acc) * scale + base[m], then ReLU (y > 0 ? y : +0) */
+static inline float dequantise_scalar(const lut_plan *p, uint32_t acc, int64_t m) {
+    const float v = (float)acc * p->scale + p->base[m];
+    return p->relu ? (v > 0.0f ? v : 0.0f) : v;
+}
+
 static void encode_block_scalar(const lut_plan *p, rows_view v, int rows, uint8_t *blk) {
-    const int64_t C = p->C;
     memset(blk, 0, (size_t)p->Cq * 4 * BLOCK);
-    for (int64_t c = 0; c < C; c++) {
-        const int32_t *sd = p->split + c * LUT_DEPTH;
-        const float *th = p->thr + c * 16;
-        uint8_t *dst = blk + c * BLOCK;
-        for (int j = 0; j < rows; j++) {
-            const float *x = v.X + (int64_t)j * v.row_stride;
-            unsigned q = 1;
-            for (int l = 0; l < LUT_DEPTH; l++) q = 2u * q + (x[sd[l] * v.col_stride] > th[q] ? 1u : 0u);
-            dst[j] = (uint8_t)(q - 16u);
-        }
-    }
+    for (int64_t c = 0; c < p->C; c++)
+        for (int j = 0; j < rows; j++) blk[c * BLOCK + j] = walk_scalar(p, c, v.X + (int64_t)j * v.row_stride, v.col_stride);
 }
 
 /* column layout; Y points at the block's first output row.  The tables are read in the
@@ -507,7 +513,6 @@ static void scan_block_scalar(const lut_plan *p, const uint8_t *blk, int rows, f
                               uint32_t *scratch) {
     (void)scratch;
     const int64_t M = p->M, C = p->C;
-    const float scale = p->scale;
     for (int j = 0; j < rows; j++) {
         float *y = Y + (int64_t)j * M;
         for (int64_t m0 = 0; m0 < M; m0 += TILE) {
@@ -522,11 +527,7 @@ static void scan_block_scalar(const lut_plan *p, const uint8_t *blk, int rows, f
                 for (int i = 0; i < mc; i++)
                     acc[i] += (uint32_t)(s[i * 64 + q[0]] + s[i * 64 + q[1]] + s[i * 64 + q[2]] + s[i * 64 + q[3]]);
             }
-            for (int i = 0; i < mc; i++) {
-                float v = (float)acc[i] * scale + p->base[m0 + i];
-                if (p->relu) v = v > 0.0f ? v : 0.0f;
-                y[m0 + i] = v;
-            }
+            for (int i = 0; i < mc; i++) y[m0 + i] = dequantise_scalar(p, acc[i], m0 + i);
         }
     }
 }
@@ -956,17 +957,6 @@ static void scan_block_avx512(const lut_plan *p, const uint8_t *blk, int rows, f
 /* ------------------------------------------------------------------------------------ */
 /* few rows: one row at a time, output-parallel over the code-major tables (tabT)         */
 
-/* code[c] of one row (row r's dimension d at x[d*col_stride]): the scalar tree walk */
-static void encode_row(const lut_plan *p, const float *x, int64_t col_stride, uint8_t *code) {
-    for (int64_t c = 0; c < p->C; c++) {
-        const int32_t *sd = p->split + c * LUT_DEPTH;
-        const float *th = p->thr + c * 16;
-        unsigned q = 1;
-        for (int l = 0; l < LUT_DEPTH; l++) q = 2u * q + (x[sd[l] * col_stride] > th[q] ? 1u : 0u);
-        code[c] = (uint8_t)(q - 16u);
-    }
-}
-
 static inline const uint8_t *row_table(const lut_plan *p, int64_t c, const uint8_t *code) {
     return p->tabT + (c * LUT_K + (code[c] & 15u)) * p->ldt;
 }
@@ -980,11 +970,7 @@ static void scan_row_scalar(const lut_plan *p, const uint8_t *code, float *y) {
             const uint8_t *t = row_table(p, c, code) + m0;
             for (int i = 0; i < mc; i++) acc[i] += t[i];
         }
-        for (int i = 0; i < mc; i++) {
-            float v = (float)acc[i] * p->scale + p->base[m0 + i];
-            if (p->relu) v = v > 0.0f ? v : 0.0f;
-            y[m0 + i] = v;
-        }
+        for (int i = 0; i < mc; i++) y[m0 + i] = dequantise_scalar(p, acc[i], m0 + i);
     }
 }
 
@@ -1144,7 +1130,8 @@ static int run_blocks(int mode, const lut_plan *p, const float *X, int64_t x_row
     if (mode != MODE_ENCODE && ldy == 0 && N <= ROW_PATH_MAX_N && p->tabT) { /* blk holds >= C bytes */
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *code = codes_in ? codes_in + n * C : blk;
-            if (!codes_in) encode_row(p, X + n * x_row_stride, x_col_stride, blk);
+            if (!codes_in)
+                for (int64_t c = 0; c < C; c++) blk[c] = walk_scalar(p, c, X + n * x_row_stride, x_col_stride);
             ROW_SCANS[rp](p, code, Y + n * M);
         }
         free(heap);

@@ -455,26 +455,32 @@ static void conv_fail(ConvJob *job, const char *err) {
     if (__atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0) snprintf(job->err, sizeof job->err, "%s", err);
 }
 
+/* Output positions first .. first+rows-1 (rows <= CONV_TILE) of image n: their split pixels
+ * gathered into P (the scratch's start), looked up into Yt[m*ldy + r].  0 with `err` set on failure. */
+static int conv_tile(const ConvJob *job, int64_t n, int64_t first, int64_t rows, uint8_t *scratch, float *Yt,
+                     int64_t ldy, char *err, size_t errlen) {
+    const LutKernel *k = job->k;
+    float *P = (float *)(void *)scratch;
+    lut_conv_gather(k->conv, job->X + n * job->in_image, job->H, job->W, job->index, first, rows, CONV_LD, k->path, P);
+    return lut_apply_columns(k->plan, P, CONV_LD, rows, Yt, ldy, scratch + job->p_bytes, job->work_bytes, k->path, err,
+                             errlen) == LUT_OK;
+}
+
 /* One (image, band of pooled rows) item of a LutConv with a fused MaxPool: the convolution
  * rows the band's windows read, CONV_TILE positions at a time, into S (the scratch after P and
  * the kernel's work), then the pooled rows into Y.  0 with `err` set on failure. */
-static int pool_band(ConvJob *job, int64_t item, uint8_t *scratch, char *err, size_t errlen) {
+static int pool_band(const ConvJob *job, int64_t item, uint8_t *scratch, char *err, size_t errlen) {
     const LutKernel *k = job->k;
     const int64_t n = item / job->bands, py0 = item % job->bands * job->band;
     const int64_t py1 = py0 + job->band < job->PH ? py0 + job->band : job->PH;
     int64_t r0 = 0, r1 = 0;
     lut_conv_pool_rows(k->conv, py0, py1, &r0, &r1);
     const int64_t first = r0 * job->OW, count = (r1 - r0) * job->OW; /* count <= s_ld */
-    float *P = (float *)(void *)scratch;
     float *S = (float *)(void *)(scratch + job->p_bytes + job->work_bytes);
-    for (int64_t t = 0; t < count; t += CONV_TILE) {
-        const int64_t rows = count - t < CONV_TILE ? count - t : CONV_TILE;
-        lut_conv_gather(k->conv, job->X + n * job->in_image, job->H, job->W, job->index, first + t, rows, CONV_LD,
-                        k->path, P);
-        if (lut_apply_columns(k->plan, P, CONV_LD, rows, S + t, job->s_ld, scratch + job->p_bytes,
-                              job->work_bytes, k->path, err, errlen) != LUT_OK)
+    for (int64_t t = 0; t < count; t += CONV_TILE)
+        if (!conv_tile(job, n, first + t, count - t < CONV_TILE ? count - t : CONV_TILE, scratch, S + t, job->s_ld, err,
+                       errlen))
             return 0;
-    }
     const int64_t pooled = job->PH * job->PW;
     lut_conv_pool(k->conv, S, job->s_ld, k->M, job->OW, py0, py1, job->PW,
                   job->Y + n * k->M * pooled + py0 * job->PW, pooled, k->path);
@@ -494,21 +500,16 @@ static void run_conv_worker(void *arg, size_t task) {
             conv_fail(job, "out of memory for a worker's patch buffer");
             break;
         }
+        int ok;
         if (job->bands) {
-            if (!pool_band(job, item, scratch, err, sizeof err)) {
-                conv_fail(job, err);
-                break;
-            }
-            continue;
+            ok = pool_band(job, item, scratch, err, sizeof err);
+        } else {
+            const int64_t n = item / job->tiles, first = item % job->tiles * CONV_TILE;
+            const int64_t rows = job->positions - first < CONV_TILE ? job->positions - first : CONV_TILE;
+            ok = conv_tile(job, n, first, rows, scratch, job->Y + n * k->M * job->positions + first, job->positions,
+                           err, sizeof err);
         }
-        const int64_t n = item / job->tiles, first = item % job->tiles * CONV_TILE;
-        const int64_t rows = job->positions - first < CONV_TILE ? job->positions - first : CONV_TILE;
-        float *P = (float *)(void *)scratch;
-        lut_conv_gather(k->conv, job->X + n * job->in_image, job->H, job->W, job->index, first, rows, CONV_LD,
-                        k->path, P);
-        if (lut_apply_columns(k->plan, P, CONV_LD, rows, job->Y + n * k->M * job->positions + first,
-                              job->positions, scratch + job->p_bytes, job->work_bytes, k->path, err,
-                              sizeof err) != LUT_OK) {
+        if (!ok) {
             conv_fail(job, err);
             break;
         }
@@ -678,6 +679,13 @@ static OrtStatus *run_rows(const OrtApi *api, OrtKernelContext *ctx, const char 
     return job->failed ? make_status(api, ORT_FAIL, "%s: %s", label, job->err) : NULL;
 }
 
+/* A row-wise op's compute once its input is read: Y allocated, then job's rows run. */
+static OrtStatus *rows_compute(const OrtApi *api, OrtKernelContext *ctx, const char *label, const OrtValue *x,
+                               int64_t *dims, size_t rank, Job *job, int64_t per_row) {
+    OrtStatus *st = row_output(api, ctx, label, x, dims, rank, job->D, job->M, &job->X, &job->Y, &job->N);
+    return st || job->N == 0 ? st : run_rows(api, ctx, label, job, per_row);
+}
+
 static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ctx) {
     LutKernel *k = (LutKernel *)op_kernel;
     const OrtApi *api = k->api;
@@ -687,14 +695,8 @@ static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ct
     OrtStatus *st = float_input(api, ctx, k->label, &x, &dims, &rank, stack);
     if (!st && k->conv) st = conv_compute(k, ctx, x, dims, rank);
     if (!st && !k->conv) {
-        Job job;
-        memset(&job, 0, sizeof job);
-        job.plan = k->plan;
-        job.D = k->D;
-        job.M = k->M;
-        job.path = k->path;
-        st = row_output(api, ctx, k->label, x, dims, rank, k->D, k->M, &job.X, &job.Y, &job.N);
-        if (!st && job.N > 0) st = run_rows(api, ctx, k->label, &job, k->M * k->C + ENCODE_COST * k->C);
+        Job job = {.plan = k->plan, .D = k->D, .M = k->M, .path = k->path};
+        st = rows_compute(api, ctx, k->label, x, dims, rank, &job, k->M * k->C + ENCODE_COST * k->C);
     }
     if (dims != stack) free(dims);
     return st;
@@ -770,16 +772,9 @@ static OrtStatus *ORT_API_CALL spn_compute(void *op_kernel, OrtKernelContext *ct
     size_t rank = 0;
     const OrtValue *x = NULL;
     OrtStatus *st = float_input(api, ctx, k->label, &x, &dims, &rank, stack);
-    if (!st) {
-        Job job;
-        memset(&job, 0, sizeof job);
-        job.spn = k->plan;
-        job.D = k->D;
-        job.M = k->M;
-        job.path = k->path;
-        st = row_output(api, ctx, k->label, x, dims, rank, k->D, k->M, &job.X, &job.Y, &job.N);
-        /* an add per nonzero weight, about half of them */
-        if (!st && job.N > 0) st = run_rows(api, ctx, k->label, &job, (k->D + k->M) * k->R / 2);
+    if (!st) { /* per row: an add per nonzero weight, about half of them */
+        Job job = {.spn = k->plan, .D = k->D, .M = k->M, .path = k->path};
+        st = rows_compute(api, ctx, k->label, x, dims, rank, &job, (k->D + k->M) * k->R / 2);
     }
     if (dims != stack) free(dims);
     return st;

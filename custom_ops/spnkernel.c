@@ -129,11 +129,6 @@ int spn_plan_create(spn_plan **out, int64_t D, int64_t M, int64_t R, const uint8
     return LUT_OK;
 }
 
-int64_t spn_plan_nonzeros(const spn_plan *p, int which) {
-    const ternary_rows *t = which == 0 ? &p->b : &p->c;
-    return t->start[t->rows];
-}
-
 /* ------------------------------------------------------------------------------------ */
 /* scalar: one row at a time, the fold as spnkernel.h writes it                          */
 

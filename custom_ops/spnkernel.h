@@ -41,9 +41,6 @@ void spn_plan_destroy(spn_plan *plan);
 /* Y[N][M] from row-major X[N][D] on `path` (as lut_resolve_path takes it). */
 int spn_apply(const spn_plan *plan, const float *X, int64_t N, float *Y, int path, char *err, size_t errlen);
 
-/* The nonzero weights of W_b and of W_c: the additions and subtractions per row. */
-int64_t spn_plan_nonzeros(const spn_plan *plan, int which);
-
 #ifdef __cplusplus
 }
 #endif

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import onnx
 
 from ..ops.node_format import attributes, set_attributes
-from ..ops.spec import CONV_OP_TYPE, DOMAIN
-
-LIMIT = 4096  # the kernel's bound on a window side and a stride (lut_conv_set_pool)
+from ..ops.spec import CONV_OP_TYPE, DOMAIN, MAX_POOL_LIMIT
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ def pool_window(node: onnx.NodeProto) -> tuple[int, int, int, int] | None:
     a = attributes(node)
     kernel = list(a.get("kernel_shape", ()))
     strides = list(a.get("strides", [1, 1]))
-    if len(kernel) != 2 or len(strides) != 2 or not all(1 <= v <= LIMIT for v in kernel + strides):
+    if len(kernel) != 2 or len(strides) != 2 or not all(1 <= v <= MAX_POOL_LIMIT for v in kernel + strides):
         return None
     if any(a.get("pads", [0] * 4)) or any(d != 1 for d in a.get("dilations", [1, 1])):
         return None

@@ -143,11 +143,20 @@ class ConvGeometry:
                 (W + left + right - dw * (kw - 1) - 1) // sw + 1)
 
 
+MAX_POOL_LIMIT = 4096  # a fused MaxPool's largest window side and stride (lut_conv_set_pool)
+
+
+def pooled_size(OH: int, OW: int, window: tuple[int, int, int, int]) -> tuple[int, int]:
+    """The output size of a fused MaxPool (window h, w, stride h, w) over OH x OW: floor rounding."""
+    kh, kw, sh, sw = window
+    return (OH - kh) // sh + 1, (OW - kw) // sw + 1
+
+
 def max_pool_reference(Y: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
     """MaxPool of Y [N, M, OH, OW] with (window h, w, stride h, w), no padding, floor rounding."""
     kh, kw, sh, sw = window
     N, M, OH, OW = Y.shape
-    PH, PW = (OH - kh) // sh + 1, (OW - kw) // sw + 1
+    PH, PW = pooled_size(OH, OW, window)
     out = np.full((N, M, PH, PW), -np.inf, dtype=Y.dtype)
     for ky in range(kh):
         for kx in range(kw):

@@ -120,7 +120,6 @@ def ternary_init(weight: np.ndarray, bias: np.ndarray | None, width: int) -> Spn
 
 
 SPN_OP_TYPE = "SpnMatMul"  # the custom op (docs/lutmatmul.md, "The SpnMatMul operator"), domain ai.lutcompile
-PACKED_CODES = {0: 0, 1: 1, -1: 2}  # 2 bits a weight, four to a byte, lowest bits first; code 3 is invalid
 
 
 def pack_ternary(t: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from ..ops.spec import CONV_OP_TYPE, DEPTH, DOMAIN, K, NODES, OP_TYPE, ConvGeometry
+from ..ops.spec import CONV_OP_TYPE, DEPTH, DOMAIN, K, MAX_POOL_LIMIT, NODES, OP_TYPE, ConvGeometry, pooled_size
 from ..ops.node_format import attributes, is_lookup, parameter_bytes, params_from_node
 
 SCHEMA = "lutcompile.inspect/1"
@@ -74,7 +74,7 @@ EXACT_OPS = ("MatMul", "Gemm", "Conv")
 # LutConv's geometry attributes: (name, entries, smallest, largest), the kernel's limits
 CONV_ATTRIBUTES = (("kernel_shape", 2, 1, 4096), ("strides", 2, 1, 4096), ("pads", 4, 0, 65536),
                    ("dilations", 2, 1, 4096))
-MAX_POOL = "max_pool"  # optional: a fused MaxPool's (window h, w, stride h, w), each 1 to 4096
+MAX_POOL = "max_pool"  # optional: a fused MaxPool's (window h, w, stride h, w), each 1 to MAX_POOL_LIMIT
 MAX_IN_CHANNELS = 1 << 24
 MAX_SIDE = 1 << 20  # a LutConv input's height and width
 EXACT_NAMES_SHOWN = 5  # the text output names this many exact nodes; --json lists them all
@@ -110,7 +110,7 @@ class LookupNode:
         if any(not low <= v <= high for key, _, low, high in CONV_ATTRIBUTES for v in c[key]):
             return None
         pool = c.get(MAX_POOL)
-        if pool is not None and not all(1 <= v <= 4096 for v in pool):
+        if pool is not None and not all(1 <= v <= MAX_POOL_LIMIT for v in pool):
             return None
         return ConvGeometry(c["in_channels"], tuple(c["kernel_shape"]), tuple(c["strides"]),
                             tuple(c["pads"]), tuple(c["dilations"]), None if pool is None else tuple(pool))
@@ -183,8 +183,8 @@ def _check_conv(a: dict, info: LookupNode) -> None:
             problems.append(f"{key} {values} must be {bound} and at most {high}")
     if MAX_POOL in a:
         pool = _ints(a[MAX_POOL], 4)
-        if pool is None or not all(1 <= v <= 4096 for v in pool):
-            problems.append(f"{MAX_POOL} must be 4 integers from 1 to 4096 (window h, w, stride h, w), "
+        if pool is None or not all(1 <= v <= MAX_POOL_LIMIT for v in pool):
+            problems.append(f"{MAX_POOL} must be 4 integers from 1 to {MAX_POOL_LIMIT} (window h, w, stride h, w), "
                             f"got {a[MAX_POOL]!r}")
         conv[MAX_POOL] = pool
     if conv["in_channels"] is not None and conv["kernel_shape"] is not None and info.D is not None:
@@ -222,12 +222,12 @@ def _check_shapes(node: onnx.NodeProto, info: LookupNode, shapes: dict[str, list
     OH, OW = g.output_size(H, W)
     want, what = (OH, OW), "the convolution"
     if g.max_pool is not None and OH >= 1 and OW >= 1:
-        kh, kw, sh, sw = g.max_pool
+        kh, kw = g.max_pool[:2]
         if OH < kh or OW < kw:
             problems.append(f"the convolution's output of {OH} x {OW} is smaller than the fused max_pool window "
                             f"{kh} x {kw}")
             return
-        want, what = ((OH - kh) // sh + 1, (OW - kw) // sw + 1), "the convolution and max_pool"
+        want, what = pooled_size(OH, OW, g.max_pool), "the convolution and max_pool"
     if OH < 1 or OW < 1:
         problems.append(f"input '{node.input[0]}' of {H} x {W} is smaller than the dilated kernel "
                         f"(output {OH} x {OW})")
