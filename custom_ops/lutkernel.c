@@ -21,7 +21,12 @@
  * codebook's 16-float threshold vector with vpermps (AVX2: two 8-float halves, the last
  * level reads the upper half with index bits 0-2), compared, and q = 2q + (v > t).  NaN
  * compares false, as in the spec.  When X comes from L3 the copy is bound by moving X's
- * cache lines (every line of a row holds some split dim once C is large).
+ * cache lines (every line of a row holds some split dim once C is large).  AVX-512 on
+ * row-major X moves split dims packed at least WINDOW_MIN to 16 consecutive columns (a pruned
+ * producer's dense prefix, compile/prune.py) by 16 row loads and a 16x16 transpose instead:
+ * 10000x64 (C = 16, every split column in a 64-float prefix) encodes and scans in 81 us, not
+ * 171 (scripts/bench_kernel.py).  The fitter's split_lines keeps a first layer's split dims
+ * in a few lines of each row, so fewer lines move (FitOptions.split_lines).
  *
  * Scan, AVX-512 (F, BW, VL, VBMI, VNNI): one 64-byte vpermb table holds the 16-entry tables
  * of 4 codebooks of one output, and a codes register holds, for 16 rows, one dword per row
@@ -79,6 +84,9 @@
 #define BLOCK 64   /* rows per block */
 #define RG 16      /* rows per encode group (SIMD lanes of a tree walk) */
 #define ENC_CH 16  /* codebooks per split-value copy (vals: 16*4*16 floats = 4 KB) */
+#define WIN_FIELDS 4 /* a window: first column d0, first k, count, and whether k0 + j holds d0 + j */
+#define WINDOW_MIN 8 /* AVX-512, row-major X: split dims within 16 consecutive columns from which
+                     * the 16 rows' values are moved by one 16x16 transpose (see plan_windows) */
 #define AVX2_OUTS 4 /* AVX2: outputs per scan pass */
 #define CHUNK_GROUPS 64 /* AVX2: groups of 4 codebooks per exact uint16 accumulation chunk */
 #define TILE 16    /* AVX-512: outputs per tile */
@@ -101,6 +109,10 @@ struct lut_plan {
     int32_t *split;   /* [C][4] */
     int32_t *gdim;    /* [C*4]: per chunk of ENC_CH codebooks, its split dims in ascending */
     int32_t *gpos;    /* order, and where in that order (c, l)'s value is (see gather)     */
+    int32_t *win;     /* [C*4][4], per chunk: AVX-512 row-major windows (see plan_windows)      */
+    int32_t *nwin;    /* [chunks]: windows of each chunk                                         */
+    int32_t *lone;    /* [C*4], per chunk: the k's in no window, copied one value at a time      */
+    int32_t *nlone;   /* [chunks]                                                                */
     float *thr;       /* [C][16]: thr[c][q] = threshold of 1-based heap node q; [c][0] = 0 */
     uint8_t *tab;     /* the tables, once, for every path: [T][Cq][TILE][64], zero padded
                        * past M and C (see tab_output); NULL in an encode-only plan */
@@ -235,6 +247,10 @@ void lut_plan_destroy(lut_plan *plan) {
     free(plan->split);
     free(plan->gdim);
     free(plan->gpos);
+    free(plan->win);
+    free(plan->nwin);
+    free(plan->lone);
+    free(plan->nlone);
     free(plan->thr);
     free(plan->tab);
     free(plan->base);
@@ -297,6 +313,37 @@ int lut_check_split_dims(int64_t D, int64_t C, const int64_t *split_dims, int64_
     return LUT_OK;
 }
 
+/* Row-major X on the AVX-512 path: a chunk's sorted split dims are cut greedily into windows
+ * of 16 consecutive columns [d0, d0 + 16) holding at least WINDOW_MIN of them; a window's values
+ * for 16 rows are 16 row loads and one 16x16 transpose (64 shuffles) where copying them one
+ * by one costs 12 inserts and 16 loads per dim.  Dense inputs (a producer that lays the split
+ * columns out first, compile/prune.py) are all windows; scattered dims stay lone. */
+static void plan_windows(lut_plan *p, int64_t c0, int n) {
+    const int32_t *dim = p->gdim + c0 * LUT_DEPTH;
+    int32_t *win = p->win + c0 * LUT_DEPTH * WIN_FIELDS, *lone = p->lone + c0 * LUT_DEPTH;
+    int nw = 0, nl = 0;
+    for (int k = 0; k < n;) {
+        int32_t d0 = dim[k];
+        if (d0 > p->D - RG) d0 = (int32_t)(p->D - RG); /* the window stays inside the row */
+        int e = k;
+        while (e < n && dim[e] < d0 + RG) e++;
+        if (p->D >= RG && e - k >= WINDOW_MIN) {
+            int dense = e - k == RG;
+            for (int j = 0; dense && j < RG; j++) dense = dim[k + j] == d0 + j;
+            int32_t *w = win + WIN_FIELDS * nw++;
+            w[0] = d0;
+            w[1] = k;
+            w[2] = e - k;
+            w[3] = dense;
+            k = e;
+        } else {
+            lone[nl++] = k++;
+        }
+    }
+    p->nwin[c0 / ENC_CH] = nw;
+    p->nlone[c0 / ENC_CH] = nl;
+}
+
 static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, int64_t C,
                       int64_t K, const int64_t *split_dims, int64_t n_split,
                       const float *thresholds, int64_t n_thresholds, const uint8_t *tables,
@@ -351,7 +398,12 @@ static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, in
     p->thr = (float *)alloc64((size_t)C * 16 * sizeof(float));
     p->gdim = (int32_t *)alloc64((size_t)C * LUT_DEPTH * sizeof(int32_t));
     p->gpos = (int32_t *)alloc64((size_t)C * LUT_DEPTH * sizeof(int32_t));
-    if (!p->split || !p->thr || !p->gdim || !p->gpos) goto oom;
+    const int64_t chunks = (C + ENC_CH - 1) / ENC_CH;
+    p->win = (int32_t *)alloc64((size_t)C * LUT_DEPTH * WIN_FIELDS * sizeof(int32_t));
+    p->lone = (int32_t *)alloc64((size_t)C * LUT_DEPTH * sizeof(int32_t));
+    p->nwin = (int32_t *)alloc64((size_t)chunks * sizeof(int32_t));
+    p->nlone = (int32_t *)alloc64((size_t)chunks * sizeof(int32_t));
+    if (!p->split || !p->thr || !p->gdim || !p->gpos || !p->win || !p->lone || !p->nwin || !p->nlone) goto oom;
     for (int64_t i = 0; i < C * LUT_DEPTH; i++) p->split[i] = (int32_t)split_dims[i];
     for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) { /* sort each chunk's (dim, slot) by dim */
         const int n = (int)((C - c0 < ENC_CH ? C - c0 : ENC_CH) * LUT_DEPTH);
@@ -368,6 +420,7 @@ static int plan_build(lut_plan **out, int encoder_only, int64_t D, int64_t M, in
             slot[i] = k;
         }
         for (int k = 0; k < n; k++) pos[slot[k]] = k;
+        plan_windows(p, c0, n);
     }
     for (int64_t c = 0; c < C; c++) {
         p->thr[c * 16] = 0.0f; /* never read: heap nodes are 1..15 */
@@ -535,6 +588,31 @@ static void scan_block_scalar(const lut_plan *p, const uint8_t *blk, int rows, f
 /* ------------------------------------------------------------------------------------ */
 /* shared by the SIMD encoders                                                           */
 
+/* vals[k*RG + r] = X[r][dim[k]] for row-major X, for k = ks[0..n) (ks NULL: k = 0..n-1): each
+ * pass reads four rows front to back (a forward stream the prefetchers follow), sharing the
+ * index loads, and writes 4 rows per store. */
+__attribute__((target("avx2")))
+static ALWAYS_INLINE void copy_split_values(rows_view v, int rows, const int32_t *dim, const int32_t *ks,
+                                            int n, float *vals) {
+    for (int r = 0; r < RG; r += 4) {
+        if (r >= rows) { /* no valid row in this pass (small N): zeros, not 4 more loads each */
+            for (int i = 0; i < n; i++) _mm_store_ps(vals + (ks ? ks[i] : i) * RG + r, _mm_setzero_ps());
+            continue;
+        }
+        const float *x[4];
+        for (int i = 0; i < 4; i++) x[i] = v.X + (int64_t)(r + i < rows ? r + i : rows - 1) * v.row_stride;
+        for (int i = 0; i < n; i++) {
+            const int k = ks ? ks[i] : i;
+            const int32_t d = dim[k];
+            __m128 e = _mm_load_ss(x[0] + d);
+            e = _mm_insert_ps(e, _mm_load_ss(x[1] + d), 0x10);
+            e = _mm_insert_ps(e, _mm_load_ss(x[2] + d), 0x20);
+            e = _mm_insert_ps(e, _mm_load_ss(x[3] + d), 0x30);
+            _mm_store_ps(vals + k * RG + r, e);
+        }
+    }
+}
+
 /* vals[k*RG + r] = X[r][gdim[4*c0 + k]] for the RG rows of a group (v.X points at its first
  * row) and the split dims of codebooks c0 <= c < c1 (a chunk of ENC_CH) in ascending order;
  * the value of (c, l) is at k = gpos[4c + l].  Rows past `rows` repeat the last valid row or
@@ -559,22 +637,7 @@ static ALWAYS_INLINE void gather_split_values(const lut_plan *p, rows_view v, in
         }
         return;
     }
-    for (int r = 0; r < RG; r += 4) {
-        if (r >= rows) { /* no valid row in this pass (small N): zeros, not 4 more loads each */
-            for (int k = 0; k < n; k++) _mm_store_ps(vals + k * RG + r, _mm_setzero_ps());
-            continue;
-        }
-        const float *x[4];
-        for (int i = 0; i < 4; i++) x[i] = v.X + (int64_t)(r + i < rows ? r + i : rows - 1) * v.row_stride;
-        for (int k = 0; k < n; k++) {
-            const int32_t d = dim[k];
-            __m128 e = _mm_load_ss(x[0] + d);
-            e = _mm_insert_ps(e, _mm_load_ss(x[1] + d), 0x10);
-            e = _mm_insert_ps(e, _mm_load_ss(x[2] + d), 0x20);
-            e = _mm_insert_ps(e, _mm_load_ss(x[3] + d), 0x30);
-            _mm_store_ps(vals + k * RG + r, e);
-        }
-    }
+    copy_split_values(v, rows, dim, NULL, n, vals);
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -759,38 +822,6 @@ static ALWAYS_INLINE __m512i walk16_avx512(const float *th, const float *v, cons
     return q;
 }
 
-/* group layout */
-AVX512_TARGET
-static void encode_block_avx512(const lut_plan *p, rows_view v, int rows, uint8_t *blk) {
-    _Alignas(64) float vals[ENC_CH * LUT_DEPTH * RG];
-    const int64_t C = p->C;
-    /* q_i = code_i + 16; byte i must be code_i + 16 i: add -16, 0, +16, +32 to the bytes
-     * (no byte over- or underflows, so one 32-bit add does it) */
-    const __m512i adjust = _mm512_set1_epi32(0x20100000 - 16);
-    const __m512i empty = _mm512_set1_epi32(16); /* q of a padding codebook: code 0 */
-    for (int r0 = 0; r0 < rows; r0 += RG) {
-        const int valid = rows - r0 < RG ? rows - r0 : RG;
-        const rows_view group = {v.X + (int64_t)r0 * v.row_stride, v.row_stride, v.col_stride};
-        for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) { /* ENC_CH is a multiple of 4 */
-            const int64_t c1 = C - c0 < ENC_CH ? C : c0 + ENC_CH;
-            gather_split_values(p, group, valid, c0, c1, vals);
-            for (int64_t c = c0; c < c1; c += 4) {
-                __m512i q[4];
-                for (int i = 0; i < 4; i++)
-                    q[i] = c + i < c1 ? walk16_avx512(p->thr + (c + i) * 16, vals,
-                                                      p->gpos + (c + i) * LUT_DEPTH)
-                                      : empty;
-                __m512i w = _mm512_ternarylogic_epi32(q[0], _mm512_slli_epi32(q[1], 8),
-                                                      _mm512_slli_epi32(q[2], 16), 0xFE); /* or */
-                w = _mm512_or_si512(w, _mm512_slli_epi32(q[3], 24));
-                _mm512_store_si512((void *)(blk + ((c / 4) * BLOCK + r0) * 4),
-                                   _mm512_add_epi32(w, adjust));
-            }
-        }
-    }
-    /* row groups past the valid rows are never scanned */
-}
-
 /* In-place 16x16 transpose of 32-bit elements: r[i] lane j -> r[j] lane i. */
 AVX512_TARGET
 static ALWAYS_INLINE void transpose16_avx512(__m512 r[16]) {
@@ -816,6 +847,69 @@ static ALWAYS_INLINE void transpose16_avx512(__m512 r[16]) {
         r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
         r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xDD);
     }
+}
+
+/* gather_split_values for row-major X through the chunk's windows (plan_windows): 16 rows
+ * of a window's 16 columns are loaded and transposed, so that vector j holds column d0 + j of
+ * the 16 rows; the window's split dims take theirs.  Lone dims are copied one by one.  Rows
+ * past `rows` repeat the last valid row (their codes are never stored). */
+AVX512_TARGET
+static ALWAYS_INLINE void gather_windows_avx512(const lut_plan *p, rows_view v, int rows, int64_t c0,
+                                                float *vals) {
+    const int32_t *dim = p->gdim + c0 * LUT_DEPTH, *win = p->win + c0 * LUT_DEPTH * WIN_FIELDS;
+    const int nw = p->nwin[c0 / ENC_CH];
+    for (int w = 0; w < nw; w++) {
+        const int32_t *window = win + WIN_FIELDS * w;
+        const int32_t d0 = window[0], k0 = window[1], count = window[2];
+        __m512 r[RG];
+        for (int j = 0; j < RG; j++)
+            r[j] = _mm512_loadu_ps(v.X + (int64_t)(j < rows ? j : rows - 1) * v.row_stride + d0);
+        transpose16_avx512(r);
+        if (window[3]) { /* the window's 16 columns, each once */
+            for (int j = 0; j < RG; j++) _mm512_store_ps(vals + (k0 + j) * RG, r[j]);
+            continue;
+        }
+        _Alignas(64) float columns[RG * RG];
+        for (int j = 0; j < RG; j++) _mm512_store_ps(columns + j * RG, r[j]);
+        for (int k = k0; k < k0 + count; k++)
+            _mm512_store_ps(vals + k * RG, _mm512_load_ps(columns + (dim[k] - d0) * RG));
+    }
+    copy_split_values(v, rows, dim, p->lone + c0 * LUT_DEPTH, p->nlone[c0 / ENC_CH], vals);
+}
+
+/* group layout */
+AVX512_TARGET
+static void encode_block_avx512(const lut_plan *p, rows_view v, int rows, uint8_t *blk) {
+    _Alignas(64) float vals[ENC_CH * LUT_DEPTH * RG];
+    const int64_t C = p->C;
+    /* q_i = code_i + 16; byte i must be code_i + 16 i: add -16, 0, +16, +32 to the bytes
+     * (no byte over- or underflows, so one 32-bit add does it) */
+    const __m512i adjust = _mm512_set1_epi32(0x20100000 - 16);
+    const __m512i empty = _mm512_set1_epi32(16); /* q of a padding codebook: code 0 */
+    for (int r0 = 0; r0 < rows; r0 += RG) {
+        const int valid = rows - r0 < RG ? rows - r0 : RG;
+        const rows_view group = {v.X + (int64_t)r0 * v.row_stride, v.row_stride, v.col_stride};
+        for (int64_t c0 = 0; c0 < C; c0 += ENC_CH) { /* ENC_CH is a multiple of 4 */
+            const int64_t c1 = C - c0 < ENC_CH ? C : c0 + ENC_CH;
+            if (group.col_stride == 1)
+                gather_windows_avx512(p, group, valid, c0, vals);
+            else
+                gather_split_values(p, group, valid, c0, c1, vals);
+            for (int64_t c = c0; c < c1; c += 4) {
+                __m512i q[4];
+                for (int i = 0; i < 4; i++)
+                    q[i] = c + i < c1 ? walk16_avx512(p->thr + (c + i) * 16, vals,
+                                                      p->gpos + (c + i) * LUT_DEPTH)
+                                      : empty;
+                __m512i w = _mm512_ternarylogic_epi32(q[0], _mm512_slli_epi32(q[1], 8),
+                                                      _mm512_slli_epi32(q[2], 16), 0xFE); /* or */
+                w = _mm512_or_si512(w, _mm512_slli_epi32(q[3], 24));
+                _mm512_store_si512((void *)(blk + ((c / 4) * BLOCK + r0) * 4),
+                                   _mm512_add_epi32(w, adjust));
+            }
+        }
+    }
+    /* row groups past the valid rows are never scanned */
 }
 
 /* acc[i] (lane j = row j) += sum over groups of the tables of the tile's output slot i,

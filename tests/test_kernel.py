@@ -161,6 +161,26 @@ def test_split_dims_at_the_end_of_long_rows(path):
     assert np.array_equal(kernel.apply(X, params, path=path), apply_reference(X, params))
 
 
+@pytest.mark.parametrize("layout", ["prefix", "duplicates", "row end", "mixed"])
+@pytest.mark.parametrize("N", [1, 5, 16, 37, 200])
+def test_split_dims_in_dense_windows(layout, N, path):
+    """Split dims packed into 16 consecutive columns (on AVX-512 they are moved by a 16x16
+    transpose, the rest one by one): a dense prefix (a pruned producer's layout), windows with
+    repeated dims, a window pushed back from the end of the row, and windows mixed with lone
+    dims; every row count around the 16-row groups."""
+    M, C, D = 19, 24, 203
+    X, params = make_case(N + len(layout), N, M, C, D)
+    rng = np.random.default_rng(N)
+    dims = {"prefix": np.arange(4 * C),
+            "duplicates": rng.integers(40, 56, 4 * C),
+            "row end": D - 1 - rng.permutation(4 * C) % 20,
+            "mixed": np.concatenate([np.arange(100, 100 + 2 * C), rng.integers(0, D, 2 * C)])}[layout]
+    params.split_dims = rng.permutation(dims).reshape(C, 4).astype(np.int64)
+    assert np.array_equal(kernel.Plan(params).encode(X, path=path),
+                          encode_reference(X, params.split_dims, params.thresholds))
+    assert np.array_equal(kernel.apply(X, params, path=path), apply_reference(X, params))
+
+
 @pytest.mark.parametrize("N", [70, 1])  # the blocks, and the row path's own flush
 @pytest.mark.parametrize("C", [257, 258, 300, 600])
 def test_uint16_flush_long_C(C, N, path):
