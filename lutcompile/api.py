@@ -50,6 +50,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   partition: str | None = None,
                   table_loss: str | None = None,
                   split_bins: int | None = None,
+                  split_lines: int | None = None,
                   finetune: bool | None = None,
                   finetune_tables: bool | None = None,
                   finetune_trees: bool | None = None,
@@ -92,7 +93,10 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     "mse" (tables optimised for the error after each node's activation) or "kl" (as mse, but
     KL between softmaxes for the node producing the logits); split_bins (fit): 0 searches the
     trees' thresholds at every distinct value, N >= 2 between N quantile bins per dimension
-    (faster on many rows, FitOptions.split_bins); fit_options, finetune_options:
+    (faster on many rows, FitOptions.split_bins); split_lines (fit): L >= 1 confines the trees of
+    a MatMul/Gemm reading an input no replaced node produces to the L 64-byte lines of the row
+    that carry most of its product, so its encoder streams L lines of each row (FitOptions.split_lines);
+    fit_options, finetune_options:
     the whole stage's options; op_types, fuse_activation, nodes_to_include, nodes_to_exclude
     (frontend); batch_size (calibrate);
     finetune: ITLUMM's incremental replacement, fine-tuning the later exact layers after each
@@ -122,7 +126,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     if progress is None:
         progress = sys.stderr.isatty()
     options = _resolve_options(options or CompileOptions(), partition=partition, table_loss=table_loss,
-                               split_bins=split_bins,
+                               split_bins=split_bins, split_lines=split_lines,
                                finetune=finetune, finetune_tables=finetune_tables, finetune_trees=finetune_trees,
                                nodes_to_include=nodes_to_include if nodes_to_include is not None
                                else list(codebooks) if isinstance(codebooks, dict) else None,
@@ -213,14 +217,14 @@ def _plan(codebooks, targets: list[frontend.TargetNode]) -> dict[str, int]:
     return {t.name: int(counts[t.name]) for t in targets}
 
 
-def _resolve_options(options: CompileOptions, *, partition, table_loss, split_bins, finetune, finetune_tables, finetune_trees,
+def _resolve_options(options: CompileOptions, *, partition, table_loss, split_bins, split_lines, finetune, finetune_tables, finetune_trees,
                      nodes_to_include, nodes_to_exclude, op_types, fuse_activation, seed, batch_size,
                      fit_options, finetune_options, epochs, augment=None) -> CompileOptions:
     """`options` with the fields the keyword arguments name overridden (None: not given)."""
     def given(**fields):
         return {k: v for k, v in fields.items() if v is not None}
     fit = replace(fit_options or options.fit, **given(partition=partition, table_loss=table_loss, seed=seed,
-                                                       split_bins=split_bins))
+                                                       split_bins=split_bins, split_lines=split_lines))
     tune = replace(finetune_options or options.finetune, **given(enabled=finetune, tables=finetune_tables,
                                                                   trees=finetune_trees, seed=seed))
     if tune.trees:  # the trees train in the end-to-end stage

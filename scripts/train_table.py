@@ -3,6 +3,8 @@ whole-model latency against onnxruntime fp32 and int8 static, for the shipped mo
 
     python scripts/train_table.py [--only mlp|cnn] [--cnn-epochs N] [--repetitions N]
     python scripts/train_table.py --subvectors 4,9,16,25,49   # the MLP across S (issue 14, item 3)
+    python scripts/train_table.py --split-lines 0,8,16,24     # C = 64 with the first layer's trees
+                                                              # confined to L cache lines (issue 15, item 3)
 
 Each configuration is compiled by the public API exactly as a user would:
 `compile_model(model, out, calib, train=train, codebooks=... or subvector=..., augment=...)`,
@@ -16,7 +18,9 @@ thread, batch 256 and batch 1; every ratio in the table is taken in this run.
 
 The table goes into README.md between <!-- train_table:start --> and <!-- train_table:end -->,
 and every figure into build/train_table/results.json; with --subvectors, the MLP alone at
-`--subvector S` for each S, into <!-- subvector_sweep:start --> and build/subvector_sweep/.
+`--subvector S` for each S, into <!-- subvector_sweep:start --> and build/subvector_sweep/;
+with --split-lines, the MLP at C = 64 and `--split-lines L` for each L, into
+<!-- split_lines:start --> and build/split_lines/.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from readme_tables import publish  # noqa: E402
 
 BUILD = ROOT / "build" / "train_table"
 SWEEP = ROOT / "build" / "subvector_sweep"  # --subvectors
+LINES = ROOT / "build" / "split_lines"  # --split-lines
 # the MLP trains on augmented rows, the augmentation the shipped model itself was trained with
 # (scripts/train_mnist_mlp.py), with TrainOptions' defaults for it (40 epochs, no mixup): at
 # C = 64, 20 epochs without it 97.25 %, 40 without it 96.75 %, with it 97.30 % at 20 epochs and
@@ -156,17 +161,26 @@ def main() -> None:
     ap.add_argument("--repetitions", type=int, default=30)
     ap.add_argument("--subvectors", default=None, metavar="S,S,...",
                     help="instead, the MLP at each of these inputs per codebook (compile_model(subvector=S))")
+    ap.add_argument("--split-lines", default=None, metavar="L,L,...",
+                    help="instead, the MLP at C = 64 with each of these compile_model(split_lines=L)")
     args = ap.parse_args()
     results, parts = {}, []
     started = time.perf_counter()
-    if args.subvectors:
-        configs = [(f"S = {S}", {"subvector": S}) for S in map(int, args.subvectors.split(","))]
-        results["mlp"] = measure(dict(MLP, build=SWEEP), configs, args.repetitions)
-        parts.append(table("MNIST MLP across S, inputs per codebook, every layer replaced, 2,000 held-out rows",
-                           MLP, results["mlp"], codebooks=True))
-        publish("subvector_sweep", SWEEP, results, parts,
-                footer(f"python scripts/train_table.py --subvectors {args.subvectors}", started), True)
-        return
+    sweeps = {"subvectors": ("subvector_sweep", SWEEP, "MNIST MLP across S, inputs per codebook, every layer "
+                             "replaced, 2,000 held-out rows",
+                             lambda S: (f"S = {S}", {"subvector": S})),
+              "split_lines": ("split_lines", LINES, "MNIST MLP at C = 64, the first layer's trees confined to L "
+                              "64-byte lines of each 784-float row (0: anywhere), 2,000 held-out rows",
+                              lambda L: (f"L = {L}", {"codebooks": 64, "split_lines": L}))}
+    for flag, (marker, folder, title, config) in sweeps.items():
+        values = getattr(args, flag)
+        if values:
+            configs = [config(v) for v in map(int, values.split(","))]
+            results["mlp"] = measure(dict(MLP, build=folder), configs, args.repetitions)
+            parts.append(table(title, MLP, results["mlp"], codebooks=True))
+            publish(marker, folder, results, parts,
+                    footer(f"python scripts/train_table.py --{flag.replace('_', '-')} {values}", started), True)
+            return
     if args.only in (None, "mlp"):
         results["mlp"] = measure(MLP, MLP_CONFIGS, args.repetitions)
         parts.append(table("MNIST MLP, every layer replaced, 2,000 held-out rows", MLP, results["mlp"]))

@@ -36,6 +36,7 @@ def one_error_line(stderr: str) -> str:
     (["--codebooks", "0"], "codebook counts must be whole numbers >= 1"),
     (["--threads", "0"], "threads must be a positive whole number"),
     (["--split-bins", "1"], "split_bins must be 0 (exact search) or at least 2"),
+    (["--split-lines", "-1"], "split_lines must be 0 (anywhere) or a number of lines >= 1"),
     (["--max-accuracy-drop", "2"], "max_accuracy_drop is a fraction in [0, 1]"),
 ])
 def test_bad_options_exit_2(tmp_path, extra, message):

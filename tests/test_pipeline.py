@@ -11,6 +11,7 @@ import lutcompile
 from lutcompile.compile import calibrate, frontend
 from lutcompile.ops import kernel
 from lutcompile.compile.fit import FitOptions, fit_node, learn_tree, quantise_tables, ridge_tables
+from lutcompile.errors import OptionsError
 from lutcompile.ops.spec import DOMAIN, encode_reference
 from lutcompile.ops.reference import reference_evaluator
 
@@ -195,6 +196,33 @@ def test_split_bins_reach_the_fitter_and_the_record(digits_model, digits_split):
     assert first[32] == first[0] != first[4]
     with pytest.raises(ValueError, match="split_bins"):
         FitOptions(split_bins=1).check()
+
+
+def test_split_lines_confine_the_first_layer_to_its_heaviest_lines(digits_model, digits_mlp, digits_split):
+    """compile_model(split_lines=L): the first layer (its input is the graph's) splits only on
+    the columns of the L aligned 16-float lines with the most var(x_j) * ||W_j||^2, computed
+    here in numpy; the layers fed by a replaced node are not confined (unpruned, so their split
+    dims keep their own numbering); too few columns for the codebooks, or L < 0, is a one-line error."""
+    Xtr = digits_split[0][:600]
+    fast = dict(codebooks=8, partition="contiguous", table_loss="ridge", finetune=False, progress=False,
+                prune_columns=False)
+    W0 = digits_mlp[0][0]
+    energy = Xtr.astype(np.float64).var(axis=0) * (W0.astype(np.float64) ** 2).sum(axis=1)
+    ranked = np.argsort(-energy.reshape(4, 16).sum(axis=1))
+    for lines in (1, 2):
+        result = lutcompile.compile_model(digits_model, None, {"input": Xtr}, split_lines=lines, **fast)
+        assert result.options["fit_options"]["split_lines"] == lines
+        dims = [np.array(attr_ints(n, "split_dims")) for n in result.model.graph.node if n.domain == DOMAIN]
+        assert set(np.unique(dims[0] // 16)) == set(ranked[:lines])
+        assert len(np.unique(dims[1] // 16)) > lines  # fc1 reads fc0's output: not confined
+    with pytest.raises(OptionsError, match="keeps 16 input columns, fewer than the 24 codebooks"):
+        lutcompile.compile_model(digits_model, None, {"input": Xtr}, split_lines=1, **dict(fast, codebooks=24))
+    with pytest.raises(ValueError, match="split_lines must be 0"):
+        FitOptions(split_lines=-1).check()
+
+
+def attr_ints(node, name: str) -> list[int]:
+    return next(list(a.ints) for a in node.attribute if a.name == name)
 
 
 def test_ridge_tables_solve_the_normal_equations(digits):

@@ -43,6 +43,11 @@ class FitOptions:
     # buckets homogeneous in the codebook's contribution to the output ("output"), or in its
     # input subvector as in MADDNESS ("input")
     tree_objective: str = "output"
+    # 0: split dimensions anywhere in the input row. L >= 1: on a MatMul/Gemm whose input no
+    # other replaced node produces (compile/prune.py lays out the others), the trees split only
+    # on the columns of the L aligned 16-float lines (64-byte cache lines) of the row that carry
+    # the most of the product's energy, so the encoder reads L lines of each row, not all of them
+    split_lines: int = 0
     seed: int = 0
 
     def check(self) -> None:
@@ -54,6 +59,9 @@ class FitOptions:
         if isinstance(self.split_bins, bool) or not isinstance(self.split_bins, (int, np.integer)) \
                 or self.split_bins < 0 or self.split_bins == 1:
             raise OptionsError(f"split_bins must be 0 (exact search) or at least 2, got {self.split_bins}")
+        if isinstance(self.split_lines, bool) or not isinstance(self.split_lines, (int, np.integer)) \
+                or self.split_lines < 0:
+            raise OptionsError(f"split_lines must be 0 (anywhere) or a number of lines >= 1, got {self.split_lines}")
 
 
 @dataclass
@@ -290,6 +298,32 @@ def relative_error(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.linalg.norm(approx - exact)) / (denom if denom > 0 else 1.0)
 
 
+LINE_FLOATS = 16  # float32 columns per 64-byte cache line
+
+
+def line_columns(X: np.ndarray, weight: np.ndarray, lines: int) -> np.ndarray:
+    """The columns of the `lines` aligned LINE_FLOATS-column lines of X [N, D] whose columns j
+    carry the most of X @ weight's energy, var(x_j) * ||weight[j]||^2 (all columns when fewer)."""
+    D = X.shape[1]
+    energy = X.astype(np.float64).var(axis=0) * np.sum(weight.astype(np.float64) ** 2, axis=1)
+    line_of = np.arange(D) // LINE_FLOATS
+    per_line = np.bincount(line_of, weights=energy, minlength=line_of[-1] + 1)
+    kept = np.argsort(-per_line, kind="stable")[:lines]
+    return np.flatnonzero(np.isin(line_of, kept))
+
+
+def codebook_groups(X: np.ndarray, weight: np.ndarray, codebooks: int, options: FitOptions) -> list[np.ndarray]:
+    """Each codebook's input dimensions: a partition of all D, or with options.split_lines of
+    the columns of those lines only."""
+    if not options.split_lines:
+        return partition(X, codebooks, options.partition, options.seed)
+    columns = line_columns(X, weight, options.split_lines)
+    if len(columns) < codebooks:
+        raise OptionsError(f"split_lines = {options.split_lines} keeps {len(columns)} input columns, fewer than the "
+                           f"{codebooks} codebooks; allow more lines or use fewer codebooks")
+    return [columns[g] for g in partition(X[:, columns], codebooks, options.partition, options.seed)]
+
+
 def fit_node(X: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, activation: str | None,
              codebooks: int, options: FitOptions = FitOptions(),
              target: np.ndarray | None = None) -> NodeFit:
@@ -304,7 +338,7 @@ def fit_node(X: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, activat
     D, M = weight.shape
     if X.ndim != 2 or X.shape[1] != D:
         raise ValueError(f"activations of shape {X.shape} do not match a weight of shape {weight.shape}")
-    groups = partition(X, codebooks, options.partition, options.seed)
+    groups = codebook_groups(X, weight, codebooks, options)
     trees = [_learn_codebook_tree(X, g, weight, options) for g in groups]
     split_dims = np.stack([t[0] for t in trees])
     thresholds = np.stack([t[1] for t in trees])

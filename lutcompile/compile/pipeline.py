@@ -23,7 +23,7 @@ from .finetune import FinetuneOptions, TrainingCurve, held_out_rows, train
 from .fit import FitOptions, TreeSource
 from .fuse import fuse_max_pools
 from .methods import NodeReport, get_method
-from .prune import narrowed_reports, prune_unread_columns
+from .prune import CHANNEL_WISE, ELEMENTWISE, narrowed_reports, prune_unread_columns
 from .rewrite import rewrite
 
 log = logging.getLogger("lutcompile")
@@ -73,6 +73,26 @@ class CompileResult:
     budget: object | None = None  # budget.search.BudgetResult, when the budget search chose the plan
     training: list[TrainingCurve] = field(default_factory=list)  # every training run's curve, in order
     before_training: onnx.ModelProto | None = None  # with train data: the compiled model before the train stage
+
+
+# ops a replaced producer's output may pass through on its way to a lookup whose input
+# compile/prune.py lays out (each treats features apart, or only reshapes them)
+_LAID_OUT_THROUGH = ELEMENTWISE | CHANNEL_WISE | {"Flatten", "Reshape"}
+
+
+def node_fit_options(model: onnx.ModelProto, target: frontend.TargetNode, targets: list[frontend.TargetNode],
+                     fit: FitOptions) -> FitOptions:
+    """`fit` for one node: split_lines applies only to a MatMul/Gemm whose input no other
+    replaced node produces; the pruning pass lays out the split columns of the others, and a
+    Conv's patches are gathered by the op itself."""
+    if not fit.split_lines:
+        return fit
+    produced = {t.output_name for t in targets}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name = target.input_name
+    while name not in produced and name in producer and producer[name].op_type in _LAID_OUT_THROUGH:
+        name = producer[name].input[0]
+    return replace(fit, split_lines=0) if target.conv is not None or name in produced else fit
 
 
 def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], data: CalibrationData,
@@ -135,8 +155,9 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
         with timed(seconds, "calibrate"):
             rows = calibrate.target_rows(current, data, now, co, bar(progress, "calibrate"))
         with timed(seconds, "fit"):
-            fitted = [method.fit(t, rows[t.name], plan[t.name], options.fit, t.output_name in analysis.output_names
-                                 and t.activation is None) for t in bar(progress, "fit")(now)]
+            fitted = [method.fit(t, rows[t.name], plan[t.name], node_fit_options(analysis.model, t, chosen, options.fit),
+                                 t.output_name in analysis.output_names and t.activation is None)
+                      for t in bar(progress, "fit")(now)]
             current = rewrite(current, [f.replacement for f in fitted])
         reports += [f.report for f in fitted]
         trees.update({f.report.name: f.trees for f in fitted if f.trees is not None})

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search the trees' thresholds between N quantile bins per input dimension, "
                         "a few sparse products per level instead of a sort per node: faster on many "
                         f"rows (0: every distinct value; default {FitOptions.split_bins})")
+    p.add_argument("--split-lines", type=int, default=None, metavar="L",
+                   help="on a MatMul/Gemm reading an input no replaced node produces, split only on the "
+                        "columns of the L 64-byte lines of the row carrying most of the product, so the "
+                        f"encoder streams L lines of each row (0: anywhere; default {FitOptions.split_lines})")
     p.add_argument("--no-prune-columns", dest="prune_columns", action="store_false", default=None,
                    help="keep every output column of every lookup node; by default a lookup node feeding "
                         "another computes only the columns that one's trees read (same outputs, bit for bit)")
@@ -280,7 +284,7 @@ def main_compile(argv: list[str]) -> int:
                                    augment=args.augment,
                                    codebooks=args.codebooks, subvector=args.subvector,
                                    partition=args.partition, table_loss=args.table_loss,
-                                   split_bins=args.split_bins,
+                                   split_bins=args.split_bins, split_lines=args.split_lines,
                                    finetune=args.finetune, finetune_tables=args.finetune_tables,
                                    finetune_trees=args.finetune_trees,
                                    nodes_to_include=args.include, nodes_to_exclude=args.exclude,
