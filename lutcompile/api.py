@@ -23,6 +23,7 @@ from .compile.augment import Augment, parse_augment
 from .compile.finetune import FinetuneOptions, TrainOptions
 from .compile.fit import FitOptions
 from .compile.methods import NodeReport, get_method
+from .ops.spn import lower_to_standard_ops
 from .compile.pipeline import CompileOptions, CompileResult, evaluate_accuracy
 from .onnx_io import external_data
 from .onnx_io.export import check_output_path, save_model
@@ -71,7 +72,10 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   max_accuracy_drop: float | None = None,
                   max_output_error: float | None = None,
                   budget_options: BudgetOptions | None = None,
-                  mask_input: str | bool | None = None) -> CompileResult:
+                  mask_input: str | bool | None = None,
+                  method: str | dict[str, str] | None = None,
+                  spn_width: int | dict[str, int] | None = None,
+                  portable: bool = False) -> CompileResult:
     """Replace the model's constant-weight matrix products by lookup nodes.
 
     calibration_data: an .npz path, a dict of arrays (one per model input keyed by name; a
@@ -122,6 +126,13 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     model's attention mask): rows at those positions are neither fitted on nor counted in the
     training loss. None: CalibrateOptions.mask_input ("auto": an input named attention_mask);
     False: every position counts.
+    method: "lut" (lookups, the default) or "spn" (StrassenNets' ternary sum-product layers,
+    SpnMatMul) for every replaced node, or {node name: method} with "lut" for the others.
+    spn_width: the spn nodes' hidden width r, their multiplications per row, one for every node
+    or {node name: r} (None, or a node not named: r = M).
+    portable: write the spn nodes as standard ONNX ops (ops.spn.lower_to_standard_ops), so the
+    model runs in any onnxruntime without lutcompile's library; every replaced node must then
+    be spn.
     """
     if progress is None:
         progress = sys.stderr.isatty()
@@ -143,8 +154,16 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     options.fit.check()
     if train is None and augment is not None:
         raise OptionsError("augment applies to the training rows; give train (--train) too")
-    if train is not None and not get_method(options.method).trainable:
-        raise OptionsError(f"method '{options.method}' cannot train; leave out train (--train)")
+    if isinstance(method, str):
+        options = replace(options, method=method)
+    elif method is not None:
+        options = replace(options, node_methods=dict(method))
+    if spn_width is not None:
+        options = replace(options, spn_width=dict(spn_width) if isinstance(spn_width, dict) else spn_width)
+    options.check_methods()
+    for name in sorted(options.methods()):
+        if train is not None and not get_method(name).trainable:
+            raise OptionsError(f"method '{name}' cannot train; leave out train (--train)")
     # under torchrun (compile/distributed.py) rank 0 alone shows progress and writes files
     group = world()
     progress = progress and group.writes
@@ -159,7 +178,14 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
             fo = options.frontend
             analysis = frontend.analyse(model, fo.op_types, fo.fuse_activation)
             targets = frontend.select_targets(analysis, fo)
-            plan = _plan(_widths(codebooks, subvector, train is not None), targets)
+            plan = options.node_sizes(_plan(_widths(codebooks, subvector, train is not None), targets), targets)
+            unknown = sorted(set(options.node_methods) - {t.name for t in analysis.targets})
+            if unknown:
+                raise OptionsError(f"method for node '{unknown[0]}': it is not a MatMul, Gemm or Conv node of the model")
+            if portable and (max_accuracy_drop is not None or max_output_error is not None
+                             or any(options.method_of(t.name) != "spn" for t in targets if t.name in plan)):
+                raise OptionsError("portable writes spn nodes as standard ops, and lookup nodes have no such form: "
+                                   "use method 'spn' for every replaced node (and no budget search)")
             data = calibrate.load_calibration(calibration_data, analysis.model)
             train_data = None if train is None else calibrate.load_calibration(train, analysis.model, what="training")
             if train_data is not None and options.finetune.train.augment is not None:
@@ -174,6 +200,9 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
             result.options["codebooks"] = codebooks  # as asked; "plan" holds the count per node
             result.options["subvector"] = subvector
         result.options["threads"] = threads
+        result.options["portable"] = portable
+        if portable:
+            result.model = lower_to_standard_ops(result.model)
         survivors.append(result.model)
         if model_output is not None and group.writes:
             with timed(result.seconds, "export"):

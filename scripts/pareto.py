@@ -63,7 +63,7 @@ MODELS = {
 UNIFORM = (4, 8, 16, 32)
 BUDGETS = (0.005, 0.01, 0.02)
 BATCHES = (1, 256)
-FAMILIES = ("fp32", "int8", "lut", "budget", "trained")
+FAMILIES = ("fp32", "int8", "lut", "budget", "trained", "spn")
 
 
 @dataclass
@@ -134,9 +134,11 @@ def lut_info(result: lutcompile.CompileResult, seconds: float) -> dict:
     return info
 
 
-def build_model(name: str, spec: dict, variants: list[Variant], reuse: bool, trained_from: Path | None = None) -> None:
+def build_model(name: str, spec: dict, variants: list[Variant], reuse: bool, trained_from: Path | None = None,
+                spn_from: Path | None = None) -> None:
     """Build (or, with reuse, load the cached) compiled and quantised variants of one model;
-    the trained ones taken from scripts/train_table.py's folder `trained_from`, when given."""
+    the trained ones taken from scripts/train_table.py's folder `trained_from`, the SPN ones from
+    scripts/spn_table.py's `spn_from`, when given."""
     folder = BUILD / name
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -157,17 +159,18 @@ def build_model(name: str, spec: dict, variants: list[Variant], reuse: bool, tra
             store(by_key[key], info)
     shared = BudgetOptions()
     for v in variants:
-        if v.family not in ("lut", "budget", "trained") or cached(v):
+        if v.family not in ("lut", "budget", "trained", "spn") or cached(v):
             continue
-        if v.family == "trained" and trained_from is not None:
-            store(v, {**v.info, **trained_table_info(trained_from, name, v, folder)})
+        source = {"trained": trained_from, "spn": spn_from}.get(v.family)
+        if source is not None:
+            store(v, {**v.info, **trained_table_info(source, name, v, folder)})
             continue
         print(f"{name}: building {v.label}", flush=True)
         start = time.perf_counter()
-        if v.family == "trained":  # scripts/train_table.py's configuration, compiled as it does
+        if v.family in ("trained", "spn"):  # train_table's or spn_table's configuration, compiled as they do
             import train_table
             spec = train_table.MLP if name == "mnist_mlp" else train_table.cnn_spec()
-            result = train_table.compile_trained(spec, dict(trained_configs(name))[v.info["config"]],
+            result = train_table.compile_trained(spec, dict(trained_configs(name, v.family))[v.info["config"]],
                                                  folder / f"{v.key}.onnx", progress=False)
             v.info["train_seconds"] = result.seconds.get("train")
         elif v.family == "lut":
@@ -185,21 +188,27 @@ def trained_table_info(trained_from: Path, name: str, v: Variant, folder: Path) 
     """Copy trained variant `v` (trained_i: train_table's i-th configuration) from the folder
     scripts/train_table.py wrote (its lut_i.onnx and its results.json row)."""
     import shutil
-    rows = json.loads((trained_from / "results.json").read_text())["mlp" if name == "mnist_mlp" else "cnn"]
+    results = json.loads((trained_from / "results.json").read_text())
+    rows = results["rows"] if v.family == "spn" else results["mlp" if name == "mnist_mlp" else "cnn"]
     row = rows.get(v.info["config"])
     model = trained_from / name / f"lut_{v.key.split('_')[-1]}.onnx"
     if row is None or not model.exists():
-        raise SystemExit(f"pareto.py: --trained-from {trained_from} has no '{v.info['config']}' for {name}: "
-                         f"run scripts/train_table.py first")
+        script = "spn_table" if v.family == "spn" else "train_table"
+        raise SystemExit(f"pareto.py: {trained_from} has no '{v.info['config']}' for {name}: "
+                         f"run scripts/{script}.py first")
     shutil.copyfile(model, folder / f"{v.key}.onnx")
     print(f"{name}: {v.label} taken from {model}", flush=True)
     return {"seconds": row["compile_seconds"], "train_seconds": row["train_seconds"], "replaced": row["plan"],
             "from": str(model)}
 
 
-def trained_configs(name: str) -> list[tuple[str, dict]]:
-    """The trained configurations of scripts/train_table.py for one model: (label, widths)."""
+def trained_configs(name: str, family: str = "trained") -> list[tuple[str, dict]]:
+    """The trained configurations of scripts/train_table.py (or, family "spn", of
+    scripts/spn_table.py, the MLP's only) for one model: (label, compile_model keywords)."""
     import train_table
+    if family == "spn":
+        import spn_table
+        return spn_table.configs(spn_table.WIDTHS) if name == "mnist_mlp" else []
     return train_table.MLP_CONFIGS if name == "mnist_mlp" else train_table.CNN_CONFIGS
 
 
@@ -210,7 +219,9 @@ def variants_of(name: str) -> list[Variant]:
             + [Variant(f"budget_{x}", f"lut budget {100 * x:g} pt", "budget", {"max_accuracy_drop": x})
                for x in BUDGETS]
             + [Variant(f"trained_{i}", f"lut trained {label}", "trained", {"config": label})
-               for i, (label, _) in enumerate(trained_configs(name))])
+               for i, (label, _) in enumerate(trained_configs(name))]
+            + [Variant(f"spn_{i}", f"{label} trained", "spn", {"config": label})
+               for i, (label, _) in enumerate(trained_configs(name, "spn"))])
 
 
 def path_of(name: str, spec: dict, v: Variant) -> Path:
@@ -248,6 +259,8 @@ def plan_text(v: Variant) -> str:
     if v.family == "trained":
         return (f"C = {', '.join(map(str, v.info['replaced'].values()))}, trained "
                 f"{v.info['train_seconds']:.0f} s")
+    if v.family == "spn":
+        return f"every node SpnMatMul, trained {v.info['train_seconds']:.0f} s"
     return ""
 
 
@@ -288,7 +301,7 @@ def verdict(results: dict[str, list[Variant]]) -> str:
     for name, variants in results.items():
         title = MODELS[name]["title"]
         int8 = [v for v in variants if v.family == "int8"]
-        luts = [v for v in variants if v.family in ("lut", "budget", "trained") and v.info.get("replaced")]
+        luts = [v for v in variants if v.family in ("lut", "budget", "trained", "spn") and v.info.get("replaced")]
         for batch in BATCHES:
             wins = [(v, q) for q in int8 for v in luts
                     if v.accuracy >= q.accuracy and v.latency[batch] < q.latency[batch]]
@@ -354,7 +367,7 @@ def budget_notes(results: dict[str, list[Variant]]) -> str:
 
 # where each family's labels go (points), so that neighbours do not print over each other
 LABEL_OFFSETS = {"fp32": (8, 5), "int8_static": (-8, 7), "int8_dynamic": (8, -11), "lut": (7, 3),
-                 "budget": (7, -11), "trained": (-8, -12)}
+                 "budget": (7, -11), "trained": (-8, -12), "spn": (8, 4)}
 
 
 def identity(v: Variant) -> str:
@@ -375,9 +388,10 @@ def chart(results: dict[str, list[Variant]], out: Path) -> None:
 
     style = {"fp32": dict(marker="s", color="black", s=50), "int8": dict(marker="^", color="tab:blue", s=60),
              "lut": dict(marker="o", color="tab:orange", s=45), "budget": dict(marker="*", color="tab:red", s=150),
-             "trained": dict(marker="D", color="tab:green", s=55)}
+             "trained": dict(marker="D", color="tab:green", s=55), "spn": dict(marker="P", color="tab:purple", s=70)}
     legend = {"fp32": "onnxruntime fp32", "int8": "onnxruntime int8", "lut": "lutcompile, one C for every node",
-              "budget": "lutcompile --max-accuracy-drop", "trained": "lutcompile --train (scripts/train_table.py)"}
+              "budget": "lutcompile --max-accuracy-drop", "trained": "lutcompile --train (scripts/train_table.py)",
+              "spn": "lutcompile --method spn --train (scripts/spn_table.py)"}
     fig, axes = plt.subplots(len(results), len(BATCHES), figsize=(11, 4.4 * len(results)), squeeze=False)
     for row, (name, variants) in enumerate(results.items()):
         same: dict[str, list[Variant]] = {}
@@ -428,12 +442,24 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores; onnxruntime {ort.__version__}, lutcompile {lutcompile.__version__}"
 
 
+def command_text(args) -> str:
+    """How the figures were made: the command, and where the trained and SPN variants came from."""
+    flags = "".join(f" --{flag} {value}" for flag, value in (("trained-from", args.trained_from),
+                                                             ("spn-from", args.spn_from)) if value)
+    sources = [f"the {what} variants being the models `python scripts/{script}.py` wrote in its run just before"
+               for what, script, value in (("trained", "train_table", args.trained_from),
+                                           ("SPN", "spn_table", args.spn_from)) if value]
+    return f"Command: `python scripts/pareto.py{flags}`" + (", " + "; ".join(sources) if sources else "") + "."
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reuse", action="store_true", help="reuse the variants already built in build/pareto/")
     p.add_argument("--trained-from", type=Path, default=None, metavar="DIR",
                    help="take the trained variants from scripts/train_table.py's last run in DIR "
                         "(build/train_table) instead of training them again")
+    p.add_argument("--spn-from", type=Path, default=None, metavar="DIR",
+                   help="take the SPN variants from scripts/spn_table.py's last run in DIR (build/spn_table)")
     p.add_argument("--repetitions", type=int, default=30, help="interleaved timing repetitions (default 30)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--no-readme", action="store_true")
@@ -444,7 +470,7 @@ def main() -> None:
     results = {}
     for name in args.models:
         variants = variants_of(name)
-        build_model(name, MODELS[name], variants, args.reuse, args.trained_from)
+        build_model(name, MODELS[name], variants, args.reuse, args.trained_from, args.spn_from)
         measure(name, MODELS[name], variants, args.repetitions)
         results[name] = variants
         (BUILD / name / "measured.json").write_text(json.dumps([asdict(v) for v in variants], indent=2) + "\n")
@@ -456,9 +482,7 @@ def main() -> None:
              f"variants in one process. Machine: {machine()}; 1-minute load average {load_before:.1f} before "
              f"and {load_after:.1f} after the run. The budget searches of a model share one cost model and "
              f"one set of sensitivities, measured (and timed, under build time) by the first. "
-             + (f"Command: `python scripts/pareto.py --trained-from {args.trained_from}`, the trained variants "
-                f"being the models `python scripts/train_table.py` wrote in its run just before."
-                if args.trained_from else "Command: `python scripts/pareto.py`."))
+             + command_text(args))
     verdicts = verdict(results)
     (RESULTS / "pareto.md").write_text(
         "# Accuracy against latency: lutcompile, onnxruntime fp32 and int8\n\n" + full_table(results)

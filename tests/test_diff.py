@@ -99,8 +99,10 @@ def check_schema(value, schema, where="$"):
 
 
 LUT = {"C": int, "relu": bool, "partition": (str, None), "table_loss": (str, None), "source_op": (str, None)}
+COUNT = {"width": int, "multiplications": int, "additions": int, "exact_multiplications": int,
+         "exact_additions": int, "wb_zeros": float, "wc_zeros": float}
 SIDE = {"op_type": str, "domain": str, "inputs": [str], "outputs": [str], "D": (int, None), "M": (int, None),
-        "param_bytes": int, "lut": (None, LUT)}
+        "param_bytes": int, "lut": (None, LUT), "spn": (None, COUNT), "multiplications": (int, None)}
 DIFF_SCHEMA = {
     "schema": str, "model_a": (str, None), "model_b": (str, None), "identical": bool,
     "summary": {"nodes_a": int, "nodes_b": int, "replaced": int, "changed": int, "unchanged": int,
@@ -123,6 +125,8 @@ INSPECT_SCHEMA = {
                                       "strides": (None, [int]), "pads": (None, [int]),
                                       "dilations": (None, [int])}),
                       "problems": [str]}],
+    "spn_nodes": [{"name": str, "inputs": [str], "outputs": [str], "D": (int, None), "M": (int, None),
+                   "relu": (bool, None), "count": (None, COUNT), "param_bytes": int, "problems": [str]}],
     "exact_nodes": [{"name": str, "op_type": str}],
     "problems": [str],
 }
@@ -266,10 +270,11 @@ def test_diff_cli_table_summary_and_exit_status(capsys, compiled):
     assert code == 0, err
     lines = text.splitlines()
     assert lines[0].split() == ["node", "status", "op", "(a", "->", "b)", "D", "x", "M", "C", "partition",
-                                "tables", "bytes", "(a", "->", "b)", "rel.err"]
+                                "tables", "mults/row", "(a", "->", "b)", "bytes", "(a", "->", "b)", "rel.err"]
     row = next(l for l in lines if l.startswith("/0/Gemm"))
     assert row.split()[:8] == ["/0/Gemm", "replaced", "Gemm", "->", "ai.lutcompile:LutMatMul", "784", "x", "200"]
-    assert "628,000 -> 13,920" in row
+    # multiplications per row: the exact product's D x M, the lookup's M (its table scale)
+    assert "156,800 -> 200" in row and "628,000 -> 13,920" in row
     assert next(l for l in lines if l.startswith("/1/Relu")).split()[:5] == \
         ["/1/Relu", "absorbed", "Relu", "->", "(into"]
     assert ("4 replaced, 0 changed, 0 unchanged, 3 absorbed, 0 removed, 0 added; 7 -> 4 nodes; "
@@ -446,7 +451,7 @@ def test_inspect_of_partial_and_uncompiled_models(capsys, partial):
     code, text, _ = run_cli(capsys, "inspect", partial)
     assert "exact MatMul/Gemm/Conv left: /0/Gemm (Gemm), /4/Gemm (Gemm), /6/Gemm (Gemm)" in text.splitlines()
     code, text, _ = run_cli(capsys, "inspect", MODEL)
-    assert code == 0 and text.splitlines()[0].startswith("no LutMatMul or LutConv nodes")
+    assert code == 0 and text.splitlines()[0].startswith("no LutMatMul, LutConv or SpnMatMul nodes")
 
 
 def _corrupt(node, name, value):

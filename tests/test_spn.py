@@ -94,7 +94,7 @@ def test_the_portable_lowering_in_onnxruntime_equals_the_reference(first_layer):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
-    assert {n.op_type for n in model.graph.node} == {"MatMul", "Mul", "Add"}
+    assert {n.op_type for n in model.graph.node} == {"Cast", "MatMul", "Mul", "Add"}
     out = make_session(model).run(None, {"input": X})[0]
     expected = spn.reference(X, params)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -12,11 +12,13 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
+import onnx
 
-from ..ops import node_format
+from ..ops import node_format, spn
+from ..ops.spn import LayerCount
 from ..ops.spec import CONV_OP_TYPE, DOMAIN, OP_TYPE, LutParams
 from .calibrate import require_rows
-from .fit import FitOptions, TreeSource, fit_node
+from .fit import FitOptions, TreeSource, activate, fit_node, relative_error
 from .frontend import TargetNode
 from .rewrite import Replacement
 from ..errors import OptionsError
@@ -43,6 +45,10 @@ class NodeReport:
     columns_computed: int | None = None
     # a LutConv: the MaxPool node it absorbed, whose pooled output it writes (compile/fuse.py)
     fused_pool: str | None = None
+    method: str = "lut"  # which Method replaced it
+    # an SpnMatMul: its width r, its operation count per row against the exact layer's, and the
+    # sparsity of its ternary matrices (ops.spn.LayerCount)
+    spn: LayerCount | None = None
 
 
 @dataclass
@@ -89,6 +95,43 @@ class LookupMethod:
         return FittedNode(replacement, report, TreeSource(fit.groups, target.weight, options))
 
 
+class SumProductMethod:
+    """StrassenNets' ternary sum-product layers (ops/spn.py): y = Wc (a * (Wb x)) + b with ternary
+    Wb [r, D], Wc [M, r] (SpnMatMul). The node's size is its hidden width r, the multiplications."""
+
+    name = "spn"
+    trainable = True  # torch_program.SpnModule: TWN-ternarised latents, straight-through gradients
+
+    def fit(self, target: TargetNode, rows: np.ndarray, width: int, options: FitOptions,
+            produces_logits: bool) -> FittedNode:
+        if target.conv is not None:
+            raise OptionsError(f"node {target.name} is a Conv: the spn method replaces MatMul and Gemm nodes "
+                               "(no SpnConv op yet); leave it to lut or exclude it")
+        if target.activation not in (None, "Relu"):
+            raise OptionsError(f"node {target.name}: SpnMatMul fuses only a Relu, not {target.activation}")
+        params = spn.fit_layer(rows, target.weight, target.bias, width)
+        relu = target.activation == "Relu"
+        exact = activate(np.asarray(rows, np.float64) @ target.weight + params.bias, target.activation)
+        error = relative_error(spn.kernel_reference(rows, params, relu), exact)
+        count = spn.LayerCount.of(params)
+        attributes = {**spn.node_attributes(params, relu), "source_op": target.op_type}
+        bytes_before = 4 * (target.weight.size + (0 if target.bias is None else target.bias.size))
+        report = NodeReport(target.name, target.op_type, target.D, target.M, 0, "-", "-", target.activation, error,
+                            bytes_before, node_format.parameter_bytes(attributes), len(rows), method=self.name,
+                            spn=count)
+        log.info("fitted %s: %dx%d SPN r=%d rel.err %.4f", target.name, target.D, target.M, width, error)
+        return FittedNode(Replacement(target, spn.SPN_OP_TYPE, DOMAIN, attributes), report)
+
+
+def with_final_counts(reports: list[NodeReport], model: onnx.ModelProto) -> list[NodeReport]:
+    """`reports` with each spn node's count and bytes those of its node in `model`, the written
+    one: training moves weights across the ternary thresholds, so the fitted counts go stale."""
+    nodes = {n.name: n for n in model.graph.node if spn.is_spn(n)}
+    return [replace(r, spn=LayerCount.of(spn.params_from_node(nodes[r.name])[0]),
+                    bytes_after=node_format.parameter_bytes(node_format.attributes(nodes[r.name])))
+            if r.method == SumProductMethod.name and r.name in nodes else r for r in reports]
+
+
 def lookup_replacement(target: TargetNode, params: LutParams, info: dict | None = None) -> Replacement:
     """The LutMatMul (or, for a Conv, LutConv) node carrying `params` in the target's place."""
     attributes = node_format.lut_attributes(params, info)
@@ -97,7 +140,7 @@ def lookup_replacement(target: TargetNode, params: LutParams, info: dict | None 
     return Replacement(target, CONV_OP_TYPE if target.conv is not None else OP_TYPE, DOMAIN, attributes)
 
 
-METHODS: dict[str, Method] = {LookupMethod.name: LookupMethod()}
+METHODS: dict[str, Method] = {m.name: m for m in (LookupMethod(), SumProductMethod())}
 
 
 def get_method(name: str) -> Method:

@@ -22,7 +22,8 @@ from .distributed import World, world
 from .finetune import FinetuneOptions, TrainingCurve, held_out_rows, train
 from .fit import FitOptions, TreeSource
 from .fuse import fuse_max_pools
-from .methods import NodeReport, get_method
+from ..errors import OptionsError
+from .methods import NodeReport, get_method, with_final_counts
 from .prune import CHANNEL_WISE, ELEMENTWISE, narrowed_reports, prune_unread_columns
 from .rewrite import rewrite
 
@@ -37,17 +38,47 @@ class CompileOptions:
     calibrate: CalibrateOptions = field(default_factory=CalibrateOptions)
     fit: FitOptions = field(default_factory=FitOptions)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
-    method: str = "lut"  # the replacement method (compile/methods.py)
+    method: str = "lut"  # the replacement method (compile/methods.py) of every node ...
+    node_methods: dict[str, str] = field(default_factory=dict)  # ... but these, {node name: method}
+    # the spn method's hidden width r, one for every node or {node name: r} (None, or a node the
+    # dict does not name: r = M, the authors' choice)
+    spn_width: int | dict[str, int] | None = None
     # lookup producers compute only the columns the lookup they feed reads (compile/prune.py);
     # the outputs are the same bit for bit
     prune_columns: bool = True
     # a LutConv writes the output of the MaxPool after it (compile/fuse.py); bit for bit too
     fuse_pooling: bool = True
 
+    def method_of(self, node: str) -> str:
+        return self.node_methods.get(node, self.method)
+
+    def methods(self) -> set[str]:
+        """Every method some node may take."""
+        return {self.method, *self.node_methods.values()}
+
+    def check_methods(self) -> None:
+        """A one-line OptionsError for an unknown method or a bad spn width."""
+        for name in sorted(self.methods()):
+            get_method(name)
+        widths = self.spn_width.values() if isinstance(self.spn_width, dict) else \
+            [] if self.spn_width is None else [self.spn_width]
+        for r in widths:
+            if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
+                raise OptionsError(f"spn_width must be a whole number >= 1, got {r!r}")
+
+    def node_sizes(self, plan: dict[str, int], targets: list[frontend.TargetNode]) -> dict[str, int]:
+        """`plan` (codebooks per node) with each spn node's entry its hidden width r instead."""
+        given = self.spn_width if isinstance(self.spn_width, dict) else {}
+        width = {t.name: given.get(t.name, t.M) if isinstance(self.spn_width, dict) else self.spn_width or t.M
+                 for t in targets}
+        return {n: width[n] if self.method_of(n) == "spn" else size for n, size in plan.items()}
+
     def record(self, plan: dict[str, int], incremental: bool) -> dict:
         """What CompileResult.options (and report.json) say the model was compiled with."""
         fo = self.frontend
-        return dict(codebooks=dict(plan), plan=dict(plan), method=self.method, partition=self.fit.partition,
+        return dict(codebooks=dict(plan), plan=dict(plan), method=self.method, node_methods=dict(self.node_methods),
+                    spn_width=dict(self.spn_width) if isinstance(self.spn_width, dict) else self.spn_width,
+                    partition=self.fit.partition,
                     table_loss=self.fit.table_loss, finetune=incremental, finetune_tables=self.finetune.tables,
                     seed=self.fit.seed, op_types=list(fo.op_types),
                     nodes_to_include=None if fo.nodes_to_include is None else list(fo.nodes_to_include),
@@ -106,8 +137,8 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
     layer, against the original model's logits (and the labels, when given); a held-out slice
     of the training rows picks the epoch."""
     seconds = {} if seconds is None else seconds
-    method = get_method(options.method)
     options.fit.check()
+    options.check_methods()
     chosen = [t for t in targets if t.name in plan]
     fo, co, tune = options.frontend, options.calibrate, options.finetune
     # ITLUMM's pass by default when there are labels, but not before the train stage, which
@@ -118,7 +149,8 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
         held_out = held_out_rows(train_data.rows, tune)
         data = calibrate.without_rows(data, train_data.subset(held_out))
     with timed(seconds, "calibrate"):  # too few rows for the codebooks fail here, before any fitting
-        calibrate.check_enough_rows(analysis.model, data, chosen, lambda t: min(plan[t.name], t.D), co)
+        calibrate.check_enough_rows(analysis.model, data, chosen, lambda t: min(plan[t.name], t.D)
+                                    if options.method_of(t.name) == "lut" else 1, co)  # spn: a's least squares
     teacher = first_output(analysis.model, data) if (incremental or tune.tables) and data.labels is None else None
     current = analysis.model
     reports: list[NodeReport] = []
@@ -155,7 +187,7 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
         with timed(seconds, "calibrate"):
             rows = calibrate.target_rows(current, data, now, co, bar(progress, "calibrate"))
         with timed(seconds, "fit"):
-            fitted = [method.fit(t, rows[t.name], plan[t.name], node_fit_options(analysis.model, t, chosen, options.fit),
+            fitted = [get_method(options.method_of(t.name)).fit(t, rows[t.name], plan[t.name], node_fit_options(analysis.model, t, chosen, options.fit),
                                  t.output_name in analysis.output_names and t.activation is None)
                       for t in bar(progress, "fit")(now)]
             current = rewrite(current, [f.replacement for f in fitted])
@@ -204,6 +236,7 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
             current, pools = fuse_max_pools(current)
             absorbed = {f.conv: f.pool for f in pools}
             reports = [replace(r, fused_pool=absorbed.get(r.name)) for r in reports]
+    reports = with_final_counts(reports, current)
     result = CompileResult(current, reports, list(analysis.skipped), data.rows, seconds=seconds,
                            stages=stages, training=curves, before_training=before_training,
                            options={**options.record(plan, incremental),

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from ..onnx_io import external_data
-from ..ops.node_format import attributes, geometry_from_node, params_from_node, set_lut_attributes
+from ..ops.node_format import attributes, geometry_from_node, params_from_node, set_attributes, set_lut_attributes
 from ..ops.spec import DOMAIN, DEPTH, K, LutParams
-from ..ops.spn import SpnParams, full_precision_init, ternarize
+from ..ops.spn import SPN_OP_TYPE, SpnParams, full_precision_init, ternarize
+from ..ops.spn import node_attributes as spn_node_attributes, params_from_node as spn_params_from_node
 
 
 class UnsupportedOp(ValueError):
@@ -165,12 +166,27 @@ class SpnModule(torch.nn.Module):
     and `a` real. The forward is y = ((x (sb tb)^T) a) (tc sc)^T + b, which `params()` writes as
     the exported layer's ternary tb, tc with both scales folded into a."""
 
-    def __init__(self, wb: np.ndarray, a: np.ndarray, wc: np.ndarray, bias: np.ndarray):
+    def __init__(self, wb: np.ndarray, a: np.ndarray, wc: np.ndarray, bias: np.ndarray, relu: bool = False,
+                 trainable: bool = True):
         super().__init__()
-        self.wb = torch.nn.Parameter(torch.as_tensor(np.asarray(wb, np.float32)))
-        self.a = torch.nn.Parameter(torch.as_tensor(np.asarray(a, np.float32)))
-        self.wc = torch.nn.Parameter(torch.as_tensor(np.asarray(wc, np.float32)))
-        self.bias = torch.nn.Parameter(torch.as_tensor(np.asarray(bias, np.float32)))
+        self.wb = torch.nn.Parameter(torch.as_tensor(np.asarray(wb, np.float32)), requires_grad=trainable)
+        self.a = torch.nn.Parameter(torch.as_tensor(np.asarray(a, np.float32)), requires_grad=trainable)
+        self.wc = torch.nn.Parameter(torch.as_tensor(np.asarray(wc, np.float32)), requires_grad=trainable)
+        self.bias = torch.nn.Parameter(torch.as_tensor(np.asarray(bias, np.float32)), requires_grad=trainable)
+        self.relu = relu
+        self.trained = trainable
+
+    @classmethod
+    def from_params(cls, params: SpnParams, relu: bool = False, trainable: bool = True) -> "SpnModule":
+        """An exported layer as latent weights the forward starts from exactly: each ternary row
+        of Wb (column of Wc) scaled to unit norm, as the SVD's factors are, and a divided by both
+        scales. TWN gives the ternary matrices back, with those scales, so the forward is the
+        node's layer; at unit norm the latents sit about 1/sqrt(nonzeros) from their thresholds,
+        where Adam's steps can flip them (at +-1 they would need about a thousand steps)."""
+        sb = 1.0 / np.sqrt(np.maximum(np.count_nonzero(params.wb, axis=1), 1))
+        sc = 1.0 / np.sqrt(np.maximum(np.count_nonzero(params.wc, axis=0), 1))
+        return cls(params.wb * sb[:, None], params.a / (sb * sc), params.wc * sc[None, :], params.bias, relu,
+                   trainable)
 
     @classmethod
     def from_layer(cls, weight: np.ndarray, bias: np.ndarray | None, width: int) -> "SpnModule":
@@ -183,7 +199,8 @@ class SpnModule(torch.nn.Module):
         tc, sc = _ternary(self.wc, 0)
         wb = self.wb + (sb * tb - self.wb).detach()  # the ternary value, the latent's gradient
         wc = self.wc + (tc * sc - self.wc).detach()
-        return ((x @ wb.T) * self.a) @ wc.T + self.bias
+        y = ((x @ wb.T) * self.a) @ wc.T + self.bias
+        return torch.relu(y) if self.relu else y
 
     def params(self) -> SpnParams:
         """The layer the forward computes, as exported: ternary tb, tc, and a times both scales."""
@@ -436,7 +453,11 @@ class TorchProgram(torch.nn.Module):
             else:
                 self._constants[t.name] = value
         for node in self.nodes:
-            if node.domain == DOMAIN:
+            if node.domain == DOMAIN and node.op_type == SPN_OP_TYPE:
+                self._lut_key[node.name] = f"spn{len(self.luts)}"
+                self.luts[self._lut_key[node.name]] = SpnModule.from_params(*spn_params_from_node(node),
+                                                                            trainable=train_tables)
+            elif node.domain == DOMAIN:
                 lut = LutModule(params_from_node(node), train_tables, train_trees, temperature)
                 geometry = geometry_from_node(node)
                 # ModuleDict keys may not hold '.', which exported node names often do
@@ -453,7 +474,8 @@ class TorchProgram(torch.nn.Module):
     def lut_modules(self) -> dict[str, LutModule]:
         """Each lookup node's LutModule (a LutConv's inner one), by node name."""
         modules = {name: self.luts[key] for name, key in self._lut_key.items()}
-        return {name: m.lut if isinstance(m, LutConvModule) else m for name, m in modules.items()}
+        return {name: m.lut if isinstance(m, LutConvModule) else m for name, m in modules.items()
+                if not isinstance(m, SpnModule)}
 
     def forward(self, *inputs: torch.Tensor, outputs: list[str] | None = None) -> list[torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(self._constants)
@@ -495,5 +517,7 @@ class TorchProgram(torch.nn.Module):
         for node in model.graph.node:
             lut = self.luts[self._lut_key[node.name]] if node.domain == DOMAIN else None
             lut = getattr(lut, "lut", lut)  # a LutConvModule wraps its LutModule
-            if lut is not None and lut.trained:
+            if isinstance(lut, SpnModule) and lut.trained:
+                set_attributes(node, spn_node_attributes(lut.params(), lut.relu))
+            elif lut is not None and lut.trained:
                 set_lut_attributes(node, lut.export_params())

@@ -55,13 +55,12 @@ def conv_attributes(g: ConvGeometry) -> dict:
 
 
 def parameter_bytes(attrs: dict) -> int:
-    """Bytes a lookup node's parameters take as the kernel stores them: uint8 tables, int32
-    split dims, float32 thresholds, offsets and bias. `attrs` as lut_attributes or
-    attributes(node) give them; the one formula behind the compile report, `inspect` and `diff`."""
-    tables = attrs.get("tables")
-    size = int(np.asarray(tables).size) if tables is not None else 0
-    return (size + 4 * len(attrs.get("split_dims", ())) + 4 * len(attrs.get("thresholds", ()))
-            + 4 * len(attrs.get("offsets", ())) + 4 * len(attrs.get("bias", ())))
+    """Bytes a node's parameters take as the kernel stores them: a lookup's uint8 tables, int32
+    split dims, float32 thresholds, offsets and bias; an SpnMatMul's packed 2-bit wb and wc,
+    float32 a and bias. `attrs` as lut_attributes, spn.node_attributes or attributes(node) give
+    them; the one formula behind the compile report, `inspect` and `diff`."""
+    packed = sum(int(np.asarray(attrs[k]).size) for k in ("tables", "wb", "wc") if attrs.get(k) is not None)
+    return packed + 4 * sum(len(attrs.get(k, ())) for k in ("split_dims", "thresholds", "offsets", "bias", "a"))
 
 
 def geometry_from_node(node: onnx.NodeProto) -> ConvGeometry | None:

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import scipy.linalg
 from onnx import helper, numpy_helper
 
 from ..errors import OptionsError
+from .spec import DOMAIN
 
 TWN_THRESHOLD = 0.7  # Li & Liu's ternary weight networks: keep |w| > 0.7 mean |w|, as the authors' code
 
@@ -119,7 +121,55 @@ def ternary_init(weight: np.ndarray, bias: np.ndarray | None, width: int) -> Spn
                      np.zeros(M, np.float32) if bias is None else np.asarray(bias, np.float32))
 
 
+def fit_scales(X: np.ndarray, params: SpnParams, target: np.ndarray, ridge: float = 1e-6) -> SpnParams:
+    """`params` with `a` refitted by least squares so that the layer reproduces `target` [n, M]
+    (x W + b, say) on the rows X [n, D]: y - b is linear in a, sum_k a_k h_k(x) wc[:, k] with
+    h = x Wb^T, so the normal equations are ((H^T H) * (Wc^T Wc)) a = diag(H^T (T - b) Wc), an
+    r x r system (scipy.linalg.solve; `ridge` times its mean diagonal keeps dead units at 0)."""
+    H = np.asarray(X, np.float64) @ params.wb.T.astype(np.float64)
+    wc = params.wc.astype(np.float64)
+    gram = (H.T @ H) * (wc.T @ wc)
+    rhs = np.sum(H * ((np.asarray(target, np.float64) - params.bias) @ wc), axis=0)
+    lam = ridge * max(float(np.mean(np.diag(gram))), 1e-30)
+    a = scipy.linalg.solve(gram + lam * np.eye(len(gram)), rhs, assume_a="pos")
+    return SpnParams(params.wb, a.astype(np.float32), params.wc, params.bias)
+
+
+def fit_layer(X: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, width: int,
+              target: np.ndarray | None = None) -> SpnParams:
+    """The untrained sum-product layer of y = x W + b at hidden width `width`: the ternarised
+    SVD (ternary_init), its `a` refitted on the rows X to `target` (default x W + b)."""
+    params = ternary_init(weight, bias, width)
+    if target is None:
+        target = np.asarray(X, np.float64) @ np.asarray(weight, np.float64) + params.bias
+    return fit_scales(X, params, target)
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    """What report.json, inspect and diff say of one sum-product node, per input row."""
+
+    width: int  # r, the multiplications
+    multiplications: int
+    additions: int
+    exact_multiplications: int  # the D x M product's
+    exact_additions: int
+    wb_zeros: float  # the fraction of zeros in Wb and in Wc
+    wc_zeros: float
+
+    @classmethod
+    def of(cls, params: SpnParams) -> "LayerCount":
+        ops, exact = operations(params), exact_operations(params.wb.shape[1], params.wc.shape[0])
+        return cls(params.width, ops.multiplications, ops.additions, exact.multiplications, exact.additions,
+                   *params.sparsity)
+
+
 SPN_OP_TYPE = "SpnMatMul"  # the custom op (docs/lutmatmul.md, "The SpnMatMul operator"), domain ai.lutcompile
+
+
+def is_spn(node: onnx.NodeProto) -> bool:
+    """An SpnMatMul node of our domain."""
+    return node.domain == DOMAIN and node.op_type == SPN_OP_TYPE
 
 
 def pack_ternary(t: np.ndarray) -> np.ndarray:
@@ -185,17 +235,49 @@ def params_from_node(node: onnx.NodeProto) -> tuple[SpnParams, bool]:
     return SpnParams(wb, np.array(a["a"], np.float32), wc, np.array(a["bias"], np.float32)), bool(a.get("relu", 0))
 
 
-def portable_nodes(params: SpnParams, x: str, y: str, prefix: str) -> tuple[list[onnx.NodeProto],
-                                                                           list[onnx.TensorProto]]:
+def portable_nodes(params: SpnParams, x: str, y: str, prefix: str, relu: bool = False) \
+        -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The layer as standard ONNX ops (--portable): MatMul by the ternary Wb^T, Mul by a,
-    MatMul by the ternary Wc^T, Add the bias; the ternary constants are stored as float32."""
-    names = {k: f"{prefix}/spn_{k}" for k in ("wb", "a", "wc", "bias", "hidden", "scaled", "mixed")}
-    initializers = [numpy_helper.from_array(params.wb.T.astype(np.float32), names["wb"]),
+    MatMul by the ternary Wc^T, Add the bias (then Relu). The ternary constants are stored as
+    int8 and Cast to float32 (onnxruntime folds the Casts when the session loads), so the file
+    holds a byte per weight, not four."""
+    names = {k: f"{prefix}/spn_{k}" for k in ("wb", "a", "wc", "bias", "wb_float", "wc_float", "hidden", "scaled",
+                                              "mixed", "biased")}
+    initializers = [numpy_helper.from_array(params.wb.T.astype(np.int8), names["wb"]),
                     numpy_helper.from_array(params.a.astype(np.float32), names["a"]),
-                    numpy_helper.from_array(params.wc.T.astype(np.float32), names["wc"]),
+                    numpy_helper.from_array(params.wc.T.astype(np.int8), names["wc"]),
                     numpy_helper.from_array(params.bias.astype(np.float32), names["bias"])]
-    nodes = [helper.make_node("MatMul", [x, names["wb"]], [names["hidden"]], name=f"{prefix}/spn_in"),
-             helper.make_node("Mul", [names["hidden"], names["a"]], [names["scaled"]], name=f"{prefix}/spn_scale"),
-             helper.make_node("MatMul", [names["scaled"], names["wc"]], [names["mixed"]], name=f"{prefix}/spn_out"),
-             helper.make_node("Add", [names["mixed"], names["bias"]], [y], name=f"{prefix}/spn_bias")]
+    added = names["biased"] if relu else y
+    nodes = [helper.make_node("Cast", [names[k]], [names[f"{k}_float"]], to=onnx.TensorProto.FLOAT,
+                              name=f"{prefix}/spn_{k}_cast") for k in ("wb", "wc")]
+    nodes += [helper.make_node("MatMul", [x, names["wb_float"]], [names["hidden"]], name=f"{prefix}/spn_in"),
+              helper.make_node("Mul", [names["hidden"], names["a"]], [names["scaled"]], name=f"{prefix}/spn_scale"),
+              helper.make_node("MatMul", [names["scaled"], names["wc_float"]], [names["mixed"]], name=f"{prefix}/spn_out"),
+              helper.make_node("Add", [names["mixed"], names["bias"]], [added], name=f"{prefix}/spn_bias")]
+    if relu:
+        nodes.append(helper.make_node("Relu", [added], [y], name=f"{prefix}/spn_relu"))
     return nodes, initializers
+
+
+def lower_to_standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every SpnMatMul node written as standard ONNX ops (portable_nodes),
+    in the node's place, so that any onnxruntime runs it without lutcompile's library; the same
+    results within float rounding (a GEMM sums in its own order)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for node in out.graph.node:
+        if node.op_type == SPN_OP_TYPE and node.domain == DOMAIN:
+            params, relu = params_from_node(node)
+            lowered, initializers = portable_nodes(params, node.input[0], node.output[0], node.name, relu)
+            nodes += lowered
+            out.graph.initializer.extend(initializers)
+        else:
+            nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    if not any(n.domain == DOMAIN for n in out.graph.node):
+        kept = [o for o in out.opset_import if o.domain != DOMAIN]
+        del out.opset_import[:]
+        out.opset_import.extend(kept)
+    return out

@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search the trees' thresholds between N quantile bins per input dimension, "
                         "a few sparse products per level instead of a sort per node: faster on many "
                         f"rows (0: every distinct value; default {FitOptions.split_bins})")
+    p.add_argument("--method", action="append", default=None, metavar="METHOD|NODE=METHOD",
+                   help="how nodes are replaced: lut (lookups, the default) or spn (StrassenNets' ternary "
+                        "sum-product layers, SpnMatMul); NODE=METHOD sets one node's (repeatable)")
+    p.add_argument("--spn-width", type=int, default=None, metavar="R",
+                   help="the spn nodes' hidden width r, their multiplications per row (default: r = M)")
+    p.add_argument("--portable", action="store_true",
+                   help="write the spn nodes as standard ONNX ops (MatMul by ternary constants, Mul, Add), "
+                        "so that any onnxruntime runs the model without lutcompile; every node must be spn")
     p.add_argument("--split-lines", type=int, default=None, metavar="L",
                    help="on a MatMul/Gemm reading an input no replaced node produces, split only on the "
                         "columns of the L 64-byte lines of the row carrying most of the product, so the "
@@ -224,13 +232,17 @@ def _fail(exc: Exception, debug: bool) -> int:
 
 
 def _print_summary(result: api.CompileResult, eval_accuracy: tuple[float, float] | None) -> None:
-    rows = [("node", "op", "D x M", "C", "partition", "tables", "act", "rel.err", "columns")]
+    spn = any(n.spn is not None for n in result.nodes)  # then each node's size is C or r, and mults/row shown
+    rows = [("node", "op", "D x M", "C/r" if spn else "C", "partition", "tables", "act", "rel.err", "columns")
+            + (("mults/row",) if spn else ())]
     for n in result.nodes:
         # the output columns the written node computes (compile/prune.py): all, or kept/M
         computes = "all" if n.columns_computed in (None, n.M) else f"{n.columns_computed}/{n.M}"
         activation = (n.activation or "-") + (" + MaxPool" if n.fused_pool else "")
-        rows.append((n.name, n.op_type, f"{n.D} x {n.M}", str(n.codebooks), n.partition, n.table_loss,
-                     activation, f"{n.relative_error:.4f}", computes))
+        size = str(n.codebooks) if n.spn is None else f"r={n.spn.width}"
+        mults = "-" if n.spn is None else f"{n.spn.exact_multiplications:,} -> {n.spn.multiplications:,}"
+        rows.append((n.name, n.op_type, f"{n.D} x {n.M}", size, n.partition, n.table_loss,
+                     activation, f"{n.relative_error:.4f}", computes) + ((mults,) if spn else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -271,6 +283,18 @@ def kept_exact_lines(skipped: list[frontend.SkippedNode], most: int = 3) -> list
     return lines
 
 
+def parse_methods(values: list[str] | None) -> str | dict[str, str] | None:
+    """--method's occurrences: one bare METHOD (every node), or NODE=METHOD pairs (those nodes;
+    the others lut), as compile_model's `method` takes them."""
+    if not values:
+        return None
+    bare = [v for v in values if "=" not in v]
+    pairs = dict(v.rsplit("=", 1) for v in values if "=" in v)
+    if len(bare) > 1 or (bare and pairs):
+        raise OptionsError("give --method METHOD once for every node, or --method NODE=METHOD for each node, not both")
+    return bare[0] if bare else pairs
+
+
 def main_compile(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -285,6 +309,8 @@ def main_compile(argv: list[str]) -> int:
                                    codebooks=args.codebooks, subvector=args.subvector,
                                    partition=args.partition, table_loss=args.table_loss,
                                    split_bins=args.split_bins, split_lines=args.split_lines,
+                                   method=parse_methods(args.method), spn_width=args.spn_width,
+                                   portable=args.portable,
                                    finetune=args.finetune, finetune_tables=args.finetune_tables,
                                    finetune_trees=args.finetune_trees,
                                    nodes_to_include=args.include, nodes_to_exclude=args.exclude,

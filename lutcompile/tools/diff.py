@@ -88,7 +88,11 @@ JSON schema (`--json`; `ModelDiff.to_json()`), version "lutcompile.diff/1":
       "D": int | null, "M": int | null,
       "param_bytes": int,
       "lut": null | {"C": int, "relu": bool, "partition": str | null,
-                     "table_loss": str | null, "source_op": str | null}
+                     "table_loss": str | null, "source_op": str | null},
+      "spn": null | {"width": int, "multiplications": int, "additions": int,   # SpnMatMul, per row
+                     "exact_multiplications": int, "exact_additions": int, "wb_zeros": float, "wc_zeros": float},
+      "multiplications": int | null      # per row (per output position of a Conv): D x M for an
+                                         # exact product, M for a lookup (its scale), r for an SpnMatMul
     }
 """
 from __future__ import annotations
@@ -96,13 +100,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
 from ..onnx_io import external_data
 from ..ops.node_format import attributes, is_lookup, parameter_bytes
+from ..ops.spn import LayerCount, is_spn, params_from_node as spn_params_from_node
 from .inspection import format_table
 
 SCHEMA = "lutcompile.diff/1"
@@ -120,11 +125,14 @@ class Side:
     M: int | None
     param_bytes: int
     lut: dict | None
+    spn: dict | None = None  # an SpnMatMul's ops.spn.LayerCount
+    multiplications: int | None = None  # per row (a Conv: per output position)
 
     def to_json(self) -> dict:
         return dict(op_type=self.op_type, domain=self.domain, inputs=list(self.inputs),
                     outputs=list(self.outputs), D=self.D, M=self.M, param_bytes=self.param_bytes,
-                    lut=None if self.lut is None else dict(self.lut))
+                    lut=None if self.lut is None else dict(self.lut), spn=None if self.spn is None else dict(self.spn),
+                    multiplications=self.multiplications)
 
 
 @dataclass
@@ -216,6 +224,15 @@ class _Graph:
 
     def side(self, node: onnx.NodeProto) -> Side:
         D = M = lut = None
+        if is_spn(node):
+            a = attributes(node)
+            try:
+                count = asdict(LayerCount.of(spn_params_from_node(node)[0]))
+            except Exception:  # unreadable: inspect says why
+                count = None
+            return Side(node.op_type, node.domain, list(node.input), list(node.output), _int(a.get("D")),
+                        _int(a.get("M")), parameter_bytes(a), None, count,
+                        None if count is None else count["multiplications"])
         if is_lookup(node):
             a = attributes(node)
             D, M = _int(a.get("D")), _int(a.get("M"))
@@ -237,12 +254,15 @@ class _Graph:
                 weight = self.array(node.input[1])  # [M, Cin/group, kh, kw]: patches [D] to M
                 if weight is not None and weight.ndim >= 3:
                     D, M = int(np.prod(weight.shape[1:])), int(weight.shape[0])
-        return Side(node.op_type, node.domain, list(node.input), list(node.output), D, M, nbytes, lut)
+        # a lookup multiplies once per output, its sums by the table scale; a product D per output
+        mults = M if lut is not None else None if D is None else D * M
+        return Side(node.op_type, node.domain, list(node.input), list(node.output), D, M, nbytes, lut,
+                    multiplications=mults)
 
     def total_param_bytes(self) -> int:
         seen, total = set(), 0
         for n in self.nodes:
-            if is_lookup(n):
+            if is_lookup(n) or is_spn(n):
                 total += parameter_bytes(attributes(n))
                 continue
             for t in self.parameters(n):
@@ -412,7 +432,7 @@ def diff_models(model_a: onnx.ModelProto | str | os.PathLike, model_b: onnx.Mode
     absorbed_into: dict[str, str] = {}
     absorbs: dict[str, list[str]] = {}
     for n in gb.nodes:
-        if is_lookup(n) and n.name in ga.by_name:
+        if (is_lookup(n) or is_spn(n)) and n.name in ga.by_name:
             absorbs[n.name] = _absorbed(ga, gb, n)
             for name in absorbs[n.name]:
                 absorbed_into[name] = n.name
@@ -545,7 +565,8 @@ def _lut_both(n: NodeDiff, key: str) -> str:
 def format_diff(result: ModelDiff) -> str:
     """The terminal table and summary of `lutcompile diff`."""
     errors = result.calibration is not None
-    head = ["node", "status", "op (a -> b)", "D x M", "C", "partition", "tables", "bytes (a -> b)"]
+    head = ["node", "status", "op (a -> b)", "D x M", "C", "partition", "tables", "mults/row (a -> b)",
+            "bytes (a -> b)"]
     rows = [tuple(head + (["rel.err"] if errors else []))]
     for n in result.nodes:
         if n.status == "absorbed":
@@ -560,6 +581,8 @@ def format_diff(result: ModelDiff) -> str:
         if n.a is not None and n.b is not None and n.a.D is not None and n.b.D is None:
             shape = _shape(n.a)
         row = [n.name, n.status, op, shape] + [_lut_both(n, key) for key in ("C", "partition", "table_loss")]
+        row.append(_both(*(None if side is None or side.multiplications is None else f"{side.multiplications:,}"
+                           for side in (n.a, n.b))))
         row.append(f"{_bytes(n.a)} -> {_bytes(n.b)}")
         if errors:
             row.append("-" if n.relative_error is None else f"{n.relative_error:.4f}")

@@ -48,13 +48,21 @@ JSON schema (`--json`; `inspect_model(...).to_json()`), version "lutcompile.insp
           "problems": [str]             # empty when the node is consistent
         }
       ],
+      "spn_nodes": [                    # SpnMatMul nodes (StrassenNets), graph order
+        {"name": str, "inputs": [str], "outputs": [str], "D": int | null, "M": int | null,
+         "relu": bool | null, "param_bytes": int,    # packed wb, wc (2 bits a weight) + a, bias
+         "count": null | {"width": int, "multiplications": int, "additions": int,   # per row
+                          "exact_multiplications": int, "exact_additions": int,
+                          "wb_zeros": float, "wc_zeros": float},             # fractions
+         "problems": [str]}
+      ],
       "exact_nodes": [{"name": str, "op_type": str}],  # MatMul / Gemm / Conv nodes left exact, all
                                                        # of them (the text output names a few)
       "problems": [str]                 # every problem, each prefixed by its node's name
     }
 
 Version 1 gained "op_type" and "conv" in each lookup node, and Conv in "exact_nodes", when
-`LutConv` came; no field changed meaning for LutMatMul models.
+`LutConv` came, and "spn_nodes" with `SpnMatMul`; no field changed meaning for LutMatMul models.
 """
 from __future__ import annotations
 
@@ -67,6 +75,7 @@ import onnx
 
 from ..ops.spec import CONV_OP_TYPE, DEPTH, DOMAIN, K, MAX_POOL_LIMIT, NODES, OP_TYPE, ConvGeometry, pooled_size
 from ..ops.node_format import attributes, is_lookup, parameter_bytes, params_from_node
+from ..ops.spn import SPN_OP_TYPE, LayerCount, is_spn, params_from_node as spn_params_from_node
 
 SCHEMA = "lutcompile.inspect/1"
 REQUIRED = ("D", "M", "C", "K", "split_dims", "thresholds", "tables", "scale", "offsets", "bias")
@@ -117,12 +126,28 @@ class LookupNode:
 
 
 @dataclass
+class SpnNode:
+    """An SpnMatMul node: its shape, its count per row against the exact layer's (spn.LayerCount)."""
+
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    D: int | None = None
+    M: int | None = None
+    relu: bool | None = None
+    count: LayerCount | None = None  # None when the node cannot be read
+    param_bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Inspection:
     model: str | None
     opset: dict[str, int]
     lookup_nodes: list[LookupNode]
     exact_nodes: list[dict[str, str]]
     problems: list[str]
+    spn_nodes: list[SpnNode] = field(default_factory=list)
 
     @property
     def consistent(self) -> bool:
@@ -131,6 +156,7 @@ class Inspection:
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "model": self.model, "consistent": self.consistent,
                 "opset": dict(self.opset), "lookup_nodes": [asdict(n) for n in self.lookup_nodes],
+                "spn_nodes": [asdict(n) for n in self.spn_nodes],
                 "exact_nodes": list(self.exact_nodes), "problems": list(self.problems)}
 
 
@@ -313,6 +339,29 @@ def check_node(node: onnx.NodeProto, shapes: dict[str, list[int | None]] | None 
     return info
 
 
+def check_spn_node(node: onnx.NodeProto) -> SpnNode:
+    """An SpnMatMul node read back (spn.params_from_node, which SpnParams validates), with its
+    count; a node that cannot be read gets the reason as its problem."""
+    info = SpnNode(node.name, list(node.input), list(node.output))
+    a = attributes(node)
+    info.param_bytes = parameter_bytes(a)
+    try:
+        params, info.relu = spn_params_from_node(node)
+        info.D, info.M = params.wb.shape[1], params.wc.shape[0]
+        for key, want in (("D", info.D), ("M", info.M), ("R", params.width)):
+            if a.get(key) != want:
+                info.problems.append(f"attribute {key} = {a.get(key)}, the arrays say {want}")
+        for key in ("wb", "wc"):
+            if np.any((np.asarray(a[key], np.uint8)[..., None] >> np.array([0, 2, 4, 6], np.uint8)) & 3 == 3):
+                info.problems.append(f"{key} holds the invalid 2-bit code 3")
+        if not np.all(np.isfinite(params.a)) or not np.all(np.isfinite(params.bias)):
+            info.problems.append("a or bias holds values that are not finite")
+        info.count = LayerCount.of(params)
+    except Exception as exc:  # a missing attribute, wrong sizes
+        info.problems.append(f"cannot be read: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+    return info
+
+
 def inspect_model(model: onnx.ModelProto | str | os.PathLike) -> Inspection:
     """Every LutMatMul and LutConv node of `model` with its configuration and problems (see the
     module doc), and the MatMul, Gemm and Conv nodes left exact."""
@@ -323,18 +372,18 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike) -> Inspection:
         model = load_model(path)
     opset = {o.domain: int(o.version) for o in model.opset_import}
     shapes = _static_shapes(model)
-    nodes, exact, problems = [], [], []
+    nodes, exact, problems, spn_nodes = [], [], [], []
     for node in model.graph.node:
-        if is_lookup(node):
-            info = check_node(node, shapes)
-            nodes.append(info)
+        if is_lookup(node) or is_spn(node):
+            info = check_node(node, shapes) if is_lookup(node) else check_spn_node(node)
+            (nodes if is_lookup(node) else spn_nodes).append(info)
             problems += [f"{info.name}: {p}" for p in info.problems]
         elif node.op_type in EXACT_OPS and node.domain in ("", "ai.onnx"):
             exact.append({"name": node.name, "op_type": node.op_type})
-    if nodes and DOMAIN not in opset:
-        kinds = " and ".join(dict.fromkeys(n.op_type for n in nodes))
+    if (nodes or spn_nodes) and DOMAIN not in opset:
+        kinds = " and ".join(dict.fromkeys([n.op_type for n in nodes] + [SPN_OP_TYPE] * bool(spn_nodes)))
         problems.append(f"the model has {kinds} nodes but does not import the '{DOMAIN}' opset")
-    return Inspection(path, opset, nodes, exact, problems)
+    return Inspection(path, opset, nodes, exact, problems, spn_nodes)
 
 
 def format_geometry(conv: dict | None) -> str:
@@ -393,15 +442,29 @@ def format_inspection(result: Inspection) -> str:
                            else f"{n.threshold_range[0]:.3g}..{n.threshold_range[1]:.3g}",
                            human_bytes(n.param_bytes), "ok" if not n.problems else "INCONSISTENT"))
         lines += format_table(rows)
-    else:
-        lines.append("no LutMatMul or LutConv nodes: this model is not compiled by lutcompile")
+    elif not result.spn_nodes:
+        lines.append("no LutMatMul, LutConv or SpnMatMul nodes: this model is not compiled by lutcompile")
+    if result.spn_nodes:
+        rows = [("sum-product node", "D x M", "r", "relu", "mults/row", "vs exact", "adds/row", "vs exact",
+                 "zeros Wb / Wc", "bytes", "status")]
+        for n in result.spn_nodes:
+            c = n.count
+            rows.append((n.name, f"{_s(n.D)} x {_s(n.M)}") + (("-",) * 7 if c is None else (
+                str(c.width), {True: "yes", False: "no", None: "-"}[n.relu], f"{c.multiplications:,}",
+                f"{c.exact_multiplications:,}", f"{c.additions:,}", f"{c.exact_additions:,}",
+                f"{100 * c.wb_zeros:.0f} % / {100 * c.wc_zeros:.0f} %")) + (
+                human_bytes(n.param_bytes), "ok" if not n.problems else "INCONSISTENT"))
+        lines += format_table(rows)
     lines.append(format_exact(result.exact_nodes))
     total = sum(n.param_bytes for n in result.lookup_nodes)
     if not result.consistent:
         verdict = f"{len(result.problems)} problem(s) found"
     else:
-        verdict = "tables consistent" if result.lookup_nodes else "nothing to check"
-    lines.append(f"{len(result.lookup_nodes)} lookup node(s), {human_bytes(total)} of lookup parameters; "
+        verdict = "tables consistent" if result.lookup_nodes or result.spn_nodes else "nothing to check"
+    spn = (f", {len(result.spn_nodes)} sum-product node(s) with "
+           f"{sum(n.count.multiplications for n in result.spn_nodes if n.count):,} multiplications per row"
+           if result.spn_nodes else "")
+    lines.append(f"{len(result.lookup_nodes)} lookup node(s), {human_bytes(total)} of lookup parameters{spn}; "
                  f"{verdict}")
     return "\n".join(lines)
 

@@ -21,7 +21,10 @@
       "options": {...},                        # CompileResult.options: the options used
       "nodes": [{"name": str, "op_type": str, "D": int, "M": int, "codebooks": int,
                  "partition": str, "table_loss": str, "activation": str | null,
-                 "relative_error": float, "bytes_before": int, "bytes_after": int, ...}],
+                 "relative_error": float, "bytes_before": int, "bytes_after": int,
+                 "method": "lut" | "spn", "spn": null | {"width": int, "multiplications": int,
+                 "additions": int, "exact_multiplications": int, "exact_additions": int,
+                 "wb_zeros": float, "wc_zeros": float}, ...}],   # per row; ops.spn.LayerCount
                                                # every NodeReport field, as the API reports it
       "skipped": [{"name": str, "op_type": str, "reason": str}],   # nodes kept exact, and why
       "totals": {"nodes": int, "skipped": int, "bytes_before": int, "bytes_after": int},
@@ -321,8 +324,14 @@ def render_html(data: dict) -> str:
          + (f" ({ratio:.1f}x)" if ratio else "")),
         ("compile time", f"{data['total_seconds']:.1f} s"),
     ]
-    nodes_rows = [[n["name"], n["op_type"], f"{n['D']} x {n['M']}", n["codebooks"], n["partition"],
-                   n["table_loss"], n.get("activation") or "-", f"{n['relative_error']:.4f}"
+    def size_and_mults(n: dict) -> list[str]:
+        """The node's size (C, or an SpnMatMul's r) and its multiplications per row, exact -> now."""
+        spn = n.get("spn")
+        if spn is None:
+            return [str(n["codebooks"]), "-"]
+        return [f"r = {spn['width']}", f"{spn['exact_multiplications']:,} → {spn['multiplications']:,}"]
+    nodes_rows = [[n["name"], n["op_type"], n.get("method", "lut"), f"{n['D']} x {n['M']}", *size_and_mults(n),
+                   n["partition"], n["table_loss"], n.get("activation") or "-", f"{n['relative_error']:.4f}"
                    if n["relative_error"] is not None else "-", f"{n['bytes_before']:,}", f"{n['bytes_after']:,}",
                    f"{n['bytes_before'] / n['bytes_after']:.1f}x" if n["bytes_after"] else "-"]
                   for n in data["nodes"]]
@@ -344,8 +353,8 @@ def render_html(data: dict) -> str:
             parts.append(f"<figure id=\"{key}\">{plots[key]}<figcaption>{_e(captions[key])}</figcaption></figure>")
     parts.append("</div>")
     parts += ["<h2>Replaced nodes</h2>",
-              _table(["node", "op", "D x M", "C", "partition", "tables", "activation", "rel. error",
-                      "bytes before", "bytes after", "ratio"], nodes_rows, {3, 7, 8, 9, 10})
+              _table(["node", "op", "method", "D x M", "C or r", "mults/row", "partition", "tables", "activation",
+                      "rel. error", "bytes before", "bytes after", "ratio"], nodes_rows, {4, 9, 10, 11, 12})
               if nodes_rows else "<p>No node was replaced.</p>"]
     parts += ["<h2>Kept exact</h2>",
               _table(["node", "op", "reason"], [[s["name"], s["op_type"], s["reason"]] for s in data["skipped"]])
