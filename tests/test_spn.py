@@ -199,11 +199,13 @@ def test_packing_is_four_weights_a_byte_lowest_first():
     np.testing.assert_array_equal(spn.unpack_ternary(packed, 5), t)
 
 
-@pytest.mark.parametrize("D, M, R", [(1, 1, 1), (5, 3, 7), (17, 16, 33), (64, 17, 16), (130, 10, 40)])
-@pytest.mark.parametrize("N", [1, 7, 8, 16, 17, 100])
+@pytest.mark.parametrize("D, M, R", [(1, 1, 1), (5, 3, 7), (17, 16, 33), (64, 17, 16), (130, 10, 40),
+                                     (20, 150, 140)])
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 5, 7, 8, 16, 17, 100])
 def test_every_kernel_path_is_bit_exact_to_the_reference(D, M, R, N, path, monkeypatch):
-    """Awkward shapes (row counts around the 8- and 16-row SIMD groups, widths not multiples of
-    4), both epilogues, one and two threads: each path equals kernel_reference bit for bit."""
+    """Awkward shapes (row counts around the 8- and 16-row SIMD groups and the few-rows path's
+    4, widths not multiples of 4 nor 16, R and M past the row path's 8 blocks of 16), both
+    epilogues, one and two threads: each path equals kernel_reference bit for bit."""
     rng = np.random.default_rng(1000 * D + 10 * M + R + N)
     params = random_spn(rng, D, M, R)
     X = rng.standard_normal((N, D)).astype(np.float32)
@@ -237,7 +239,10 @@ def test_special_values_follow_the_reference(path, monkeypatch):
     X[3, 2] = 3e38
     monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
     for relu in (False, True):
-        np.testing.assert_array_equal(run_spn(spn_node_model(params, relu), X), spn.kernel_reference(X, params, relu))
+        want = spn.kernel_reference(X, params, relu)
+        assert run_spn(spn_node_model(params, relu), X).tobytes() == want.tobytes()
+        for n in range(4):  # one row a call: the few-rows path
+            assert run_spn(spn_node_model(params, relu), X[n:n + 1]).tobytes() == want[n:n + 1].tobytes()
 
 
 def _corrupt(model: onnx.ModelProto, name: str, value) -> onnx.ModelProto:

@@ -138,3 +138,25 @@ def test_methods_per_node_inspect_and_diff(digits_model, digits_split, tmp_path)
 def test_bad_method_options_are_one_line_errors(digits_model, digits_split, kwargs, message):
     with pytest.raises(OptionsError, match=message):
         lutcompile.compile_model(digits_model, None, {"input": digits_split[0][:200]}, **kwargs, **FAST)
+
+
+def test_the_last_phase_trains_a_alone(digits_model, digits_split):
+    """train(train_spn_scales=True), the authors' third phase (TrainOptions.scale_epochs): the
+    ternary weights and the bias stay as they were, a moves, and held-out loss does not rise
+    (the kept epoch is the best)."""
+    from lutcompile.compile.finetune import FinetuneOptions, train
+    Xtr, ytr = digits_split[0], digits_split[1]
+    compiled = lutcompile.compile_model(digits_model, None, {"input": Xtr}, method="spn", **FAST)
+    data = load_calibration({"input": Xtr, "labels": ytr}, digits_model)
+    done = train(compiled.model, data, digits_model, set(), FinetuneOptions(), epochs=3, lr=1e-3,
+                 train_spn_scales=True, stage="train a")
+    before = [spn.params_from_node(n)[0] for n in spn_nodes(compiled.model)]
+    after = [spn.params_from_node(n)[0] for n in spn_nodes(done.model)]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a.wb, b.wb)
+        np.testing.assert_array_equal(a.wc, b.wc)
+        np.testing.assert_array_equal(a.bias, b.bias)
+    assert done.curve.best_epoch > 0  # a trained epoch was kept: a moved by more than rounding
+    assert max(np.abs(a.a - b.a).max() / np.abs(b.a).max() for a, b in zip(after, before)) > 1e-3
+    losses = [e.held_out_loss for e in done.curve.epochs]
+    assert losses[done.curve.best_epoch] == min(losses)

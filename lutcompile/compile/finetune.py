@@ -60,6 +60,9 @@ class TrainOptions:
     # activations of the network as trained so far (finetune.train's resplit; 0: the fitter's
     # split dimensions stay, only the thresholds train)
     resplit_every: int = 0
+    # StrassenNets' third phase: after the train stage, this many epochs train only the SpnMatMul
+    # nodes' a, their ternary weights frozen (0: none)
+    scale_epochs: int = 0
 
     DEFAULT_EPOCHS = 20
     AUGMENTED_EPOCHS = 40
@@ -142,7 +145,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
           schedule: str = "cosine", stage: str = "fine-tune", held_out: np.ndarray | None = None,
           ema: float = 0.0, group: World = World(), augment: Augment | None = None,
           mask: str | None = None, resplit: dict[str, TreeSource] | None = None,
-          resplit_every: int = 0) -> Trained:
+          resplit_every: int = 0, train_spn_scales: bool = False) -> Trained:
     """Train `trainable` initializers (and the tables and trees, if asked) of `model`.
 
     The objective: cross-entropy on the labels; distillation (KL) from the teacher when there
@@ -167,6 +170,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     inputs as the network now computes them (fit.refit_trees), and their tables refitted to
     their present outputs. It re-splits the parameters' average (with `ema`), from which the
     live parameters then restart; the optimiser's state restarts for the trees and tables.
+    train_spn_scales: the SpnMatMul nodes' `a` train (with train_tables, everything of them does).
 
     The rows `held_out` (default: a seeded `val_fraction`) are never trained on; the parameters of the epoch with the
     lowest held-out loss are kept (epoch 0 being the untrained model), so training cannot
@@ -174,7 +178,7 @@ def train(model: onnx.ModelProto, data: CalibrationData, teacher: Teacher, train
     """
     if options.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {options.objective!r}, choose from {', '.join(OBJECTIVES)}")
-    program = TorchProgram(model, trainable, train_tables, train_trees, options.tree_temperature)
+    program = TorchProgram(model, trainable, train_tables, train_trees, options.tree_temperature, train_spn_scales)
     curve = TrainingCurve(stage)
     params = [p for p in program.parameters() if p.requires_grad]
     if not params:

@@ -26,6 +26,7 @@ from ..errors import OptionsError
 from .methods import NodeReport, get_method, with_final_counts
 from .prune import CHANNEL_WISE, ELEMENTWISE, narrowed_reports, prune_unread_columns
 from .rewrite import rewrite
+from ..ops.spn import is_spn
 
 log = logging.getLogger("lutcompile")
 
@@ -177,6 +178,14 @@ def run(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], da
                          ema=recipe.ema, stage=stage, held_out=held_out, group=group, augment=recipe.augment,
                          mask=calibrate.mask_input(analysis.model, co.mask_input), resplit=trees,
                          resplit_every=recipe.resplit_every)
+            curves.append(done.curve)
+            if stage != "train" or not recipe.scale_epochs or not any(is_spn(n) for n in done.model.graph.node):
+                return done.model
+            # the authors' last phase: the ternary pattern frozen, each hidden unit's scale trains
+            done = train(done.model, train_data, analysis.model, set(), stage_options, epochs=recipe.scale_epochs,
+                         lr=recipe.lr, progress=bar(progress, "train a"), schedule=recipe.schedule, ema=recipe.ema,
+                         stage="train a", held_out=held_out, group=group, augment=recipe.augment,
+                         mask=calibrate.mask_input(analysis.model, co.mask_input), train_spn_scales=True)
         curves.append(done.curve)
         return done.model
 

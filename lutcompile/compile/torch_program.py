@@ -167,17 +167,20 @@ class SpnModule(torch.nn.Module):
     the exported layer's ternary tb, tc with both scales folded into a."""
 
     def __init__(self, wb: np.ndarray, a: np.ndarray, wc: np.ndarray, bias: np.ndarray, relu: bool = False,
-                 trainable: bool = True):
+                 trainable: bool = True, scales_only: bool = False):
+        """trainable: every parameter trains; scales_only: `a` alone (the authors' last phase,
+        the ternary pattern frozen)."""
         super().__init__()
         self.wb = torch.nn.Parameter(torch.as_tensor(np.asarray(wb, np.float32)), requires_grad=trainable)
-        self.a = torch.nn.Parameter(torch.as_tensor(np.asarray(a, np.float32)), requires_grad=trainable)
+        self.a = torch.nn.Parameter(torch.as_tensor(np.asarray(a, np.float32)), requires_grad=trainable or scales_only)
         self.wc = torch.nn.Parameter(torch.as_tensor(np.asarray(wc, np.float32)), requires_grad=trainable)
         self.bias = torch.nn.Parameter(torch.as_tensor(np.asarray(bias, np.float32)), requires_grad=trainable)
         self.relu = relu
-        self.trained = trainable
+        self.trained = trainable or scales_only
 
     @classmethod
-    def from_params(cls, params: SpnParams, relu: bool = False, trainable: bool = True) -> "SpnModule":
+    def from_params(cls, params: SpnParams, relu: bool = False, trainable: bool = True,
+                    scales_only: bool = False) -> "SpnModule":
         """An exported layer as latent weights the forward starts from exactly: each ternary row
         of Wb (column of Wc) scaled to unit norm, as the SVD's factors are, and a divided by both
         scales. TWN gives the ternary matrices back, with those scales, so the forward is the
@@ -186,7 +189,7 @@ class SpnModule(torch.nn.Module):
         sb = 1.0 / np.sqrt(np.maximum(np.count_nonzero(params.wb, axis=1), 1))
         sc = 1.0 / np.sqrt(np.maximum(np.count_nonzero(params.wc, axis=0), 1))
         return cls(params.wb * sb[:, None], params.a / (sb * sc), params.wc * sc[None, :], params.bias, relu,
-                   trainable)
+                   trainable, scales_only)
 
     @classmethod
     def from_layer(cls, weight: np.ndarray, bias: np.ndarray | None, width: int) -> "SpnModule":
@@ -431,7 +434,8 @@ class TorchProgram(torch.nn.Module):
     """Runs an ONNX graph in torch. Initializers named in `trainable` become parameters."""
 
     def __init__(self, model: onnx.ModelProto, trainable: set[str] = frozenset(),
-                 train_tables: bool = False, train_trees: bool = False, temperature: float = 0.1):
+                 train_tables: bool = False, train_trees: bool = False, temperature: float = 0.1,
+                 train_spn_scales: bool = False):
         super().__init__()
         graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -455,8 +459,8 @@ class TorchProgram(torch.nn.Module):
         for node in self.nodes:
             if node.domain == DOMAIN and node.op_type == SPN_OP_TYPE:
                 self._lut_key[node.name] = f"spn{len(self.luts)}"
-                self.luts[self._lut_key[node.name]] = SpnModule.from_params(*spn_params_from_node(node),
-                                                                            trainable=train_tables)
+                self.luts[self._lut_key[node.name]] = SpnModule.from_params(
+                    *spn_params_from_node(node), trainable=train_tables, scales_only=train_spn_scales)
             elif node.domain == DOMAIN:
                 lut = LutModule(params_from_node(node), train_tables, train_trees, temperature)
                 geometry = geometry_from_node(node)
