@@ -27,6 +27,7 @@ static const char LUT_DOMAIN[] = "ai.lutcompile";
 static const char LUT_OP_NAME[] = "LutMatMul";
 static const char LUT_CONV_OP_NAME[] = "LutConv";
 static const char SPN_OP_NAME[] = "SpnMatMul";
+static const char SPN_CONV_OP_NAME[] = "SpnConv";
 
 /* Rows handed to one thread-pool task: about TASK_WORK units of work, counting M*C table
  * lookups per row for the scan and ENCODE_COST units per codebook and row for the encode
@@ -53,6 +54,7 @@ typedef struct OpDefinition {
 } OpDefinition;
 static const OpDefinition g_lutconv;
 static const OpDefinition g_spnmatmul;
+static const OpDefinition g_spnconv;
 static const char *ORT_API_CALL op_get_name(const OrtCustomOp *op);
 
 /* ------------------------------------------------------------------------------------ */
@@ -235,31 +237,39 @@ static void ORT_API_CALL lut_kernel_destroy(void *op_kernel) {
     free(k);
 }
 
-/* LutConv's geometry attributes, checked against the tree arrays (see lutconv.h). */
-static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D, int64_t C,
-                             const int64_t *split, int64_t n_split) {
-    const OrtApi *api = k->api;
+/* A conv op's geometry attributes (in_channels, kernel_shape, strides, pads, dilations) into
+ * *conv with lut_conv_create, which checks them against D and the split dims (see lutconv.h). */
+static OrtStatus *read_conv(const OrtApi *api, const OrtKernelInfo *info, const char *label, int64_t D, int64_t C,
+                            const int64_t *split, int64_t n_split, lut_conv **conv) {
     OrtStatus *st = NULL;
     int64_t cin = 0, *arrays[4] = {NULL, NULL, NULL, NULL};
     size_t counts[4] = {0, 0, 0, 0};
     static const char *const names[4] = {"kernel_shape", "strides", "pads", "dilations"};
     static const size_t expected[4] = {2, 2, 4, 2};
-    if ((st = read_int(api, info, k->label, "in_channels", &cin))) return st;
+    if ((st = read_int(api, info, label, "in_channels", &cin))) return st;
     for (int i = 0; i < 4 && !st; i++) {
-        if ((st = read_ints(api, info, k->label, names[i], &arrays[i], &counts[i]))) break;
+        if ((st = read_ints(api, info, label, names[i], &arrays[i], &counts[i]))) break;
         if (counts[i] != expected[i])
             st = make_status(api, ORT_INVALID_ARGUMENT, "%s: attribute '%s' must have %zu values, got %zu",
-                             k->label, names[i], expected[i], counts[i]);
+                             label, names[i], expected[i], counts[i]);
     }
     char err[512];
     if (!st) {
-        int rc = lut_conv_create(&k->conv, cin, arrays[0], arrays[1], arrays[2], arrays[3], D, C, split,
+        int rc = lut_conv_create(conv, cin, arrays[0], arrays[1], arrays[2], arrays[3], D, C, split,
                                  n_split, err, sizeof err);
         if (rc != LUT_OK)
-            st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "%s: %s",
-                             k->label, err);
+            st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "%s: %s", label, err);
     }
     for (int i = 0; i < 4; i++) free(arrays[i]);
+    return st;
+}
+
+/* LutConv's geometry attributes, checked against the tree arrays (see lutconv.h). */
+static OrtStatus *build_conv(LutKernel *k, const OrtKernelInfo *info, int64_t D, int64_t C,
+                             const int64_t *split, int64_t n_split) {
+    const OrtApi *api = k->api;
+    char err[512];
+    OrtStatus *st = read_conv(api, info, k->label, D, C, split, n_split, &k->conv);
     /* optional: a fused MaxPool, [window h, w, stride h, w] */
     int64_t *pool = NULL;
     size_t n_pool = 0;
@@ -517,44 +527,56 @@ static void run_conv_worker(void *arg, size_t task) {
     free(scratch);
 }
 
+/* A conv op's input X checked against its geometry, and the convolution's output size. */
+static OrtStatus *conv_output_size(const OrtApi *api, const lut_conv *conv, const char *label, int64_t M,
+                                   const int64_t *dims, size_t rank, int64_t *OH, int64_t *OW) {
+    if (rank != 4 || dims[1] != lut_conv_in_channels(conv))
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: input X must have shape [N, %lld, H, W], got rank %zu%s",
+                           label, (long long)lut_conv_in_channels(conv), rank,
+                           rank == 4 ? " with another channel count" : "");
+    if (dims[0] < 0 || dims[2] < 1 || dims[3] < 1 || dims[2] > LUT_CONV_MAX_SIDE || dims[3] > LUT_CONV_MAX_SIDE)
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: input X of shape [%lld, %lld, %lld, %lld]: height and "
+                           "width must lie in [1, %lld]", label, (long long)dims[0], (long long)dims[1],
+                           (long long)dims[2], (long long)dims[3], (long long)LUT_CONV_MAX_SIDE);
+    if (lut_conv_output_size(conv, dims[2], dims[3], OH, OW) != LUT_OK)
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: input of %lld x %lld is smaller than the kernel",
+                           label, (long long)dims[2], (long long)dims[3]);
+    /* OH, OW <= 2^21 (lutconv.h), M <= 2^40: check N * M * OH * OW, step by step */
+    if (dims[0] > 0 && (M > INT64_MAX / *OH / *OW || dims[0] > INT64_MAX / (M * *OH * *OW)))
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: output [%lld, %lld, %lld, %lld] is too large", label,
+                           (long long)dims[0], (long long)M, (long long)*OH, (long long)*OW);
+    return NULL;
+}
+
+/* The output Y [out_dims], and the data of X and Y (left NULL when the batch is empty). */
+static OrtStatus *nchw_output(const OrtApi *api, OrtKernelContext *ctx, const OrtValue *x, const int64_t out_dims[4],
+                              const float **X, float **Y) {
+    OrtValue *y = NULL;
+    OrtStatus *st = api->KernelContext_GetOutput(ctx, 0, out_dims, 4, &y); /* [91] */
+    if (st || out_dims[0] == 0) return st;
+    void *xdata = NULL, *ydata = NULL;
+    if ((st = api->GetTensorMutableData((OrtValue *)x, &xdata))) return st; /* [51] */
+    if ((st = api->GetTensorMutableData(y, &ydata))) return st;
+    *X = (const float *)xdata;
+    *Y = (float *)ydata;
+    return NULL;
+}
+
 static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtValue *x, const int64_t *dims,
                                size_t rank) {
     const OrtApi *api = k->api;
-    OrtStatus *st = NULL;
-    if (rank != 4 || dims[1] != lut_conv_in_channels(k->conv)) {
-        return make_status(api, ORT_INVALID_ARGUMENT,
-                           "%s: input X must have shape [N, %lld, H, W], got rank %zu%s",
-                           k->label, (long long)lut_conv_in_channels(k->conv), rank,
-                           rank == 4 ? " with another channel count" : "");
-    }
     int64_t OH = 0, OW = 0;
-    if (dims[0] < 0 || dims[2] < 1 || dims[3] < 1 || dims[2] > LUT_CONV_MAX_SIDE || dims[3] > LUT_CONV_MAX_SIDE)
-        return make_status(api, ORT_INVALID_ARGUMENT, "%s: input X of shape [%lld, %lld, %lld, %lld]: height and "
-                           "width must lie in [1, %lld]", k->label, (long long)dims[0], (long long)dims[1],
-                           (long long)dims[2], (long long)dims[3], (long long)LUT_CONV_MAX_SIDE);
-    if (lut_conv_output_size(k->conv, dims[2], dims[3], &OH, &OW) != LUT_OK)
-        return make_status(api, ORT_INVALID_ARGUMENT, "%s: input of %lld x %lld is smaller than the kernel",
-                           k->label, (long long)dims[2], (long long)dims[3]);
-    /* OH, OW <= 2^21 (lutconv.h), M <= 2^40: check N * M * OH * OW, step by step */
-    if (dims[0] > 0 && (k->M > INT64_MAX / OH / OW || dims[0] > INT64_MAX / (k->M * OH * OW)))
-        return make_status(api, ORT_INVALID_ARGUMENT, "%s: output [%lld, %lld, %lld, %lld] is too large", k->label,
-                           (long long)dims[0], (long long)k->M, (long long)OH, (long long)OW);
+    OrtStatus *st = conv_output_size(api, k->conv, k->label, k->M, dims, rank, &OH, &OW);
+    if (st) return st;
     int64_t PH = OH, PW = OW;
     if (lut_conv_pooled_size(k->conv, OH, OW, &PH, &PW) != LUT_OK)
         return make_status(api, ORT_INVALID_ARGUMENT, "%s: the convolution's output of %lld x %lld is smaller than "
                            "the fused max_pool window", k->label, (long long)OH, (long long)OW);
-    int64_t out_dims[4] = {dims[0], k->M, PH, PW};
-    OrtValue *y = NULL;
-    if ((st = api->KernelContext_GetOutput(ctx, 0, out_dims, 4, &y))) return st; /* [91] */
-    if (dims[0] == 0) return NULL;
-    void *xdata = NULL, *ydata = NULL;
-    if ((st = api->GetTensorMutableData((OrtValue *)x, &xdata))) return st; /* [51] */
-    if ((st = api->GetTensorMutableData(y, &ydata))) return st;
+    const int64_t out_dims[4] = {dims[0], k->M, PH, PW};
     ConvJob job;
     memset(&job, 0, sizeof job);
+    if ((st = nchw_output(api, ctx, x, out_dims, &job.X, &job.Y)) || dims[0] == 0) return st;
     job.k = k;
-    job.X = (const float *)xdata;
-    job.Y = (float *)ydata;
     job.H = dims[2];
     job.W = dims[3];
     job.in_image = dims[1] * dims[2] * dims[3];
@@ -708,6 +730,8 @@ static OrtStatus *ORT_API_CALL lut_compute(void *op_kernel, OrtKernelContext *ct
 typedef struct SpnKernel {
     const OrtApi *api;
     spn_plan *plan;
+    lut_conv *conv; /* SpnConv: the patch geometry, every one of the D columns a "split dim" */
+    int conv_requested;
     int path;
     int64_t D, M, R;
     char label[320];
@@ -717,7 +741,23 @@ static void ORT_API_CALL spn_kernel_destroy(void *op_kernel) {
     SpnKernel *k = (SpnKernel *)op_kernel;
     if (!k) return;
     spn_plan_destroy(k->plan);
+    lut_conv_destroy(k->conv);
     free(k);
+}
+
+/* SpnConv's geometry: lut_conv validates it, and with every patch column listed (C = ceil(D / 4)
+ * groups of 4, the last padded with column D - 1) its index gives each column's pixel. */
+static OrtStatus *build_spn_conv(SpnKernel *k, const OrtKernelInfo *info) {
+    if (k->D > ((int64_t)1 << 24)) /* lut_conv's C < 2^24 */
+        return make_status(k->api, ORT_INVALID_ARGUMENT, "%s: D = %lld exceeds the 2^24 patch inputs SpnConv takes",
+                           k->label, (long long)k->D);
+    const int64_t C = (k->D + 3) / 4;
+    int64_t *split = (int64_t *)malloc(sizeof(int64_t) * (size_t)(4 * C));
+    if (!split) return make_status(k->api, ORT_FAIL, "%s: out of memory", k->label);
+    for (int64_t i = 0; i < 4 * C; i++) split[i] = i < k->D ? i : k->D - 1;
+    OrtStatus *st = read_conv(k->api, info, k->label, k->D, C, split, 4 * C, &k->conv);
+    free(split);
+    return st;
 }
 
 static OrtStatus *build_spn(SpnKernel *k, const OrtKernelInfo *info) {
@@ -750,6 +790,7 @@ static OrtStatus *build_spn(SpnKernel *k, const OrtKernelInfo *info) {
     if (wc) api->ReleaseValue(wc);
     free(a);
     free(bias);
+    if (!st && k->conv_requested) st = build_spn_conv(k, info);
     return st;
 }
 
@@ -761,8 +802,90 @@ static OrtStatus *ORT_API_CALL spn_create_kernel(const OrtCustomOp *op, const Or
     SpnKernel *k = (SpnKernel *)calloc(1, sizeof *k);
     if (!k) return api->CreateStatus(ORT_FAIL, "SpnMatMul: out of memory creating the kernel");
     k->api = api;
+    k->conv_requested = op == &g_spnconv.op;
     return finish_kernel(op, api, info, k, k->label, sizeof k->label, &k->path, build_spn_kernel, spn_kernel_destroy,
                          kernel);
+}
+
+/* SpnConv: work items (image, tile of up to SPN_TILE output positions, fewer for wide patches
+ * so that a tile's P stays within SPN_TILE_FLOATS); each gathers its patches row-major,
+ * P[r][d] (0 in the padding), runs spn_apply over them and writes the outputs into NCHW.
+ * Positions are independent, so the split changes no bit. */
+#define SPN_TILE 256
+#define SPN_TILE_FLOATS ((int64_t)1 << 22)
+
+typedef struct SpnConvJob {
+    const SpnKernel *k;
+    const float *X;
+    float *Y;
+    const int32_t *index; /* lut_conv_index_for: index[d * positions + pos] */
+    int64_t in_image, positions, tile, tiles;
+    int failed;
+    char err[256];
+} SpnConvJob;
+
+static void run_spn_conv_task(void *arg, size_t item) {
+    SpnConvJob *job = (SpnConvJob *)arg;
+    const SpnKernel *k = job->k;
+    const int64_t n = (int64_t)item / job->tiles, first = ((int64_t)item % job->tiles) * job->tile;
+    const int64_t rows = job->positions - first < job->tile ? job->positions - first : job->tile;
+    float *P = (float *)malloc(sizeof(float) * (size_t)(rows * (k->D + k->M)));
+    char err[256];
+    int rc = LUT_ENOMEM;
+    if (P) {
+        float *Yr = P + rows * k->D;
+        const float *x = job->X + n * job->in_image;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t d = 0; d < k->D; d++) {
+                const int32_t at = job->index[d * job->positions + first + r];
+                P[r * k->D + d] = at < 0 ? 0.0f : x[at];
+            }
+        rc = spn_apply(k->plan, P, rows, Yr, k->path, err, sizeof err);
+        float *y = job->Y + n * k->M * job->positions + first;
+        if (rc == LUT_OK)
+            for (int64_t m = 0; m < k->M; m++)
+                for (int64_t r = 0; r < rows; r++) y[m * job->positions + r] = Yr[r * k->M + m];
+    } else {
+        snprintf(err, sizeof err, "out of memory for %lld patches", (long long)rows);
+    }
+    free(P);
+    if (rc != LUT_OK && __atomic_exchange_n(&job->failed, 1, __ATOMIC_ACQ_REL) == 0)
+        memcpy(job->err, err, sizeof err);
+}
+
+static OrtStatus *spn_conv_compute(SpnKernel *k, OrtKernelContext *ctx, const OrtValue *x, const int64_t *dims,
+                                   size_t rank) {
+    const OrtApi *api = k->api;
+    int64_t OH = 0, OW = 0;
+    OrtStatus *st = conv_output_size(api, k->conv, k->label, k->M, dims, rank, &OH, &OW);
+    if (st) return st;
+    const int64_t out_dims[4] = {dims[0], k->M, OH, OW};
+    SpnConvJob job;
+    memset(&job, 0, sizeof job);
+    if ((st = nchw_output(api, ctx, x, out_dims, &job.X, &job.Y)) || dims[0] == 0) return st;
+    if (!lut_conv_index_fits(k->conv, dims[2], dims[3]))
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: an image of %lld x %lld x %lld exceeds 2^31 values",
+                           k->label, (long long)dims[1], (long long)dims[2], (long long)dims[3]);
+    job.k = k;
+    job.in_image = dims[1] * dims[2] * dims[3];
+    job.positions = OH * OW;
+    job.tile = SPN_TILE_FLOATS / (k->D + k->M);
+    job.tile = job.tile < 1 ? 1 : job.tile > SPN_TILE ? SPN_TILE : job.tile;
+    job.tiles = (job.positions + job.tile - 1) / job.tile;
+    int32_t *owned = NULL;
+    job.index = lut_conv_index_for(k->conv, dims[2], dims[3], &owned);
+    if (!job.index)
+        return make_status(api, ORT_FAIL, "%s: out of memory for the patch index (%lld x %lld offsets)", k->label,
+                           (long long)k->D, (long long)job.positions);
+    const int64_t items = dims[0] * job.tiles;
+    if (items <= 1)
+        run_spn_conv_task(&job, 0);
+    else
+        st = api->KernelContext_ParallelFor(ctx, run_spn_conv_task, (size_t)items, 0, &job); /* [274] */
+    free(owned);
+    if (st) return st;
+    if (job.failed) return make_status(api, ORT_FAIL, "%s: %s", k->label, job.err);
+    return NULL;
 }
 
 static OrtStatus *ORT_API_CALL spn_compute(void *op_kernel, OrtKernelContext *ctx) {
@@ -772,7 +895,9 @@ static OrtStatus *ORT_API_CALL spn_compute(void *op_kernel, OrtKernelContext *ct
     size_t rank = 0;
     const OrtValue *x = NULL;
     OrtStatus *st = float_input(api, ctx, k->label, &x, &dims, &rank, stack);
-    if (!st) { /* per row: an add per nonzero weight, about half of them */
+    if (!st && k->conv) {
+        st = spn_conv_compute(k, ctx, x, dims, rank);
+    } else if (!st) { /* per row: an add per nonzero weight, about half of them */
         Job job = {.spn = k->plan, .D = k->D, .M = k->M, .path = k->path};
         st = rows_compute(api, ctx, k->label, x, dims, rank, &job, (k->D + k->M) * k->R / 2);
     }
@@ -784,7 +909,8 @@ static OrtStatus *ORT_API_CALL spn_compute(void *op_kernel, OrtKernelContext *ct
 /* schema callbacks                                                                      */
 
 static const char *ORT_API_CALL op_get_name(const OrtCustomOp *op) {
-    return op == &g_lutconv.op ? LUT_CONV_OP_NAME : op == &g_spnmatmul.op ? SPN_OP_NAME : LUT_OP_NAME;
+    return op == &g_lutconv.op ? LUT_CONV_OP_NAME : op == &g_spnmatmul.op ? SPN_OP_NAME
+         : op == &g_spnconv.op ? SPN_CONV_OP_NAME : LUT_OP_NAME;
 }
 static const char *ORT_API_CALL op_get_ep(const OrtCustomOp *op) {
     (void)op;
@@ -861,6 +987,7 @@ static int ORT_API_CALL op_end_version(const OrtCustomOp *op) {
 static const OpDefinition g_lutmatmul = OP_DEFINITION(lut_kernel_destroy, lut_create_kernel, lut_compute);
 static const OpDefinition g_lutconv = OP_DEFINITION(lut_kernel_destroy, lut_create_kernel, lut_compute);
 static const OpDefinition g_spnmatmul = OP_DEFINITION(spn_kernel_destroy, spn_create_kernel, spn_compute);
+static const OpDefinition g_spnconv = OP_DEFINITION(spn_kernel_destroy, spn_create_kernel, spn_compute);
 
 /* ------------------------------------------------------------------------------------ */
 /* registration                                                                          */
@@ -935,6 +1062,7 @@ LUT_EXPORT OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
     if ((st = api->CustomOpDomain_Add(domain, &g_lutmatmul.op)) || /* [27] */
         (st = api->CustomOpDomain_Add(domain, &g_lutconv.op)) ||
         (st = api->CustomOpDomain_Add(domain, &g_spnmatmul.op)) ||
+        (st = api->CustomOpDomain_Add(domain, &g_spnconv.op)) ||
         (st = api->AddCustomOpDomain(options, domain))) {          /* [28] */
         api->ReleaseCustomOpDomain(domain);
         return st;

@@ -189,7 +189,8 @@ def trained_table_info(trained_from: Path, name: str, v: Variant, folder: Path) 
     scripts/train_table.py wrote (its lut_i.onnx and its results.json row)."""
     import shutil
     results = json.loads((trained_from / "results.json").read_text())
-    rows = results["rows"] if v.family == "spn" else results["mlp" if name == "mnist_mlp" else "cnn"]
+    section = results.get("mlp" if name == "mnist_mlp" else "cnn", {})
+    rows = section.get("rows", {}) if v.family == "spn" else section
     row = rows.get(v.info["config"])
     model = trained_from / name / f"lut_{v.key.split('_')[-1]}.onnx"
     if row is None or not model.exists():

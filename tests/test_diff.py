@@ -125,7 +125,7 @@ INSPECT_SCHEMA = {
                                       "strides": (None, [int]), "pads": (None, [int]),
                                       "dilations": (None, [int])}),
                       "problems": [str]}],
-    "spn_nodes": [{"name": str, "inputs": [str], "outputs": [str], "D": (int, None), "M": (int, None),
+    "spn_nodes": [{"name": str, "inputs": [str], "outputs": [str], "op_type": str, "D": (int, None), "M": (int, None),
                    "relu": (bool, None), "count": (None, COUNT), "param_bytes": int, "problems": [str]}],
     "exact_nodes": [{"name": str, "op_type": str}],
     "problems": [str],

@@ -3,6 +3,8 @@ TWN ternarisation and the operation count match hand computations, and the porta
 run in onnxruntime equals the numpy reference on real activations."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -285,3 +287,63 @@ def test_bad_attributes_are_refused_at_session_creation(name, value, needle):
         ort.InferenceSession(_corrupt(model, name, value).SerializeToString(), lutcompile.session_options(1),
                              providers=["CPUExecutionProvider"])
     assert needle in str(error.value)
+
+
+# ---------------------------------------------------------------- the SpnConv op
+
+def spn_conv_model(params: spn.SpnParams, g, relu: bool = False, **overrides) -> onnx.ModelProto:
+    """One SpnConv node, X [N, Cin, H, W] -> Y [N, M, OH, OW]."""
+    from lutcompile.ops.node_format import conv_attributes
+    attrs = {**spn.node_attributes(params, relu), **conv_attributes(g), **overrides}
+    attrs = {k: numpy_helper.from_array(v, k) if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
+    node = helper.make_node(spn.SPN_CONV_OP_TYPE, ["X"], ["Y"], name="spnconv0", domain=DOMAIN, **attrs)
+    graph = helper.make_graph([node], "spn", [helper.make_tensor_value_info("X", TensorProto.FLOAT,
+                                                                              ["N", g.in_channels, "H", "W"])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+
+
+@pytest.mark.parametrize("cin, kernel, strides, pads, dilations, H, W", [
+    (1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 7, 9),
+    (3, (2, 3), (2, 1), (0, 1, 1, 0), (1, 2), 11, 8),
+    (5, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 4, 4),
+    (2, (3, 3), (3, 2), (2, 0, 0, 2), (2, 1), 13, 23),  # 17 x 23 positions: tiles of 256 and a remainder
+])
+@pytest.mark.parametrize("N", [1, 3])
+def test_spn_conv_equals_its_reference_on_every_path(cin, kernel, strides, pads, dilations, H, W, N, path,
+                                                     monkeypatch):
+    """SpnConv: the sum-product layer on each patch (zeros in the padding), NCHW out, bit for bit
+    spn.conv_reference on every path and thread count, with and without relu; and the
+    standard-op lowering (Conv, Mul, 1x1 Conv, Add) within float rounding."""
+    from lutcompile.ops.spec import ConvGeometry
+    g = ConvGeometry(cin, kernel, strides, pads, dilations)
+    rng = np.random.default_rng(cin * 100 + H + N)
+    params = random_spn(rng, g.D, 6, 10)
+    X = rng.standard_normal((N, cin, H, W)).astype(np.float32)
+    monkeypatch.setenv("LUTCOMPILE_KERNEL_PATH", path)
+    for relu in (False, True):
+        want = spn.conv_reference(X, params, g, relu)
+        assert want.shape == (N, 6, *g.output_size(H, W))
+        for threads in (1, 2):
+            assert run_spn(spn_conv_model(params, g, relu), X, threads).tobytes() == want.tobytes(), (relu, threads)
+        nodes, inits = spn.portable_conv_nodes(params, g, "X", "Y", "c0", relu)
+        graph = helper.make_graph(nodes, "p", [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(X.shape))],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        got = make_session(model).run(None, {"X": X})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("overrides, needle", [
+    ({"in_channels": 2}, "D = 9 but in_channels*kh*kw = 18"),
+    ({"kernel_shape": [3]}, "attribute 'kernel_shape' must have 2 values"),
+    ({"pads": [0, 0, -1, 0]}, "pads[2] = -1 out of range"),
+])
+def test_bad_spn_conv_geometry_is_refused_at_session_creation(overrides, needle):
+    from lutcompile.ops.spec import ConvGeometry
+    g = ConvGeometry(1, (3, 3))
+    params = random_spn(np.random.default_rng(0), 9, 4, 5)
+    with pytest.raises(Exception, match=re.escape(needle)):
+        ort.InferenceSession(spn_conv_model(params, g, **overrides).SerializeToString(), lutcompile.session_options(1),
+                             providers=["CPUExecutionProvider"])

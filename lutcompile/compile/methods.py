@@ -97,16 +97,14 @@ class LookupMethod:
 
 class SumProductMethod:
     """StrassenNets' ternary sum-product layers (ops/spn.py): y = Wc (a * (Wb x)) + b with ternary
-    Wb [r, D], Wc [M, r] (SpnMatMul). The node's size is its hidden width r, the multiplications."""
+    Wb [r, D], Wc [M, r] (SpnMatMul; on a Conv's patches SpnConv, as the paper's SP-ResNet). The
+    node's size is its hidden width r, the multiplications per row (per output position)."""
 
     name = "spn"
     trainable = True  # torch_program.SpnModule: TWN-ternarised latents, straight-through gradients
 
     def fit(self, target: TargetNode, rows: np.ndarray, width: int, options: FitOptions,
             produces_logits: bool) -> FittedNode:
-        if target.conv is not None:
-            raise OptionsError(f"node {target.name} is a Conv: the spn method replaces MatMul and Gemm nodes "
-                               "(no SpnConv op yet); leave it to lut or exclude it")
         if target.activation not in (None, "Relu"):
             raise OptionsError(f"node {target.name}: SpnMatMul fuses only a Relu, not {target.activation}")
         params = spn.fit_layer(rows, target.weight, target.bias, width)
@@ -115,12 +113,15 @@ class SumProductMethod:
         error = relative_error(spn.kernel_reference(rows, params, relu), exact)
         count = spn.LayerCount.of(params)
         attributes = {**spn.node_attributes(params, relu), "source_op": target.op_type}
+        if target.conv is not None:  # SpnConv: W_b a ternary convolution of the layer's geometry, W_c a 1x1 one
+            attributes.update(node_format.conv_attributes(target.conv))
         bytes_before = 4 * (target.weight.size + (0 if target.bias is None else target.bias.size))
         report = NodeReport(target.name, target.op_type, target.D, target.M, 0, "-", "-", target.activation, error,
                             bytes_before, node_format.parameter_bytes(attributes), len(rows), method=self.name,
                             spn=count)
         log.info("fitted %s: %dx%d SPN r=%d rel.err %.4f", target.name, target.D, target.M, width, error)
-        return FittedNode(Replacement(target, spn.SPN_OP_TYPE, DOMAIN, attributes), report)
+        op_type = spn.SPN_OP_TYPE if target.conv is None else spn.SPN_CONV_OP_TYPE
+        return FittedNode(Replacement(target, op_type, DOMAIN, attributes), report)
 
 
 def with_final_counts(reports: list[NodeReport], model: onnx.ModelProto) -> list[NodeReport]:

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from ..onnx_io import external_data
 from ..ops.node_format import attributes, geometry_from_node, params_from_node, set_attributes, set_lut_attributes
 from ..ops.spec import DOMAIN, DEPTH, K, LutParams
-from ..ops.spn import SPN_OP_TYPE, SpnParams, full_precision_init, ternarize
+from ..ops.spn import SpnParams, full_precision_init, is_spn, ternarize
 from ..ops.spn import node_attributes as spn_node_attributes, params_from_node as spn_params_from_node
 
 
@@ -134,9 +134,9 @@ class LutModule(torch.nn.Module):
 
 class LutConvModule(torch.nn.Module):
     """LutConv in torch: unfold the NCHW input into patches, look them up, fold back (and
-    max-pool, with a fused MaxPool)."""
+    max-pool, with a fused MaxPool). SpnConv too, with an SpnModule as `lut`."""
 
-    def __init__(self, lut: LutModule, geometry):
+    def __init__(self, lut: torch.nn.Module, geometry):
         super().__init__()
         self.lut, self.g = lut, geometry
 
@@ -457,10 +457,12 @@ class TorchProgram(torch.nn.Module):
             else:
                 self._constants[t.name] = value
         for node in self.nodes:
-            if node.domain == DOMAIN and node.op_type == SPN_OP_TYPE:
+            if is_spn(node):
                 self._lut_key[node.name] = f"spn{len(self.luts)}"
-                self.luts[self._lut_key[node.name]] = SpnModule.from_params(
-                    *spn_params_from_node(node), trainable=train_tables, scales_only=train_spn_scales)
+                layer = SpnModule.from_params(*spn_params_from_node(node), trainable=train_tables,
+                                              scales_only=train_spn_scales)
+                geometry = geometry_from_node(node)  # SpnConv: the layer on each patch
+                self.luts[self._lut_key[node.name]] = layer if geometry is None else LutConvModule(layer, geometry)
             elif node.domain == DOMAIN:
                 lut = LutModule(params_from_node(node), train_tables, train_trees, temperature)
                 geometry = geometry_from_node(node)
@@ -478,8 +480,8 @@ class TorchProgram(torch.nn.Module):
     def lut_modules(self) -> dict[str, LutModule]:
         """Each lookup node's LutModule (a LutConv's inner one), by node name."""
         modules = {name: self.luts[key] for name, key in self._lut_key.items()}
-        return {name: m.lut if isinstance(m, LutConvModule) else m for name, m in modules.items()
-                if not isinstance(m, SpnModule)}
+        unwrapped = {name: m.lut if isinstance(m, LutConvModule) else m for name, m in modules.items()}
+        return {name: m for name, m in unwrapped.items() if isinstance(m, LutModule)}
 
     def forward(self, *inputs: torch.Tensor, outputs: list[str] | None = None) -> list[torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(self._constants)

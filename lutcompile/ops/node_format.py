@@ -64,8 +64,8 @@ def parameter_bytes(attrs: dict) -> int:
 
 
 def geometry_from_node(node: onnx.NodeProto) -> ConvGeometry | None:
-    """A LutConv node's patch geometry; None for a LutMatMul."""
-    if node.op_type != CONV_OP_TYPE:
+    """A LutConv's or SpnConv's patch geometry; None for a LutMatMul or SpnMatMul."""
+    if node.op_type not in (CONV_OP_TYPE, "SpnConv"):
         return None
     a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
     pool = a.get("max_pool")

@@ -21,7 +21,7 @@ import scipy.linalg
 from onnx import helper, numpy_helper
 
 from ..errors import OptionsError
-from .spec import DOMAIN
+from .spec import DOMAIN, ConvGeometry, im2col_reference
 
 TWN_THRESHOLD = 0.7  # Li & Liu's ternary weight networks: keep |w| > 0.7 mean |w|, as the authors' code
 
@@ -165,11 +165,13 @@ class LayerCount:
 
 
 SPN_OP_TYPE = "SpnMatMul"  # the custom op (docs/lutmatmul.md, "The SpnMatMul operator"), domain ai.lutcompile
+SPN_CONV_OP_TYPE = "SpnConv"  # the same layer on a Conv's patches (docs/lutmatmul.md, "The SpnConv operator")
+SPN_OP_TYPES = (SPN_OP_TYPE, SPN_CONV_OP_TYPE)
 
 
 def is_spn(node: onnx.NodeProto) -> bool:
-    """An SpnMatMul node of our domain."""
-    return node.domain == DOMAIN and node.op_type == SPN_OP_TYPE
+    """An SpnMatMul or SpnConv node of our domain."""
+    return node.domain == DOMAIN and node.op_type in SPN_OP_TYPES
 
 
 def pack_ternary(t: np.ndarray) -> np.ndarray:
@@ -218,6 +220,15 @@ def kernel_reference(x: np.ndarray, params: SpnParams, relu: bool = False) -> np
     return y.astype(np.float32).reshape(*lead, params.wc.shape[0])
 
 
+def conv_reference(X: np.ndarray, params: SpnParams, g: ConvGeometry, relu: bool = False) -> np.ndarray:
+    """SpnConv in numpy, bit for bit the kernel: the layer on each patch of X [N, Cin, H, W]
+    (spec.im2col_reference, zeros in the padding), written [N, M, OH, OW]."""
+    N, _, H, W = np.shape(X)
+    OH, OW = g.output_size(H, W)
+    rows = kernel_reference(im2col_reference(X, g), params, relu)  # [N * OH * OW, M]
+    return np.ascontiguousarray(rows.reshape(N, OH, OW, -1).transpose(0, 3, 1, 2))
+
+
 def node_attributes(params: SpnParams, relu: bool = False) -> dict:
     """The SpnMatMul node's attributes (values as onnx.helper.make_attribute takes them)."""
     r, D = params.wb.shape
@@ -259,17 +270,48 @@ def portable_nodes(params: SpnParams, x: str, y: str, prefix: str, relu: bool = 
     return nodes, initializers
 
 
+def portable_conv_nodes(params: SpnParams, g: ConvGeometry, x: str, y: str, prefix: str, relu: bool = False) \
+        -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """An SpnConv as standard ONNX ops: Conv by the ternary Wb [r, Cin, kh, kw] with the node's
+    geometry, Mul by a per hidden channel, a 1x1 Conv by the ternary Wc [M, r, 1, 1], Add the
+    bias (then Relu), the ternary constants int8 and Cast, as portable_nodes."""
+    r, M = params.width, params.wc.shape[0]
+    names = {k: f"{prefix}/spn_{k}" for k in ("wb", "a", "wc", "bias", "wb_float", "wc_float", "hidden", "scaled",
+                                              "mixed", "biased")}
+    initializers = [numpy_helper.from_array(params.wb.reshape(r, g.in_channels, *g.kernel).astype(np.int8), names["wb"]),
+                    numpy_helper.from_array(params.a.reshape(r, 1, 1).astype(np.float32), names["a"]),
+                    numpy_helper.from_array(params.wc.reshape(M, r, 1, 1).astype(np.int8), names["wc"]),
+                    numpy_helper.from_array(params.bias.reshape(M, 1, 1).astype(np.float32), names["bias"])]
+    added = names["biased"] if relu else y
+    nodes = [helper.make_node("Cast", [names[k]], [names[f"{k}_float"]], to=onnx.TensorProto.FLOAT,
+                              name=f"{prefix}/spn_{k}_cast") for k in ("wb", "wc")]
+    nodes += [helper.make_node("Conv", [x, names["wb_float"]], [names["hidden"]], name=f"{prefix}/spn_in",
+                               kernel_shape=list(g.kernel), strides=list(g.strides), pads=list(g.pads),
+                               dilations=list(g.dilations)),
+              helper.make_node("Mul", [names["hidden"], names["a"]], [names["scaled"]], name=f"{prefix}/spn_scale"),
+              helper.make_node("Conv", [names["scaled"], names["wc_float"]], [names["mixed"]], name=f"{prefix}/spn_out",
+                               kernel_shape=[1, 1]),
+              helper.make_node("Add", [names["mixed"], names["bias"]], [added], name=f"{prefix}/spn_bias")]
+    if relu:
+        nodes.append(helper.make_node("Relu", [added], [y], name=f"{prefix}/spn_relu"))
+    return nodes, initializers
+
+
 def lower_to_standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every SpnMatMul node written as standard ONNX ops (portable_nodes),
-    in the node's place, so that any onnxruntime runs it without lutcompile's library; the same
-    results within float rounding (a GEMM sums in its own order)."""
+    """A copy of `model` with every SpnMatMul and SpnConv node written as standard ONNX ops
+    (portable_nodes, portable_conv_nodes), in the node's place, so that any onnxruntime runs it
+    without lutcompile's library; the same results within float rounding (a GEMM or a
+    convolution sums in its own order)."""
+    from .node_format import geometry_from_node
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = []
     for node in out.graph.node:
-        if node.op_type == SPN_OP_TYPE and node.domain == DOMAIN:
+        if is_spn(node):
             params, relu = params_from_node(node)
-            lowered, initializers = portable_nodes(params, node.input[0], node.output[0], node.name, relu)
+            g = geometry_from_node(node)
+            lowered, initializers = (portable_nodes(params, node.input[0], node.output[0], node.name, relu) if g is None
+                                     else portable_conv_nodes(params, g, node.input[0], node.output[0], node.name, relu))
             nodes += lowered
             out.graph.initializer.extend(initializers)
         else:

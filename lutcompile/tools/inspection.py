@@ -48,8 +48,9 @@ JSON schema (`--json`; `inspect_model(...).to_json()`), version "lutcompile.insp
           "problems": [str]             # empty when the node is consistent
         }
       ],
-      "spn_nodes": [                    # SpnMatMul nodes (StrassenNets), graph order
-        {"name": str, "inputs": [str], "outputs": [str], "D": int | null, "M": int | null,
+      "spn_nodes": [                    # SpnMatMul and SpnConv nodes (StrassenNets), graph order
+        {"name": str, "inputs": [str], "outputs": [str], "op_type": "SpnMatMul" | "SpnConv",
+         "D": int | null, "M": int | null,     # SpnConv: D = in_channels * kh * kw, counts per position
          "relu": bool | null, "param_bytes": int,    # packed wb, wc (2 bits a weight) + a, bias
          "count": null | {"width": int, "multiplications": int, "additions": int,   # per row
                           "exact_multiplications": int, "exact_additions": int,
@@ -132,6 +133,7 @@ class SpnNode:
     name: str
     inputs: list[str]
     outputs: list[str]
+    op_type: str = SPN_OP_TYPE  # or SpnConv (then D is the patch width, the count per output position)
     D: int | None = None
     M: int | None = None
     relu: bool | None = None
@@ -342,7 +344,7 @@ def check_node(node: onnx.NodeProto, shapes: dict[str, list[int | None]] | None 
 def check_spn_node(node: onnx.NodeProto) -> SpnNode:
     """An SpnMatMul node read back (spn.params_from_node, which SpnParams validates), with its
     count; a node that cannot be read gets the reason as its problem."""
-    info = SpnNode(node.name, list(node.input), list(node.output))
+    info = SpnNode(node.name, list(node.input), list(node.output), node.op_type)
     a = attributes(node)
     info.param_bytes = parameter_bytes(a)
     try:
@@ -381,7 +383,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike) -> Inspection:
         elif node.op_type in EXACT_OPS and node.domain in ("", "ai.onnx"):
             exact.append({"name": node.name, "op_type": node.op_type})
     if (nodes or spn_nodes) and DOMAIN not in opset:
-        kinds = " and ".join(dict.fromkeys([n.op_type for n in nodes] + [SPN_OP_TYPE] * bool(spn_nodes)))
+        kinds = " and ".join(dict.fromkeys(n.op_type for n in nodes + spn_nodes))
         problems.append(f"the model has {kinds} nodes but does not import the '{DOMAIN}' opset")
     return Inspection(path, opset, nodes, exact, problems, spn_nodes)
 
@@ -445,11 +447,11 @@ def format_inspection(result: Inspection) -> str:
     elif not result.spn_nodes:
         lines.append("no LutMatMul, LutConv or SpnMatMul nodes: this model is not compiled by lutcompile")
     if result.spn_nodes:
-        rows = [("sum-product node", "D x M", "r", "relu", "mults/row", "vs exact", "adds/row", "vs exact",
+        rows = [("sum-product node", "op", "D x M", "r", "relu", "mults/row", "vs exact", "adds/row", "vs exact",
                  "zeros Wb / Wc", "bytes", "status")]
         for n in result.spn_nodes:
             c = n.count
-            rows.append((n.name, f"{_s(n.D)} x {_s(n.M)}") + (("-",) * 7 if c is None else (
+            rows.append((n.name, n.op_type, f"{_s(n.D)} x {_s(n.M)}") + (("-",) * 7 if c is None else (
                 str(c.width), {True: "yes", False: "no", None: "-"}[n.relu], f"{c.multiplications:,}",
                 f"{c.exact_multiplications:,}", f"{c.additions:,}", f"{c.exact_additions:,}",
                 f"{100 * c.wb_zeros:.0f} % / {100 * c.wc_zeros:.0f} %")) + (
