@@ -216,7 +216,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
 DEFAULT_CODEBOOKS = 16
 # With --train and no width: the widest count that keeps the shipped MLP faster than
 # onnxruntime's int8 static model at batch 256 and at batch 1 on one thread (scripts/train_table.py
-# measures it: 1.67x and 1.41x), where training brings it within about a point of exact
+# measures it: 2.22x and 1.40x), where training brings it within about a point of exact
 # (97.70 %). Narrower nodes get C = D.
 TRAINED_CODEBOOKS = 64
 
