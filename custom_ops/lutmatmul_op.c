@@ -527,6 +527,31 @@ static void run_conv_worker(void *arg, size_t task) {
     free(scratch);
 }
 
+/* `items` work items of `job`: inline when there is one, else over onnxruntime's pool; then
+ * the first failure a worker recorded (*failed, err) as the op's error. */
+static OrtStatus *run_items(const OrtApi *api, OrtKernelContext *ctx, const char *label, void (*fn)(void *, size_t),
+                            void *job, int64_t items, const int *failed, const char *err) {
+    if (items <= 1) {
+        fn(job, 0);
+    } else {
+        OrtStatus *st = api->KernelContext_ParallelFor(ctx, fn, (size_t)items, 0, job); /* [274] */
+        if (st) return st;
+    }
+    return *failed ? make_status(api, ORT_FAIL, "%s: %s", label, err) : NULL;
+}
+
+/* The pixel offsets of each patch column for this input size (lut_conv_index_for), after
+ * checking that an image fits their int32; *owned, when set, is the caller's to free. */
+static OrtStatus *patch_index(const OrtApi *api, lut_conv *conv, const char *label, const int64_t *dims,
+                              int64_t positions, const int32_t **index, int32_t **owned) {
+    if (!lut_conv_index_fits(conv, dims[2], dims[3]))
+        return make_status(api, ORT_INVALID_ARGUMENT, "%s: an image of %lld x %lld x %lld exceeds 2^31 values",
+                           label, (long long)dims[1], (long long)dims[2], (long long)dims[3]);
+    *index = lut_conv_index_for(conv, dims[2], dims[3], owned);
+    return *index ? NULL : make_status(api, ORT_FAIL, "%s: out of memory for the patch index (%lld x %lld offsets)",
+                                       label, (long long)lut_conv_columns(conv), (long long)positions);
+}
+
 /* A conv op's input X checked against its geometry, and the convolution's output size. */
 static OrtStatus *conv_output_size(const OrtApi *api, const lut_conv *conv, const char *label, int64_t M,
                                    const int64_t *dims, size_t rank, int64_t *OH, int64_t *OW) {
@@ -607,22 +632,11 @@ static OrtStatus *conv_compute(LutKernel *k, OrtKernelContext *ctx, const OrtVal
     /* U <= 4C < 2^26 columns of CONV_LD floats, rounded to whole cache lines */
     job.p_bytes = (sizeof(float) * (size_t)(lut_conv_columns(k->conv) * CONV_LD) + 63) & ~(size_t)63;
     job.work_bytes = lut_apply_columns_work(k->plan, k->path);
-    if (!lut_conv_index_fits(k->conv, dims[2], dims[3]))
-        return make_status(api, ORT_INVALID_ARGUMENT, "%s: an image of %lld x %lld x %lld exceeds 2^31 values",
-                           k->label, (long long)dims[1], (long long)dims[2], (long long)dims[3]);
     int32_t *owned = NULL;
-    job.index = lut_conv_index_for(k->conv, dims[2], dims[3], &owned);
-    if (!job.index)
-        return make_status(api, ORT_FAIL, "%s: out of memory for the patch index (%lld x %lld offsets)", k->label,
-                           (long long)lut_conv_columns(k->conv), (long long)job.positions);
-    if (job.items <= 1)
-        run_conv_worker(&job, 0);
-    else
-        st = api->KernelContext_ParallelFor(ctx, run_conv_worker, (size_t)job.items, 0, &job); /* [274] */
+    if ((st = patch_index(api, k->conv, k->label, dims, job.positions, &job.index, &owned))) return st;
+    st = run_items(api, ctx, k->label, run_conv_worker, &job, job.items, &job.failed, job.err);
     free(owned);
-    if (st) return st;
-    if (job.failed) return make_status(api, ORT_FAIL, "%s: %s", k->label, job.err);
-    return NULL;
+    return st;
 }
 
 /* The input X, checked to be float32, and its dims in *dims (stack, of 8, or a malloc'd array
@@ -692,13 +706,7 @@ static OrtStatus *run_rows(const OrtApi *api, OrtKernelContext *ctx, const char 
     rows = rows / ROW_ALIGN * ROW_ALIGN;
     job->rows_per_task = rows < ROW_ALIGN ? ROW_ALIGN : rows;
     const int64_t tasks = (job->N + job->rows_per_task - 1) / job->rows_per_task;
-    if (tasks <= 1) {
-        run_task(job, 0);
-    } else {
-        OrtStatus *st = api->KernelContext_ParallelFor(ctx, run_task, (size_t)tasks, 0, job); /* [274] */
-        if (st) return st;
-    }
-    return job->failed ? make_status(api, ORT_FAIL, "%s: %s", label, job->err) : NULL;
+    return run_items(api, ctx, label, run_task, job, tasks, &job->failed, job->err);
 }
 
 /* A row-wise op's compute once its input is read: Y allocated, then job's rows run. */
@@ -863,9 +871,6 @@ static OrtStatus *spn_conv_compute(SpnKernel *k, OrtKernelContext *ctx, const Or
     SpnConvJob job;
     memset(&job, 0, sizeof job);
     if ((st = nchw_output(api, ctx, x, out_dims, &job.X, &job.Y)) || dims[0] == 0) return st;
-    if (!lut_conv_index_fits(k->conv, dims[2], dims[3]))
-        return make_status(api, ORT_INVALID_ARGUMENT, "%s: an image of %lld x %lld x %lld exceeds 2^31 values",
-                           k->label, (long long)dims[1], (long long)dims[2], (long long)dims[3]);
     job.k = k;
     job.in_image = dims[1] * dims[2] * dims[3];
     job.positions = OH * OW;
@@ -873,19 +878,10 @@ static OrtStatus *spn_conv_compute(SpnKernel *k, OrtKernelContext *ctx, const Or
     job.tile = job.tile < 1 ? 1 : job.tile > SPN_TILE ? SPN_TILE : job.tile;
     job.tiles = (job.positions + job.tile - 1) / job.tile;
     int32_t *owned = NULL;
-    job.index = lut_conv_index_for(k->conv, dims[2], dims[3], &owned);
-    if (!job.index)
-        return make_status(api, ORT_FAIL, "%s: out of memory for the patch index (%lld x %lld offsets)", k->label,
-                           (long long)k->D, (long long)job.positions);
-    const int64_t items = dims[0] * job.tiles;
-    if (items <= 1)
-        run_spn_conv_task(&job, 0);
-    else
-        st = api->KernelContext_ParallelFor(ctx, run_spn_conv_task, (size_t)items, 0, &job); /* [274] */
+    if ((st = patch_index(api, k->conv, k->label, dims, job.positions, &job.index, &owned))) return st;
+    st = run_items(api, ctx, k->label, run_spn_conv_task, &job, dims[0] * job.tiles, &job.failed, job.err);
     free(owned);
-    if (st) return st;
-    if (job.failed) return make_status(api, ORT_FAIL, "%s: %s", k->label, job.err);
-    return NULL;
+    return st;
 }
 
 static OrtStatus *ORT_API_CALL spn_compute(void *op_kernel, OrtKernelContext *ctx) {

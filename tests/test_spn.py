@@ -326,7 +326,7 @@ def test_spn_conv_equals_its_reference_on_every_path(cin, kernel, strides, pads,
         assert want.shape == (N, 6, *g.output_size(H, W))
         for threads in (1, 2):
             assert run_spn(spn_conv_model(params, g, relu), X, threads).tobytes() == want.tobytes(), (relu, threads)
-        nodes, inits = spn.portable_conv_nodes(params, g, "X", "Y", "c0", relu)
+        nodes, inits = spn.portable_nodes(params, "X", "Y", "c0", relu, geometry=g)
         graph = helper.make_graph(nodes, "p", [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(X.shape))],
                                   [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

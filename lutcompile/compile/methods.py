@@ -70,6 +70,11 @@ class Method(Protocol):
         ...
 
 
+def exact_bytes(target: TargetNode) -> int:
+    """The replaced product's weight and bias as stored, float32 (NodeReport.bytes_before)."""
+    return 4 * (target.weight.size + (0 if target.bias is None else target.bias.size))
+
+
 class LookupMethod:
     """MADDNESS-style lookups: hash trees encode each row, summed 8-bit tables decode it
     (LutMatMul, or LutConv for a Conv)."""
@@ -86,9 +91,8 @@ class LookupMethod:
         fit = fit_node(rows, target.weight, target.bias, target.activation, C, replace(options, table_loss=loss))
         replacement = lookup_replacement(target, fit.params, {"partition": options.partition, "table_loss": loss,
                                                               "source_op": target.op_type})
-        bytes_before = 4 * (target.weight.size + (0 if target.bias is None else target.bias.size))
         report = NodeReport(target.name, target.op_type, target.D, target.M, C, options.partition, loss,
-                            target.activation, fit.relative_error, bytes_before,
+                            target.activation, fit.relative_error, exact_bytes(target),
                             node_format.parameter_bytes(replacement.attributes), len(rows))
         log.info("fitted %s: %dx%d C=%d %s rel.err %.4f", target.name, target.D, target.M, C, loss,
                  fit.relative_error)
@@ -107,17 +111,18 @@ class SumProductMethod:
             produces_logits: bool) -> FittedNode:
         if target.activation not in (None, "Relu"):
             raise OptionsError(f"node {target.name}: SpnMatMul fuses only a Relu, not {target.activation}")
-        params = spn.fit_layer(rows, target.weight, target.bias, width)
+        bias = np.zeros(target.M) if target.bias is None else target.bias
+        product = np.asarray(rows, np.float64) @ target.weight + bias  # fitted to, and the error's reference
+        params = spn.fit_layer(rows, target.weight, target.bias, width, product)
         relu = target.activation == "Relu"
-        exact = activate(np.asarray(rows, np.float64) @ target.weight + params.bias, target.activation)
+        exact = activate(product, target.activation)
         error = relative_error(spn.kernel_reference(rows, params, relu), exact)
         count = spn.LayerCount.of(params)
         attributes = {**spn.node_attributes(params, relu), "source_op": target.op_type}
         if target.conv is not None:  # SpnConv: W_b a ternary convolution of the layer's geometry, W_c a 1x1 one
             attributes.update(node_format.conv_attributes(target.conv))
-        bytes_before = 4 * (target.weight.size + (0 if target.bias is None else target.bias.size))
         report = NodeReport(target.name, target.op_type, target.D, target.M, 0, "-", "-", target.activation, error,
-                            bytes_before, node_format.parameter_bytes(attributes), len(rows), method=self.name,
+                            exact_bytes(target), node_format.parameter_bytes(attributes), len(rows), method=self.name,
                             spn=count)
         log.info("fitted %s: %dx%d SPN r=%d rel.err %.4f", target.name, target.D, target.M, width, error)
         op_type = spn.SPN_OP_TYPE if target.conv is None else spn.SPN_CONV_OP_TYPE

@@ -69,10 +69,10 @@ class CompileOptions:
 
     def node_sizes(self, plan: dict[str, int], targets: list[frontend.TargetNode]) -> dict[str, int]:
         """`plan` (codebooks per node) with each spn node's entry its hidden width r instead."""
-        given = self.spn_width if isinstance(self.spn_width, dict) else {}
-        width = {t.name: given.get(t.name, t.M) if isinstance(self.spn_width, dict) else self.spn_width or t.M
-                 for t in targets}
-        return {n: width[n] if self.method_of(n) == "spn" else size for n, size in plan.items()}
+        def width(t: frontend.TargetNode) -> int:
+            return self.spn_width.get(t.name, t.M) if isinstance(self.spn_width, dict) else self.spn_width or t.M
+        by_name = {t.name: t for t in targets}
+        return {n: width(by_name[n]) if self.method_of(n) == "spn" else size for n, size in plan.items()}
 
     def record(self, plan: dict[str, int], incremental: bool) -> dict:
         """What CompileResult.options (and report.json) say the model was compiled with."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .spec import CONV_OP_TYPE, DOMAIN, K, LOOKUP_OP_TYPES, ConvGeometry, LutParams
+from .spec import CONV_OP_TYPE, DOMAIN, K, LOOKUP_OP_TYPES, SPN_CONV_OP_TYPE, ConvGeometry, LutParams
 
 
 def is_lookup(node: onnx.NodeProto) -> bool:
@@ -65,7 +65,7 @@ def parameter_bytes(attrs: dict) -> int:
 
 def geometry_from_node(node: onnx.NodeProto) -> ConvGeometry | None:
     """A LutConv's or SpnConv's patch geometry; None for a LutMatMul or SpnMatMul."""
-    if node.op_type not in (CONV_OP_TYPE, "SpnConv"):
+    if node.op_type not in (CONV_OP_TYPE, SPN_CONV_OP_TYPE):
         return None
     a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
     pool = a.get("max_pool")

@@ -117,6 +117,11 @@ def apply_reference(X: np.ndarray, params: LutParams) -> np.ndarray:
 
 CONV_OP_TYPE = "LutConv"
 LOOKUP_OP_TYPES = (OP_TYPE, CONV_OP_TYPE)
+# StrassenNets' sum-product layer (ops/spn.py; docs/lutmatmul.md, "The SpnMatMul operator"), and
+# the same layer on a Conv's patches ("The SpnConv operator")
+SPN_OP_TYPE = "SpnMatMul"
+SPN_CONV_OP_TYPE = "SpnConv"
+SPN_OP_TYPES = (SPN_OP_TYPE, SPN_CONV_OP_TYPE)
 
 
 @dataclass

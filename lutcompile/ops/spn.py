@@ -21,7 +21,8 @@ import scipy.linalg
 from onnx import helper, numpy_helper
 
 from ..errors import OptionsError
-from .spec import DOMAIN, ConvGeometry, im2col_reference
+from .node_format import geometry_from_node
+from .spec import DOMAIN, SPN_CONV_OP_TYPE, SPN_OP_TYPE, SPN_OP_TYPES, ConvGeometry, im2col_reference
 
 TWN_THRESHOLD = 0.7  # Li & Liu's ternary weight networks: keep |w| > 0.7 mean |w|, as the authors' code
 
@@ -164,9 +165,6 @@ class LayerCount:
                    *params.sparsity)
 
 
-SPN_OP_TYPE = "SpnMatMul"  # the custom op (docs/lutmatmul.md, "The SpnMatMul operator"), domain ai.lutcompile
-SPN_CONV_OP_TYPE = "SpnConv"  # the same layer on a Conv's patches (docs/lutmatmul.md, "The SpnConv operator")
-SPN_OP_TYPES = (SPN_OP_TYPE, SPN_CONV_OP_TYPE)
 
 
 def is_spn(node: onnx.NodeProto) -> bool:
@@ -246,51 +244,37 @@ def params_from_node(node: onnx.NodeProto) -> tuple[SpnParams, bool]:
     return SpnParams(wb, np.array(a["a"], np.float32), wc, np.array(a["bias"], np.float32)), bool(a.get("relu", 0))
 
 
-def portable_nodes(params: SpnParams, x: str, y: str, prefix: str, relu: bool = False) \
-        -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The layer as standard ONNX ops (--portable): MatMul by the ternary Wb^T, Mul by a,
-    MatMul by the ternary Wc^T, Add the bias (then Relu). The ternary constants are stored as
-    int8 and Cast to float32 (onnxruntime folds the Casts when the session loads), so the file
-    holds a byte per weight, not four."""
-    names = {k: f"{prefix}/spn_{k}" for k in ("wb", "a", "wc", "bias", "wb_float", "wc_float", "hidden", "scaled",
-                                              "mixed", "biased")}
-    initializers = [numpy_helper.from_array(params.wb.T.astype(np.int8), names["wb"]),
-                    numpy_helper.from_array(params.a.astype(np.float32), names["a"]),
-                    numpy_helper.from_array(params.wc.T.astype(np.int8), names["wc"]),
-                    numpy_helper.from_array(params.bias.astype(np.float32), names["bias"])]
-    added = names["biased"] if relu else y
-    nodes = [helper.make_node("Cast", [names[k]], [names[f"{k}_float"]], to=onnx.TensorProto.FLOAT,
-                              name=f"{prefix}/spn_{k}_cast") for k in ("wb", "wc")]
-    nodes += [helper.make_node("MatMul", [x, names["wb_float"]], [names["hidden"]], name=f"{prefix}/spn_in"),
-              helper.make_node("Mul", [names["hidden"], names["a"]], [names["scaled"]], name=f"{prefix}/spn_scale"),
-              helper.make_node("MatMul", [names["scaled"], names["wc_float"]], [names["mixed"]], name=f"{prefix}/spn_out"),
-              helper.make_node("Add", [names["mixed"], names["bias"]], [added], name=f"{prefix}/spn_bias")]
-    if relu:
-        nodes.append(helper.make_node("Relu", [added], [y], name=f"{prefix}/spn_relu"))
-    return nodes, initializers
-
-
-def portable_conv_nodes(params: SpnParams, g: ConvGeometry, x: str, y: str, prefix: str, relu: bool = False) \
-        -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """An SpnConv as standard ONNX ops: Conv by the ternary Wb [r, Cin, kh, kw] with the node's
-    geometry, Mul by a per hidden channel, a 1x1 Conv by the ternary Wc [M, r, 1, 1], Add the
-    bias (then Relu), the ternary constants int8 and Cast, as portable_nodes."""
+def portable_nodes(params: SpnParams, x: str, y: str, prefix: str, relu: bool = False,
+                   geometry: ConvGeometry | None = None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The layer as standard ONNX ops (--portable): MatMul by the ternary Wb^T, Mul by a, MatMul
+    by the ternary Wc^T, Add the bias (then Relu); with a `geometry` (SpnConv), a Conv by Wb
+    [r, Cin, kh, kw] of that geometry, Mul by a per hidden channel, a 1x1 Conv by Wc [M, r, 1, 1].
+    The ternary constants are stored as int8 and Cast to float32 (onnxruntime folds the Casts
+    when the session loads), so the file holds a byte per weight, not four."""
     r, M = params.width, params.wc.shape[0]
     names = {k: f"{prefix}/spn_{k}" for k in ("wb", "a", "wc", "bias", "wb_float", "wc_float", "hidden", "scaled",
                                               "mixed", "biased")}
-    initializers = [numpy_helper.from_array(params.wb.reshape(r, g.in_channels, *g.kernel).astype(np.int8), names["wb"]),
-                    numpy_helper.from_array(params.a.reshape(r, 1, 1).astype(np.float32), names["a"]),
-                    numpy_helper.from_array(params.wc.reshape(M, r, 1, 1).astype(np.int8), names["wc"]),
-                    numpy_helper.from_array(params.bias.reshape(M, 1, 1).astype(np.float32), names["bias"])]
+    if geometry is None:
+        wb, a, wc, bias = params.wb.T, params.a, params.wc.T, params.bias
+        products = [dict(op_type="MatMul"), dict(op_type="MatMul")]
+    else:
+        g = geometry
+        wb, a = params.wb.reshape(r, g.in_channels, *g.kernel), params.a.reshape(r, 1, 1)
+        wc, bias = params.wc.reshape(M, r, 1, 1), params.bias.reshape(M, 1, 1)
+        products = [dict(op_type="Conv", kernel_shape=list(g.kernel), strides=list(g.strides), pads=list(g.pads),
+                         dilations=list(g.dilations)), dict(op_type="Conv", kernel_shape=[1, 1])]
+    initializers = [numpy_helper.from_array(wb.astype(np.int8), names["wb"]),
+                    numpy_helper.from_array(a.astype(np.float32), names["a"]),
+                    numpy_helper.from_array(wc.astype(np.int8), names["wc"]),
+                    numpy_helper.from_array(bias.astype(np.float32), names["bias"])]
     added = names["biased"] if relu else y
     nodes = [helper.make_node("Cast", [names[k]], [names[f"{k}_float"]], to=onnx.TensorProto.FLOAT,
                               name=f"{prefix}/spn_{k}_cast") for k in ("wb", "wc")]
-    nodes += [helper.make_node("Conv", [x, names["wb_float"]], [names["hidden"]], name=f"{prefix}/spn_in",
-                               kernel_shape=list(g.kernel), strides=list(g.strides), pads=list(g.pads),
-                               dilations=list(g.dilations)),
+    nodes += [helper.make_node(inputs=[x, names["wb_float"]], outputs=[names["hidden"]], name=f"{prefix}/spn_in",
+                               **products[0]),
               helper.make_node("Mul", [names["hidden"], names["a"]], [names["scaled"]], name=f"{prefix}/spn_scale"),
-              helper.make_node("Conv", [names["scaled"], names["wc_float"]], [names["mixed"]], name=f"{prefix}/spn_out",
-                               kernel_shape=[1, 1]),
+              helper.make_node(inputs=[names["scaled"], names["wc_float"]], outputs=[names["mixed"]],
+                               name=f"{prefix}/spn_out", **products[1]),
               helper.make_node("Add", [names["mixed"], names["bias"]], [added], name=f"{prefix}/spn_bias")]
     if relu:
         nodes.append(helper.make_node("Relu", [added], [y], name=f"{prefix}/spn_relu"))
@@ -299,19 +283,16 @@ def portable_conv_nodes(params: SpnParams, g: ConvGeometry, x: str, y: str, pref
 
 def lower_to_standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with every SpnMatMul and SpnConv node written as standard ONNX ops
-    (portable_nodes, portable_conv_nodes), in the node's place, so that any onnxruntime runs it
-    without lutcompile's library; the same results within float rounding (a GEMM or a
-    convolution sums in its own order)."""
-    from .node_format import geometry_from_node
+    (portable_nodes), in the node's place, so that any onnxruntime runs it without lutcompile's
+    library; the same results within float rounding (a GEMM or a convolution sums in its own order)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = []
     for node in out.graph.node:
         if is_spn(node):
             params, relu = params_from_node(node)
-            g = geometry_from_node(node)
-            lowered, initializers = (portable_nodes(params, node.input[0], node.output[0], node.name, relu) if g is None
-                                     else portable_conv_nodes(params, g, node.input[0], node.output[0], node.name, relu))
+            lowered, initializers = portable_nodes(params, node.input[0], node.output[0], node.name, relu,
+                                                   geometry_from_node(node))
             nodes += lowered
             out.graph.initializer.extend(initializers)
         else:
