@@ -765,6 +765,12 @@ static OrtStatus *build_spn_conv(SpnKernel *k, const OrtKernelInfo *info) {
     for (int64_t i = 0; i < 4 * C; i++) split[i] = i < k->D ? i : k->D - 1;
     OrtStatus *st = read_conv(k->api, info, k->label, k->D, C, split, 4 * C, &k->conv);
     free(split);
+    /* no fused pooling: a max_pool would change the output, so it is refused, not ignored */
+    int64_t *pool = NULL;
+    size_t n_pool = 0;
+    if (!st && (st = read_optional_ints(k->api, info, k->label, "max_pool", &pool, &n_pool)) == NULL && pool)
+        st = make_status(k->api, ORT_INVALID_ARGUMENT, "%s: SpnConv takes no 'max_pool' attribute", k->label);
+    free(pool);
     return st;
 }
 

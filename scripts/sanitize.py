@@ -128,13 +128,15 @@ marked `bad_input`: models, data, options, output paths, attributes).
 
 **A hostile model file cannot make the kernel read out of bounds.** `tests/fuzz_cases.py`
 takes the compiled digits MLP (3 `LutMatMul` nodes), a small CNN (2 `LutConv`, 1
-`LutMatMul`) and two `SpnMatMul` layers, and derives {CASES} cases with a fixed seed: attributes missing, of the wrong
+`LutMatMul`), two `SpnMatMul` layers and the CNN as sum-product layers (2 `SpnConv`, 1
+`SpnMatMul`), and derives {CASES} cases with a fixed seed: attributes missing, of the wrong
 type, of the wrong length, out of range (negative, zero, past `D`, overflowing int32 and
 int64), NaN/inf scale, offsets and bias, table tensors of the wrong shape, dtype or encoding
-(truncated or extra raw data, negative or huge dims), LutConv geometry out of range or with an
-empty output, SpnMatMul's packed ternary weights with code 3, bits past a row or the wrong
-shape, extra or missing inputs and outputs, damaged files, and inputs of the wrong
-rank, width, dtype or size (zero rows included). Each case must end in an onnxruntime error
+(truncated or extra raw data, negative or huge dims), LutConv and SpnConv geometry out of
+range, disagreeing with `D` or with an empty output, SpnMatMul's and SpnConv's packed ternary
+weights with code 3, bits past a row or the wrong shape, extra or missing inputs and outputs,
+another op type of the domain, damaged files, and inputs of the wrong rank, width, dtype or
+size (zero rows included). Each case must end in an onnxruntime error
 naming the node, or in a run whose every lookup node matches the numpy reference bit for bit;
 a crash fails the case (`tests/test_fuzz.py` runs them in CI, in child processes).
 

@@ -107,7 +107,8 @@ def numpy_mlp(layers, X):
 
 @pytest.fixture(scope="session")
 def fuzz_models(tmp_path_factory):
-    """The folder of fuzz_cases.build_base_models: the digits MLP and the small CNN, compiled."""
+    """The folder of fuzz_cases.build_base_models: the digits MLP and the small CNN compiled, and both as
+    sum-product layers."""
     from fuzz_cases import build_base_models
     return build_base_models(tmp_path_factory.mktemp("fuzz_models"))
 

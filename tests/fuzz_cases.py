@@ -1,15 +1,17 @@
-"""Fuzz cases for the LutMatMul / LutConv kernels in onnxruntime, shared by tests/test_fuzz.py
-and scripts/sanitize.py (which runs exactly these cases against a sanitized build).
+"""Fuzz cases for the custom ops (LutMatMul, LutConv, SpnMatMul, SpnConv) in onnxruntime, shared by
+tests/test_fuzz.py and scripts/sanitize.py (which runs exactly these cases against a sanitized build).
 
-Three base models, built by `build_base_models`: the digits MLP of conftest.py compiled (three
+Four base models, built by `build_base_models`: the digits MLP of conftest.py compiled (three
 LutMatMul nodes), a small CNN on the digits images compiled (two LutConv nodes and a LutMatMul),
-and the MLP's first two layers as StrassenNets sum-product layers (two SpnMatMul nodes).
-`generate_cases` derives CASES cases from them with a fixed seed: each corrupts one lookup
+the MLP's first two layers as StrassenNets sum-product layers (two SpnMatMul nodes), and the
+same CNN as sum-product layers (two SpnConv nodes and an SpnMatMul).
+`generate_cases` derives CASES cases from them with a fixed seed: each corrupts one custom
 node's attributes or tables, the node's place in the graph, the serialised file, or the input
 fed to the model. Every case says what it expects: "error" (onnxruntime must refuse it, with
-a message naming the node or the input), "ok" (it must run, and every lookup node's output
-must equal the numpy reference `lutcompile.lut` on the input onnxruntime gave that node, bit
-for bit) or "any" (either, but a run must still match the reference).
+a message naming the node or the input), "ok" (it must run, and every custom node's output
+must equal its numpy reference (`lutcompile.lut`, `spn.kernel_reference`, `spn.conv_reference`)
+on the input onnxruntime gave that node, bit for bit) or "any" (either, but a run must still
+match the reference).
 
 A crash must fail a test, not kill pytest, so `run_isolated` runs the cases in a child
 process (this file run as a script) that prints one JSON line as each case starts and one
@@ -39,8 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the child process runs this file as a script
     sys.path.insert(0, str(REPO))
 
-from lutcompile.ops.spec import CONV_OP_TYPE, DOMAIN, OP_TYPE, apply_conv_reference, apply_reference  # noqa: E402
-from lutcompile.ops.node_format import geometry_from_node, params_from_node  # noqa: E402
+from lutcompile.ops.spec import (CONV_OP_TYPE, DOMAIN, OP_TYPE, SPN_CONV_OP_TYPE, SPN_OP_TYPE,  # noqa: E402
+                                 ConvGeometry, apply_conv_reference, apply_reference, im2col_reference)
+from lutcompile.ops.node_format import conv_attributes, geometry_from_node, params_from_node  # noqa: E402
 from lutcompile.ops import spn  # noqa: E402
 
 SEED = 20261123
@@ -50,9 +53,15 @@ CNN_IMAGES = 6
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 
-# the attributes every lookup node must carry, and LutConv's geometry on top
+# the attributes every lookup node must carry, and LutConv's (and SpnConv's) geometry on top
 REQUIRED = ("D", "M", "C", "K", "split_dims", "thresholds", "tables", "scale", "offsets", "bias", "relu")
 GEOMETRY = ("in_channels", "kernel_shape", "strides", "pads", "dilations")
+# the op types a mutation applies to (its `ops`; the lookup ops' when it has none)
+LOOKUPS = (OP_TYPE, CONV_OP_TYPE)
+CONVS = (CONV_OP_TYPE, SPN_CONV_OP_TYPE)
+SPNS = (SPN_OP_TYPE, SPN_CONV_OP_TYPE)
+OURS = (OP_TYPE, CONV_OP_TYPE, SPN_OP_TYPE, SPN_CONV_OP_TYPE)
+BASES = ("mlp", "cnn", "spn", "spncnn")  # build_base_models' files, without .onnx
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,7 +98,7 @@ def cnn_model(seed: int = 0) -> onnx.ModelProto:
 
 
 def build_base_models(folder: str | os.PathLike) -> Path:
-    """Compile both base models (no fine-tuning) into `folder`, with the inputs the cases feed."""
+    """Build the four base models (no fine-tuning) into `folder`, with the inputs the cases feed."""
     import lutcompile
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import load_digits_data, mlp_model, train_digits_mlp
@@ -98,14 +107,31 @@ def build_base_models(folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     X, y = load_digits_data()
     fast = dict(partition="contiguous", table_loss="ridge", finetune=False, progress=False)
-    lutcompile.compile_model(mlp_model(train_digits_mlp(X[:1297], y[:1297])), folder / "mlp.onnx",
-                             {"input": X[:1297]}, codebooks=8, **fast)
+    layers = train_digits_mlp(X[:1297], y[:1297])
+    lutcompile.compile_model(mlp_model(layers), folder / "mlp.onnx", {"input": X[:1297]}, codebooks=8, **fast)
     images = X.reshape(-1, 1, 8, 8)
     lutcompile.compile_model(cnn_model(), folder / "cnn.onnx", {"image": images[:600]}, codebooks=4, **fast)
-    onnx.save(spn_model(train_digits_mlp(X[:1297], y[:1297])), str(folder / "spn.onnx"))
+    onnx.save(spn_model(layers), str(folder / "spn.onnx"))
+    onnx.save(spn_cnn_model(images[:600]), str(folder / "spncnn.onnx"))
     np.savez(folder / "feeds.npz", mlp=X[1297:1297 + MLP_ROWS], cnn=images[1297:1297 + CNN_IMAGES],
-             spn=X[1297:1297 + MLP_ROWS])
+             spn=X[1297:1297 + MLP_ROWS], spncnn=images[1297:1297 + CNN_IMAGES])
     return folder
+
+
+def _spn_node(x: str, y: str, name: str, params: spn.SpnParams, relu: bool,
+              geometry: ConvGeometry | None = None) -> onnx.NodeProto:
+    """An SpnMatMul node, or with a `geometry` an SpnConv node, as the compiler writes it."""
+    attrs = spn.node_attributes(params, relu)
+    if geometry is not None:
+        attrs.update(conv_attributes(geometry))
+    attrs = {k: numpy_helper.from_array(v, k) if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
+    op_type = SPN_OP_TYPE if geometry is None else SPN_CONV_OP_TYPE
+    return helper.make_node(op_type, [x], [y], name=name, domain=DOMAIN, **attrs)
+
+
+def _spn_graph_model(nodes, name: str, x: onnx.ValueInfoProto, y: onnx.ValueInfoProto) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
 
 
 def spn_model(layers) -> onnx.ModelProto:
@@ -113,13 +139,35 @@ def spn_model(layers) -> onnx.ModelProto:
     so that W_c's rows end inside a byte), ReLU fused: [N, 64] -> [N, 32]."""
     nodes, x = [], "input"
     for i, (W, b) in enumerate(layers[:2]):
-        attrs = spn.node_attributes(spn.ternary_init(W, b, W.shape[1] + 1), relu=True)
-        attrs = {k: numpy_helper.from_array(v, k) if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
-        nodes.append(helper.make_node(spn.SPN_OP_TYPE, [x], [f"h{i}"], name=f"spn{i}", domain=DOMAIN, **attrs))
+        nodes.append(_spn_node(x, f"h{i}", f"spn{i}", spn.ternary_init(W, b, W.shape[1] + 1), relu=True))
         x = f"h{i}"
-    graph = helper.make_graph(nodes, "spn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 32])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    return _spn_graph_model(nodes, "spn", helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64]),
+                            helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 32]))
+
+
+def spn_cnn_model(images: np.ndarray) -> onnx.ModelProto:
+    """`cnn_model` as sum-product layers: both Convs as SpnConv nodes (ReLU fused) and the Gemm as
+    an SpnMatMul, each fitted (spn.fit_layer) on the rows it gets from `images` [n, 1, 8, 8]
+    through the layers before it, at r = M + 1 (W_c's rows end inside a byte):
+    [N, 1, 8, 8] -> SpnConv 1->8 -> SpnConv 8->8 -> Flatten -> SpnMatMul 72->10."""
+    cnn = cnn_model()
+    weights = {t.name: numpy_helper.to_array(t) for t in cnn.graph.initializer}
+    convs = [n for n in cnn.graph.node if n.op_type == "Conv"]
+    nodes, x, h = [], "image", np.asarray(images, np.float32)
+    for node, y in zip(convs, ("a_relu", "b_relu")):
+        W, b = weights[node.input[1]], weights[node.input[2]]
+        a = {k: list(v) for k, v in ((a.name, helper.get_attribute_value(a)) for a in node.attribute)}
+        g = ConvGeometry(W.shape[1], tuple(a["kernel_shape"]), tuple(a.get("strides", (1, 1))),
+                         tuple(a.get("pads", (0, 0, 0, 0))), tuple(a.get("dilations", (1, 1))))
+        params = spn.fit_layer(im2col_reference(h, g), W.reshape(len(W), -1).T, b, len(W) + 1)
+        nodes.append(_spn_node(x, y, f"spn{node.name}", params, relu=True, geometry=g))
+        x, h = y, spn.conv_reference(h, params, g, relu=True)
+    W, b = weights["Wc"], weights["bc"]  # the Gemm's, stored [M, D] (transB)
+    fc = spn.fit_layer(h.reshape(len(h), -1), W.T, b, len(W) + 1)
+    nodes += [helper.make_node("Flatten", [x], ["flat"], name="flatten"),
+              _spn_node("flat", "logits", "spnfc", fc, relu=False)]
+    return _spn_graph_model(nodes, "spncnn", helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8]),
+                            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,8 +177,8 @@ def spn_model(layers) -> onnx.ModelProto:
 @dataclass
 class Case:
     index: int
-    base: str  # "mlp" or "cnn"
-    node: str  # the lookup node corrupted, or "" for an input case
+    base: str  # one of BASES
+    node: str  # the custom node corrupted, or "" for an input case
     kind: str  # what was done, e.g. "scale=nan"
     expect: str  # "error", "ok" or "any"
     model: bytes  # the serialised model
@@ -175,15 +223,20 @@ def _tables(node: onnx.NodeProto) -> onnx.TensorProto:
     return _attr(node, "tables").t
 
 
-def _for_conv(mutations: list[Callable]) -> list[Callable]:
-    """Mark mutations of LutConv's geometry: they are applied to LutConv nodes only."""
+def _applies_to(ops: tuple[str, ...], mutations: list[Callable]) -> list[Callable]:
+    """Mark mutations as applying to nodes of the op types `ops` only (unmarked ones: LOOKUPS)."""
     for mutate in mutations:
-        mutate.conv_only = True
+        mutate.ops = ops
     return mutations
 
 
+def _for_conv(mutations: list[Callable]) -> list[Callable]:
+    """Mark mutations of a conv op's geometry: applied to LutConv and SpnConv nodes."""
+    return _applies_to(CONVS, mutations)
+
+
 # Each mutation takes (node, rng) and returns (description, expectation); it edits the node
-# in place. Sizes come from the node itself, so one mutation fits every node of both models.
+# in place. Sizes come from the node itself, so one mutation fits every node it applies to.
 
 def _size_mutations() -> list[Callable]:
     out = []
@@ -371,34 +424,43 @@ def _table_tensor_mutations() -> list[Callable]:
     return out + [valid_encoding]
 
 
+def _setting(expect: str, what: str | None = None, **values) -> Callable:
+    """A mutation that sets each named attribute, in order, to its value (a callable: computed from
+    (node, rng) when applied; None: the attribute dropped); described as `what` or by the values."""
+    def mutate(node, rng):
+        said = []
+        for name, value in values.items():
+            v = value(node, rng) if callable(value) else value
+            if v is None:
+                _drop(node, name)
+            else:
+                _put(node, name, v)
+            said.append(f"no attribute {name}" if v is None else f"{name}={v}")
+        return what or ", ".join(said), expect
+    return mutate
+
+
+def _plus_one(name: str) -> Callable:
+    return lambda node, rng: int(_value(node, name)) + 1
+
+
 def _geometry_mutations() -> list[Callable]:
-    """LutConv geometry out of range, or valid."""
-    plan = [("in_channels", v) for v in (0, -1, 2**31, "plus_one")]
+    """A conv op's geometry out of range (LutConv and SpnConv alike)."""
+    plan = [("in_channels", v) for v in (0, -1, 2**31, _plus_one("in_channels"))]
     plan += [("kernel_shape", v) for v in ([0, 4], [-4, 4], [4097, 1], [2**31, 2**31], [2**62, 2])]
     plan += [("strides", v) for v in ([0, 1], [-1, 1], [1, 4097], [INT64_MAX, 1])]
     plan += [("dilations", v) for v in ([0, 1], [1, -2], [4097, 1], [2**40, 2**40])]
     plan += [("pads", v) for v in ([-1, 0, 0, 0], [0, 0, 65537, 0], [2**40, 0, 0, 0], [INT64_MIN, 0, 0, INT64_MAX])]
-    # a fused MaxPool (compile/fuse.py): [window h, w, stride h, w]
-    plan += [("max_pool", v) for v in ([0, 2, 2, 2], [2, 2, 0, 2], [4097, 1, 1, 1], [2, 2, 2], [2, 2, 2, 2, 2],
-                                       [2**40, 2, 2, 2], [INT64_MIN, 2, 2, INT64_MAX])]
-    out = []
-    for name, value in plan:
-        def mutate(node, rng, name=name, value=value):
-            new = int(_value(node, name)) + 1 if value == "plus_one" else value
-            _put(node, name, new)
-            return f"{name}={new}", "error"
-        out.append(mutate)
+    return _for_conv([_setting("error", **{name: value}) for name, value in plan])
 
+
+def _conv_valid_mutations() -> list[Callable]:
+    """Another valid geometry for a LutConv or SpnConv: the run must match the reference."""
     def shift_pads(node, rng):  # same sum per axis: same output size, other patches
         top, left, bottom, right = _value(node, "pads")
         dy, dx = int(rng.integers(-top, bottom + 1)), int(rng.integers(-left, right + 1))
         _put(node, "pads", [top + dy, left + dx, bottom - dy, right - dx])
         return f"pads {[top, left, bottom, right]} -> {_value(node, 'pads')}", "ok"
-
-    def max_pool(node, rng):  # valid, but the window may exceed the output, or the next node not fit
-        value = [int(v) for v in rng.integers(1, 4, 4)]
-        _put(node, "max_pool", value)
-        return f"max_pool={value}", "any"
 
     def other_geometry(node, rng):  # valid, but the next node may not fit the new output size
         name = str(rng.choice(["strides", "dilations", "pads"]))
@@ -406,7 +468,51 @@ def _geometry_mutations() -> list[Callable]:
         value = [int(v) for v in rng.integers(0 if name == "pads" else 1, 4, size)]
         _put(node, name, value)
         return f"{name}={value}", "any"
-    return _for_conv(out + [shift_pads, max_pool, other_geometry])
+    return _for_conv([shift_pads, other_geometry])
+
+
+def _max_pool_mutations() -> list[Callable]:
+    """LutConv's fused MaxPool (compile/fuse.py), [window h, w, stride h, w]: out of range, or valid."""
+    plan = ([0, 2, 2, 2], [2, 2, 0, 2], [4097, 1, 1, 1], [2, 2, 2], [2, 2, 2, 2, 2], [2**40, 2, 2, 2],
+            [INT64_MIN, 2, 2, INT64_MAX])
+
+    def max_pool(node, rng):  # valid, but the window may exceed the output, or the next node not fit
+        value = [int(v) for v in rng.integers(1, 4, 4)]
+        _put(node, "max_pool", value)
+        return f"max_pool={value}", "any"
+    return _applies_to((CONV_OP_TYPE,), [_setting("error", max_pool=v) for v in plan] + [max_pool])
+
+
+def _spn_conv_mutations() -> list[Callable]:
+    """SpnConv's geometry against its layer: D not in_channels*kh*kw, past the 2^24 patch inputs,
+    a kernel wider than any padded input, and valid geometries of the same D."""
+    def zero_wb(node, rng):  # an all-zero wb [1, ceil(D / 4)] for the D just set
+        return np.zeros((1, (int(_value(node, "D")) + 3) // 4), np.uint8)
+
+    def flat_kernel(node, rng):
+        kh, kw = _value(node, "kernel_shape")
+        return [kh * kw, 1] if rng.integers(2) else [1, kh * kw]
+
+    def same_d(node, rng):  # fresh ternary wb for the D just set
+        return spn.pack_ternary(rng.integers(-1, 2, (int(_value(node, "R")), int(_value(node, "D")))))
+
+    out = [_setting("error", "D = in_channels*kh*kw + 4, wb that wide",
+                    D=lambda n, rng: int(_value(n, "D")) + 4, wb=same_d),
+           _setting("error", "in_channels*kh*kw = 2^48, past D", in_channels=2**24, kernel_shape=[4096, 4096]),
+           # refused before the geometry is read (build_spn_conv)
+           _setting("error", "D = 2^24 + 1 patch inputs (R = 1)", D=2**24 + 1, R=1, wb=zero_wb, a=[1.0],
+                    wc=lambda n, rng: np.zeros((int(_value(n, "M")), 1), np.uint8)),
+           # valid at session creation; every kernel here is at least 2 wide: refused on the input
+           _setting("error", "dilations [4096, 4096]: a kernel wider than the padded input", dilations=[4096, 4096]),
+           _setting("error", "in_channels = D, 1x1 kernel: the input's channels differ",
+                    in_channels=lambda n, rng: int(_value(n, "D")), kernel_shape=[1, 1]),
+           # valid; the output size changes, so this node's input or the next node may not fit
+           _setting("any", kernel_shape=flat_kernel),
+           _setting("any", strides=[4096, 4096]),
+           _setting("any", pads=[65536] * 4, strides=[4096, 4096]),
+           # SpnConv has no max_pool (docs/lutmatmul.md): refused, as it would change the output
+           _setting("error", "max_pool on an SpnConv", max_pool=[2, 2, 2, 2])]
+    return _applies_to((SPN_CONV_OP_TYPE,), out)
 
 
 def _extra_attribute(node, rng):
@@ -462,7 +568,8 @@ def _valid_mutations() -> list[Callable]:
         _put(node, "relu", 1 - int(_value(node, "relu")))
         return "relu flipped", "ok"
 
-    return [thresholds, split_dims, split_extremes, tables, saturated, scale, offsets_bias, relu, _extra_attribute]
+    return [thresholds, split_dims, split_extremes, tables, saturated, scale, offsets_bias, relu,
+            *_applies_to(OURS, [_extra_attribute])]  # the one of them every op of ours takes
 
 
 def _graph_mutations() -> list[Callable]:
@@ -487,47 +594,28 @@ def _graph_mutations() -> list[Callable]:
         node.op_type = "LutMatMulV9"
         return "unknown op type in our domain", "error"
 
-    return [extra_input, no_input, empty_input, extra_output, unknown_op]
-
-
-def _for_spn(mutations: list[Callable]) -> list[Callable]:
-    """Mark mutations of SpnMatMul's attributes: they are applied to the spn base model only."""
-    for mutate in mutations:
-        mutate.spn_only = True
-    return mutations
-
-
-def _spn_mutations() -> list[Callable]:
-    """SpnMatMul's attributes out of range, malformed or missing, and valid new weights."""
-    def packed(node, name):
-        return numpy_helper.to_array(_attr(node, name).t).copy()
-
-    def code3(node, rng):
-        w = packed(node, "wb")
-        w[rng.integers(len(w)), rng.integers(w.shape[1])] |= 0b11 << (2 * int(rng.integers(4)))
-        _put(node, "wb", w)
-        return "wb holds code 3", "error"
-
-    def tail(node, rng):  # R = M + 1: W_c's rows end one weight into their last byte
-        w = packed(node, "wc")
-        w[rng.integers(len(w)), -1] |= 0b01 << 2
-        _put(node, "wc", w)
-        return "wc has a weight past its row", "error"
-
-    def plan(name, value, what):
+    # another op of our domain: its attributes are missing, or the input is not its shape (the
+    # conv ops read 4-D images whose width is not D)
+    def sibling(swap: dict[str, str], what: str):
         def mutate(node, rng):
-            v = value(node, rng) if callable(value) else value
-            if v is None:
-                _drop(node, name)
-            else:
-                _put(node, name, v)
-            return what, "error"
+            node.op_type = swap[node.op_type]
+            return f"op type changed to {node.op_type} ({what})", "error"
         return mutate
+    pairs = {"rows <-> conv": [(OP_TYPE, CONV_OP_TYPE), (SPN_OP_TYPE, SPN_CONV_OP_TYPE)],
+             "lookup <-> sum-product": [(OP_TYPE, SPN_OP_TYPE), (CONV_OP_TYPE, SPN_CONV_OP_TYPE)]}
+    return [extra_input, no_input, empty_input, extra_output, unknown_op] + \
+        [sibling({**dict(swaps), **{b: a for a, b in swaps}}, what) for what, swaps in pairs.items()]
 
+
+def _packed(node, name):
+    return numpy_helper.to_array(_attr(node, name).t).copy()
+
+
+def _spn_valid_mutations() -> list[Callable]:
+    """New weights and scales for an SpnMatMul or SpnConv: the run must match the reference."""
     def valid_weights(node, rng):  # fresh ternary weights, packed as the op stores them
         for name in ("wb", "wc"):
-            w = packed(node, name)
-            rows, cols = w.shape[0], int(_value(node, "D" if name == "wb" else "R"))
+            rows, cols = _packed(node, name).shape[0], int(_value(node, "D" if name == "wb" else "R"))
             _put(node, name, spn.pack_ternary(rng.integers(-1, 2, (rows, cols))))
         return "new ternary weights", "ok"
 
@@ -536,26 +624,45 @@ def _spn_mutations() -> list[Callable]:
         _put(node, "relu", int(rng.integers(2)))
         return "new a and relu", "any"  # the next node may not take what this one now gives
 
-    out = [code3, tail, valid_weights, valid_scales]
-    out += [plan(name, None, f"no attribute {name}") for name in ("D", "M", "R", "wb", "a", "wc", "bias", "relu")]
-    out += [plan("R", v, f"R = {v}") for v in (0, -1, 2**31, INT64_MAX)]
-    out += [plan("D", lambda n, rng: int(_value(n, "D")) + 1, "D one more than wb's"),
-            plan("relu", 2, "relu = 2"),
-            plan("a", lambda n, rng: [float("nan")] * int(_value(n, "R")), "a all NaN"),
-            plan("bias", lambda n, rng: [float("inf")] * int(_value(n, "M")), "bias all inf"),
-            plan("a", [1.0], "a of one value"),
-            plan("wb", lambda n, rng: packed(n, "wb")[:, :-1].copy(), "wb a column short"),
-            plan("wb", lambda n, rng: packed(n, "wb").astype(np.int8), "wb as int8"),
-            plan("wc", lambda n, rng: packed(n, "wc").reshape(-1), "wc flattened"),
-            plan("wb", 1.5, "wb as a float")]
-    return _for_spn(out + _graph_mutations())
+    return _applies_to(SPNS, [valid_weights, valid_scales])
 
 
-VALID_MUTATIONS = _valid_mutations()
+def _spn_mutations() -> list[Callable]:
+    """SpnMatMul's and SpnConv's attributes out of range, malformed or missing."""
+    def code3(node, rng):
+        w = _packed(node, "wb")
+        w[rng.integers(len(w)), rng.integers(w.shape[1])] |= 0b11 << (2 * int(rng.integers(4)))
+        _put(node, "wb", w)
+        return "wb holds code 3", "error"
+
+    def tail(node, rng):  # r = M + 1 in every base model: W_c's rows end inside their last byte
+        R = int(_value(node, "R"))
+        w = _packed(node, "wc")
+        w[rng.integers(len(w)), R // 4] |= 0b01 << (2 * (R % 4))
+        _put(node, "wc", w)
+        return "wc has a weight past its row", "error"
+
+    out = [code3, tail]
+    out += [_setting("error", None, **{name: None}) for name in ("D", "M", "R", "wb", "a", "wc", "bias", "relu")]
+    out += [_setting("error", f"R = {v}", R=v) for v in (0, -1, 2**31, INT64_MAX)]
+    out += [_setting("error", "D one more than wb's", D=_plus_one("D")),
+            _setting("error", "relu = 2", relu=2),
+            _setting("error", "a all NaN", a=lambda n, rng: [float("nan")] * int(_value(n, "R"))),
+            _setting("error", "bias all inf", bias=lambda n, rng: [float("inf")] * int(_value(n, "M"))),
+            _setting("error", "a of one value", a=[1.0]),
+            _setting("error", "wb a column short", wb=lambda n, rng: _packed(n, "wb")[:, :-1].copy()),
+            _setting("error", "wb as int8", wb=lambda n, rng: _packed(n, "wb").astype(np.int8)),
+            _setting("error", "wc flattened", wc=lambda n, rng: _packed(n, "wc").reshape(-1)),
+            _setting("error", "wb as a float", wb=1.5)]
+    return _applies_to(SPNS, out + _graph_mutations())
+
+
+VALID_MUTATIONS = _valid_mutations() + _conv_valid_mutations() + _spn_valid_mutations()
 NODE_MUTATIONS: list[Callable] = (_size_mutations() + _drop_mutations(REQUIRED) + _for_conv(_drop_mutations(GEOMETRY))
                                   + _wrong_type_mutations() + _length_mutations() + _split_dim_mutations()
                                   + _float_value_mutations() + _table_tensor_mutations() + _geometry_mutations()
-                                  + VALID_MUTATIONS + _graph_mutations() + _spn_mutations())
+                                  + _max_pool_mutations() + VALID_MUTATIONS + _graph_mutations() + _spn_mutations()
+                                  + _spn_conv_mutations())
 
 
 def _relaxed(model: onnx.ModelProto, keep_rank: bool) -> onnx.ModelProto:
@@ -630,7 +737,7 @@ def generate_cases(folder: str | os.PathLike, count: int = CASES) -> list[Case]:
     """`count` cases from the base models in `folder`, the same ones on every call."""
     folder = Path(folder)
     rng = np.random.default_rng(SEED)
-    bases = {name: onnx.load(str(folder / f"{name}.onnx")) for name in ("mlp", "cnn", "spn")}
+    bases = {name: onnx.load(str(folder / f"{name}.onnx")) for name in BASES}
     with np.load(folder / "feeds.npz") as npz:
         feeds = {name: npz[name] for name in bases}
     lookup = {name: [n.name for n in m.graph.node if n.domain == DOMAIN] for name, m in bases.items()}
@@ -640,17 +747,21 @@ def generate_cases(folder: str | os.PathLike, count: int = CASES) -> list[Case]:
     def add(base, node, kind, expect, model: bytes, feed, needles=()):
         cases.append(Case(len(cases), base, node, kind, expect, model, feed, tuple(needles)))
 
+    def targets(model: onnx.ModelProto, ops: tuple[str, ...]) -> list[onnx.NodeProto]:
+        return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type in ops]
+
     def node_case(j: int):
         mutate = NODE_MUTATIONS[j % len(NODE_MUTATIONS)]
-        conv_only = getattr(mutate, "conv_only", False)
-        base = "spn" if getattr(mutate, "spn_only", False) else "cnn" if conv_only else ("mlp", "cnn")[int(rng.integers(2))]
+        ops = getattr(mutate, "ops", LOOKUPS)
+        fitting = [name for name, m in bases.items() if targets(m, ops)]
+        base = fitting[int(rng.integers(len(fitting)))]
         model = onnx.ModelProto()
         model.CopyFrom(bases[base])
-        nodes = [n for n in model.graph.node if n.domain == DOMAIN and (n.op_type == CONV_OP_TYPE or not conv_only)]
+        nodes = targets(model, ops)
         node = nodes[int(rng.integers(len(nodes)))]
         name = node.name
         kind, expect = mutate(node, rng)
-        ours = node.op_type in (OP_TYPE, CONV_OP_TYPE, spn.SPN_OP_TYPE)  # else onnxruntime names only the unknown op type
+        ours = node.op_type in OURS  # else onnxruntime names only the unknown op type
         add(base, name, kind, expect, model.SerializeToString(), {model.graph.input[0].name: feeds[base]},
             [name if ours else node.op_type])
 
@@ -664,7 +775,7 @@ def generate_cases(folder: str | os.PathLike, count: int = CASES) -> list[Case]:
         add(base, "", kind, expect, model.SerializeToString(), {model.graph.input[0].name: x}, needles)
 
     def file_case():
-        base = ("mlp", "cnn")[int(rng.integers(2))]
+        base = BASES[int(rng.integers(len(BASES)))]
         for kind, expect, data in _file_mutations(rng, bases[base].SerializeToString()):
             add(base, "", kind, expect, data, {bases[base].graph.input[0].name: feeds[base]})
 
@@ -693,7 +804,7 @@ MARK = "fuzz-case: "  # prefixes the child's JSON lines
 
 
 def _probe(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every lookup node's input and output added as graph outputs."""
+    """The model with every custom node's input and output added as graph outputs."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
@@ -707,11 +818,13 @@ def _probe(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _reference(node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
-    if node.op_type == spn.SPN_OP_TYPE:
-        params, relu = spn.params_from_node(node)
-        return spn.kernel_reference(x, params, relu)
-    params = params_from_node(node)
     geometry = geometry_from_node(node)
+    if node.op_type in SPNS:
+        params, relu = spn.params_from_node(node)
+        if geometry is None:
+            return spn.kernel_reference(x, params, relu)
+        return spn.conv_reference(x, params, geometry, relu)
+    params = params_from_node(node)
     if geometry is not None:
         return apply_conv_reference(x, params, geometry)
     return apply_reference(x, params)

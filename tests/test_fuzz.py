@@ -16,10 +16,10 @@ def test_fuzz_cases_end_in_an_error_or_a_correct_run(fuzz_models):
     assert run.failures() == []
     assert len(run.verdicts) == CASES
     # both ends are exercised: refusals, and runs checked against the reference on every node
-    # of all three models (so on LutMatMul, LutConv and SpnMatMul)
+    # of all four models (so on LutMatMul, LutConv, SpnMatMul and SpnConv)
     assert run.count("error") >= CASES // 2 and run.count("ok") >= CASES // 5
     checked = {c.node for c in run.cases if c.node and run.verdicts[c.index]["outcome"] == "ok"}
-    assert checked == {"fc0", "fc1", "fc2", "conv_a", "conv_b", "fc", "spn0", "spn1"}
+    assert checked == {"fc0", "fc1", "fc2", "conv_a", "conv_b", "fc", "spn0", "spn1", "spnconv_a", "spnconv_b", "spnfc"}
 
 
 CRASHING_LIBRARY = r"""

@@ -224,7 +224,7 @@ def conv_reference(X: np.ndarray, params: SpnParams, g: ConvGeometry, relu: bool
     N, _, H, W = np.shape(X)
     OH, OW = g.output_size(H, W)
     rows = kernel_reference(im2col_reference(X, g), params, relu)  # [N * OH * OW, M]
-    return np.ascontiguousarray(rows.reshape(N, OH, OW, -1).transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(rows.reshape(N, OH, OW, params.wc.shape[0]).transpose(0, 3, 1, 2))
 
 
 def node_attributes(params: SpnParams, relu: bool = False) -> dict:
