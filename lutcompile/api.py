@@ -71,6 +71,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   progress: bool | None = None,
                   max_accuracy_drop: float | None = None,
                   max_output_error: float | None = None,
+                  max_multiplications: int | None = None,
                   budget_options: BudgetOptions | None = None,
                   mask_input: str | bool | None = None,
                   method: str | dict[str, str] | None = None,
@@ -121,7 +122,11 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     or lookups at a count from budget_options.candidates) whose top-1 accuracy drop on a
     held-out part of the calibration data stays within this fraction (0.01 = one point);
     needs labels. max_output_error: the same with the relative error of the first output
-    against the original model's (no labels needed). See lutcompile/budget/search.py.
+    against the original model's (no labels needed). The search tries lookups and
+    sum-product layers (budget_options.spn_widths) per node. max_multiplications: StrassenNets'
+    budget, the whole model's multiplications per inference (ops/counting.py) at most this:
+    alone, the plan within it of least predicted loss; with one of the two targets above, the
+    plan within both with the fewest multiplications. See lutcompile/budget/search.py.
     mask_input: the input whose zeros mark padding positions ([batch, tokens], a sequence
     model's attention mask): rows at those positions are neither fitted on nor counted in the
     training loss. None: CalibrateOptions.mask_input ("auto": an input named attention_mask);
@@ -182,17 +187,21 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
             unknown = sorted(set(options.node_methods) - {t.name for t in analysis.targets})
             if unknown:
                 raise OptionsError(f"method for node '{unknown[0]}': it is not a MatMul, Gemm or Conv node of the model")
-            if portable and (max_accuracy_drop is not None or max_output_error is not None
-                             or any(options.method_of(t.name) != "spn" for t in targets if t.name in plan)):
+            budgeted = max_accuracy_drop is not None or max_output_error is not None or max_multiplications is not None
+            if budgeted and method is not None:
+                raise OptionsError("the budget search chooses each node's method from its candidates "
+                                   "(--candidates, --candidate-spn-widths): leave out method (--method)")
+            if portable and (budgeted or any(options.method_of(t.name) != "spn" for t in targets if t.name in plan)):
                 raise OptionsError("portable writes spn nodes as standard ops, and lookup nodes have no such form: "
                                    "use method 'spn' for every replaced node (and no budget search)")
             data = calibrate.load_calibration(calibration_data, analysis.model)
             train_data = None if train is None else calibrate.load_calibration(train, analysis.model, what="training")
             if train_data is not None and options.finetune.train.augment is not None:
                 options.finetune.train.augment.check_rows(train_data.inputs)
-        if max_accuracy_drop is not None or max_output_error is not None:
+        if budgeted:
             from .budget.search import BudgetOptions, Goal, search
-            goal = Goal.from_arguments(max_accuracy_drop, max_output_error, data.labels is not None)
+            goal = Goal.from_arguments(max_accuracy_drop, max_output_error, data.labels is not None,
+                                       max_multiplications)
             result = search(analysis, targets, data, goal, budget_options or BudgetOptions(), options,
                             progress, seconds, train_data)
         else:

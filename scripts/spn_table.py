@@ -21,15 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from lutcompile.compile import frontend  # noqa: E402
-from lutcompile.ops import spn  # noqa: E402
-from lutcompile.ops.node_format import is_lookup  # noqa: E402
+from lutcompile.ops.counting import conv_positions, multiplications  # noqa: E402
 from pareto import machine  # noqa: E402
 from readme_tables import publish  # noqa: E402
 from train_table import MLP, cnn_spec, measure, us  # noqa: E402
@@ -39,40 +37,6 @@ BUILD = ROOT / "build" / "spn_table"
 TARGETS = {"mlp": (0.986, 1.0), "cnn": (0.9207, 1.5)}
 TITLES = {"mlp": "MNIST MLP", "cnn": "Fashion-MNIST CNN"}
 LOOKUPS = ("lookups C = 64", {"codebooks": 64})  # train_table's floor configuration, 97.70 %
-
-
-def positions_of(model: onnx.ModelProto) -> dict[str, int]:
-    """Output positions per row of each Conv node of the exact model (1 for the others), by
-    onnx's shape inference; the replaced nodes keep their names."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    return {n.name: int(np.prod(shapes[n.output[0]][2:])) for n in model.graph.node
-            if n.op_type == "Conv" and n.output[0] in shapes}
-
-
-def multiplications(model: onnx.ModelProto, positions: dict[str, int]) -> int:
-    """Multiplications per inference: D x M per product and output position (int8 QDQ too: its
-    weight is a DequantizeLinear of a constant, the product as many int8 multiply-adds), r per
-    SpnMatMul / SpnConv position, M per lookup row (its table scale)."""
-    init = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-
-    def constant_dims(name: str):
-        if name in init:
-            return list(init[name].dims)
-        node = producer.get(name)
-        return constant_dims(node.input[0]) if node is not None and node.op_type == "DequantizeLinear" else None
-    total = 0
-    for n in model.graph.node:
-        at = positions.get(n.name, 1)
-        if spn.is_spn(n):
-            total += spn.params_from_node(n)[0].width * at
-        elif is_lookup(n):
-            total += next(a.i for a in n.attribute if a.name == "M") * at
-        elif n.op_type in ("Gemm", "MatMul", "Conv") and len(n.input) > 1 and constant_dims(n.input[1]) is not None:
-            total += int(np.prod(constant_dims(n.input[1]))) * at
-    return total
 
 
 def table(title: str, rows: dict, extra: dict) -> str:
@@ -155,7 +119,7 @@ def main() -> None:
         folder = BUILD / Path(spec["model"]).stem
         paths = {"fp32": ROOT / spec["model"], "int8 static": folder / "int8_static.onnx"}
         paths.update({label: folder / f"lut_{i}.onnx" for i, (label, _) in enumerate(runs)})
-        positions = positions_of(onnx.load(paths["fp32"]))
+        positions = conv_positions(onnx.load(paths["fp32"]))
         exact_mults = multiplications(onnx.load(paths["fp32"]), positions)
         extra = {label: {"multiplications": multiplications(onnx.load(path), positions),
                          "exact_multiplications": exact_mults, "file_bytes": os.path.getsize(path),

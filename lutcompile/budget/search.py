@@ -1,10 +1,12 @@
 """Automatic budget: the fastest compiled model whose accuracy drop (or output error) stays
-within a target.
+within a target; or, as StrassenNets' budget, a model within a number of multiplications.
 
     compile_model("model.onnx", "fast.onnx", "calib.npz", max_accuracy_drop=0.01)
+    compile_model("model.onnx", "small.onnx", "calib.npz", max_multiplications=20_000)
 
-Per target node the search chooses between keeping it exact and lookups at a codebook count C
-from a candidate set (those not above the node's input width D):
+Per target node the search chooses among keeping it exact, lookups at a codebook count C from
+a candidate set (those not above the node's input width D) and sum-product layers (SpnMatMul,
+SpnConv) at hidden widths r from a set of multiples of the node's output count M:
 
 1. split: a seeded fraction of the calibration rows (20 %, stratified by label) is held out.
    Fitting and fine-tuning use the rest; every score the search compares is measured on the
@@ -22,8 +24,8 @@ from a candidate set (those not above the node's input width D):
    replaced node is charged at least one held-out row (1/n of accuracy), since a drop of
    zero on a finite sample is no proof that a lookup costs nothing.
 4. greedy path: from all exact, repeatedly take the move (one node to a cheaper option,
-   exact -> C or C -> a cheaper C) with the most seconds saved per unit of predicted score
-   added, until no move saves time. Where that path first leaves the target, the moves that
+   exact -> C, C -> a cheaper C, to a width r or between them) with the most seconds saved per
+   unit of predicted score added, until no move saves time. Where that path first leaves the target, the moves that
    still fit it (best ratio first: often the same node at more codebooks) are inserted. The
    plan is the furthest point whose predicted score stays within the target.
 5. verify and back off: the plan is compiled end to end as compile_model does (fine-tune
@@ -36,11 +38,21 @@ from a candidate set (those not above the node's input width D):
    `max_verifications` compiles; the furthest verified point that met the target wins, all
    exact if none did. When no point is predicted within a non-zero target, the first move is
    verified anyway, as the predictions ignore what fine-tuning recovers.
+
+The multiplication budget (max_multiplications, per inference, the whole model counted as
+ops/counting.py counts it) changes what the path saves: its moves are ranked by multiplications
+saved per predicted score added, and only points within the budget are verified (the time of
+the whole model is not required to fall: on a CPU an addition costs about what a multiply-add
+does). Alone, it verifies the first point of the path within the budget, the least predicted
+loss that meets it; with an accuracy or output-error target too, the furthest point within both,
+backing off no nearer than that first point. A budget below every plan's count is a one-line
+OptionsError before any timing or fitting; a budget no verified point meets with the target too
+is one after the verifications.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import onnx
@@ -51,9 +63,11 @@ from ..compile.calibrate import CalibrationData, CalibrationError, check_enough_
 from ..compile.pipeline import CompileOptions, CompileResult, evaluate_accuracy
 from ..compile.split import stratified_split
 from ..onnx_io.timing import model_latencies
+from ..ops import counting
 from ..ops.spec import K
 from ..progress import bar, timed
-from .cost import CostModel, Option, measure_costs
+from .cost import (CostModel, MultiplicationCount, Option, SumProduct, count_multiplications, describe,
+                   measure_costs, method_of, option_json, size_of)
 from .sensitivity import Scorer, Sensitivity, measure_sensitivity
 from ..errors import OptionsError
 
@@ -68,14 +82,25 @@ SLACK = 1e-9
 class Goal:
     """What must hold on the held-out rows: the top-1 accuracy drop against the original model
     (metric "accuracy", a fraction: 0.01 is one point), or the relative error of the first
-    output against the original model's ("output_error"), at most `limit`."""
+    output against the original model's ("output_error"), at most `limit`; and the whole
+    model's multiplications per inference at most `max_multiplications`. With a multiplication
+    budget alone, `limit` is None and the metric is only measured."""
 
     metric: str
-    limit: float
+    limit: float | None
+    max_multiplications: int | None = None
 
     @classmethod
     def from_arguments(cls, max_accuracy_drop: float | None, max_output_error: float | None,
-                       has_labels: bool) -> Goal:
+                       has_labels: bool, max_multiplications: int | None = None) -> Goal:
+        if max_multiplications is not None:
+            if isinstance(max_multiplications, bool) or not isinstance(max_multiplications, (int, np.integer)) \
+                    or max_multiplications < 0:
+                raise OptionsError(f"max_multiplications must be a whole number >= 0, got {max_multiplications!r}")
+            if max_accuracy_drop is None and max_output_error is None:
+                return cls("accuracy" if has_labels else "output_error", None, int(max_multiplications))
+            goal = cls.from_arguments(max_accuracy_drop, max_output_error, has_labels)
+            return replace(goal, max_multiplications=int(max_multiplications))
         if max_accuracy_drop is not None and max_output_error is not None:
             raise OptionsError("give max_accuracy_drop or max_output_error, not both")
         if max_accuracy_drop is not None:
@@ -92,12 +117,17 @@ class Goal:
 
     def describe(self, value: float | None = None) -> str:
         value = self.limit if value is None else value
+        if value is None:
+            return "no limit"
         return f"{100 * value:.2f} points" if self.metric == "accuracy" else f"{value:.4f}"
 
 
 @dataclass
 class BudgetOptions:
     candidates: tuple[int, ...] = (4, 8, 16, 32, 64)  # codebook counts tried (those <= D per node)
+    # sum-product widths tried, as multiples of each node's output count M (r = round(f M), at
+    # least 1): by default r = M, the authors' choice (--candidate-spn-widths)
+    spn_widths: tuple[float, ...] = (1.0,)
     # inputs per codebook tried as well: a node of input width D also tries C = ceil(D / S)
     # (--candidate-subvectors; short sub-vectors, S = 4-9, are what training makes accurate)
     subvectors: tuple[int, ...] = ()
@@ -119,11 +149,12 @@ class Move:
 
     node: str
     before: Option
-    after: int
+    after: Option
     seconds_saved: float
     score_added: float
     seconds: float  # the target nodes' summed time after the move
     predicted: float  # the plan's predicted score after the move
+    multiplications: int | None = None  # with a multiplication budget: the model's count after the move
 
 
 @dataclass
@@ -134,12 +165,13 @@ class Verification:
     measured: float  # on the held-out rows, after the end-to-end compile
     met: bool  # within the goal, and the whole compiled model faster than the original
     faster: bool = True  # the whole compiled model, timed against the original
+    multiplications: int | None = None  # with a multiplication budget: the compiled model's, counted
 
 
 @dataclass
 class BudgetResult:
     goal: Goal
-    plan: dict[str, Option]  # every target node: its codebook count, or None (kept exact)
+    plan: dict[str, Option]  # every target node: its codebook count, SumProduct(r), or None (kept exact)
     predicted: float
     measured: float  # on the held-out rows (0 for the all-exact plan: it is the original)
     seconds_exact: float  # the target nodes' summed time, all exact (cost model)
@@ -153,26 +185,39 @@ class BudgetResult:
     accuracy_before: float | None = None  # held-out top-1 accuracy of the original (labels)
     accuracy_after: float | None = None  # and of the chosen model
     options: dict = field(default_factory=dict)
+    multiplications: MultiplicationCount | None = None  # with a multiplication budget
 
     @property
-    def replaced(self) -> dict[str, int]:
+    def replaced(self) -> dict[str, Option]:
         return {node: C for node, C in self.plan.items() if C is not None}
 
     def to_json(self) -> dict:
-        def keyed(times: dict) -> dict:
-            return {"exact" if k is None else str(k): v for k, v in times.items()}
+        def keyed(values: dict) -> dict:
+            return {"exact" if k is None else str(option_json(k)): v for k, v in values.items()}
+
+        def options_json(record, *names: str) -> dict:
+            """A Move or Verification as a dict, its options (in `names`) as option_json writes them."""
+            shallow = {f.name: getattr(record, f.name) for f in fields(record)}  # asdict would expand SumProduct
+            return {**shallow, **{n: ({k: option_json(v) for k, v in shallow[n].items()}
+                                      if isinstance(shallow[n], dict) else option_json(shallow[n])) for n in names}}
+        count = self.multiplications
         return {
-            "metric": self.goal.metric, "limit": self.goal.limit, "plan": self.plan,
+            "metric": self.goal.metric, "limit": self.goal.limit,
+            "max_multiplications": self.goal.max_multiplications,
+            "plan": {k: option_json(v) for k, v in self.plan.items()},
             "predicted": self.predicted, "measured": self.measured,
             "seconds_exact": self.seconds_exact, "seconds": self.seconds,
+            "multiplications": None if count is None else {
+                "exact": count.total({}), "chosen": count.total(self.plan), "fixed": count.fixed,
+                "per_option": {n: keyed(c) for n, c in count.per_option.items()}},
             "fit_rows": len(self.fit_rows), "held_out_rows": len(self.held_out_rows),
             "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
             "cost_model": {"batch": self.cost.batch,
                            "seconds": {n: keyed(t) for n, t in self.cost.seconds.items()}},
             "sensitivity": {"metric": self.sensitivity.metric, "floor": self.sensitivity.floor,
                             "scores": {n: keyed(s) for n, s in self.sensitivity.scores.items()}},
-            "path": [asdict(m) for m in self.path],
-            "verifications": [asdict(v) for v in self.verifications],
+            "path": [options_json(m, "before", "after") for m in self.path],
+            "verifications": [options_json(v, "plan") for v in self.verifications],
             "options": self.options,
         }
 
@@ -191,46 +236,60 @@ def held_out_split(data: CalibrationData, fraction: float, seed: int) -> tuple[n
     return np.setdiff1d(np.arange(data.rows), hold), hold
 
 
-def greedy_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, list[int]],
-                start: list[Move] = (), limit: float | None = None) -> list[Move]:
+def greedy_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, list[Option]],
+                start: list[Move] = (), limit: float | None = None,
+                count: MultiplicationCount | None = None) -> list[Move]:
     """From all exact (or after the moves `start`), the moves with the most seconds saved per
     predicted score added, one at a time, until no move saves time (each move saves time, so
-    the walk ends). With a limit, only moves that keep the predicted score within it."""
+    the walk ends). With a limit, only moves that keep the predicted score within it. With a
+    multiplication count, multiplications take the place of seconds (what is saved, and when
+    the walk ends); each move still records the seconds the cost model gives."""
+    saving = cost.seconds if count is None else count.per_option
     plan = plan_at(list(start), len(start), choices)
     path: list[Move] = []
     while True:
         best, best_key = None, None
         for node, options in choices.items():
             now = plan[node]
-            for C in options:
-                saved = cost.seconds[node][now] - cost.seconds[node][C]
+            for option in options:
+                saved = saving[node][now] - saving[node][option]
                 if saved <= 0 or (limit is not None
-                                  and sensitivity.predict({**plan, node: C}) > limit + SLACK):
+                                  and sensitivity.predict({**plan, node: option}) > limit + SLACK):
                     continue
-                added = sensitivity.charge(node, C) - sensitivity.charge(node, now)
+                added = sensitivity.charge(node, option) - sensitivity.charge(node, now)
                 key = (saved / max(added, 1e-12), saved)
                 if best_key is None or key > best_key:
-                    best, best_key = (node, C, saved, added), key
+                    best, best_key = (node, option, added), key
         if best is None:
             return path
-        node, C, saved, added = best
-        path.append(Move(node, plan[node], C, saved, added, 0.0, 0.0))
-        plan[node] = C
-        path[-1].seconds, path[-1].predicted = cost.total(plan), sensitivity.predict(plan)
+        node, option, added = best
+        before, plan[node] = plan[node], option
+        path.append(Move(node, before, option, cost.seconds[node][before] - cost.seconds[node][option], added,
+                         cost.total(plan), sensitivity.predict(plan), None if count is None else count.total(plan)))
 
 
-def budget_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, list[int]],
-                limit: float) -> list[Move]:
+def budget_path(cost: CostModel, sensitivity: Sensitivity, choices: dict[str, list[Option]],
+                limit: float | None, count: MultiplicationCount | None = None) -> list[Move]:
     """The greedy path, with the moves that still fit the limit inserted where it first leaves it.
 
     The plain path's best-ratio move can overshoot the limit while a smaller move (the same
     node at more codebooks, say) would fit; so its prefix within the limit is extended by the
     best-ratio moves that keep the prediction within it, then continued unconstrained (the
-    points past the limit that verification may step forward to)."""
-    path = greedy_path(cost, sensitivity, choices)
+    points past the limit that verification may step forward to). No limit: the plain path."""
+    path = greedy_path(cost, sensitivity, choices, count=count)
+    if limit is None:
+        return path
     prefix = path[:furthest_within([0.0] + [m.predicted for m in path], limit)]
-    within = prefix + greedy_path(cost, sensitivity, choices, prefix, limit)
-    return within + greedy_path(cost, sensitivity, choices, within)
+    within = prefix + greedy_path(cost, sensitivity, choices, prefix, limit, count)
+    return within + greedy_path(cost, sensitivity, choices, within, count=count)
+
+
+def first_within_count(path: list[Move], count: MultiplicationCount, budget: int) -> int:
+    """The first point k of the path whose plan's multiplications are within the budget (0: all
+    exact). The path ends with every node at its cheapest option, so a budget of at least
+    count.least is reached."""
+    totals = [count.total({})] + [m.multiplications for m in path]
+    return next((k for k, total in enumerate(totals) if total <= budget), len(path))
 
 
 def plan_at(path: list[Move], moves: int, nodes) -> dict[str, Option]:
@@ -250,11 +309,12 @@ def furthest_within(predicted: list[float], limit: float) -> int:
 
 
 def verify_path(path: list[Move], nodes, goal: Goal, floor: float, measure,
-                max_verifications: int = 4) -> tuple[int, list[Verification]]:
-    """(the furthest point of the path verified within the goal, 0 if none; the verifications).
+                max_verifications: int = 4, lowest: int = 0) -> tuple[int | None, list[Verification]]:
+    """(the furthest point of the path verified within the goal; the verifications).
 
     measure(plan, moves) compiles the plan at that point end to end and returns its score and
-    whether the whole compiled model runs faster than the original: the cost model times nodes
+    whether the whole compiled model runs faster than the original (with a multiplication
+    budget: whether its counted multiplications are within it): the cost model times nodes
     alone, and a lookup node can cost the graph around it more (onnxruntime reorders the
     blocked layout of the convolutions it sits between), so a point that is not faster fails.
     Starts at the furthest point the predictions allow, or, when they allow none and the goal
@@ -262,44 +322,63 @@ def verify_path(path: list[Move], nodes, goal: Goal, floor: float, measure,
     fine-tune pass of the real compile often recovers most of a node's loss. Over the goal,
     reverts the last move; within it, rescales the predictions by measured / predicted and
     steps forward if they allow, never to or past a point that failed.
+
+    Points before `lowest` are outside the multiplication budget: verification starts no
+    nearer and backs off no further. All exact (point 0) meets a goal when lowest is 0, and is
+    then returned if nothing further met it; else None when nothing met. With no score limit
+    (goal.limit None), only `lowest` is verified: the least predicted loss within the budget.
     """
     predicted = [0.0] + [m.predicted for m in path]
     verifications: list[Verification] = []
-    best, ceiling = 0, len(predicted)  # the furthest point that met the goal; the nearest that failed
-    k = furthest_within(predicted, goal.limit)
-    if k == 0 and path and goal.limit > 0:
-        k = 1
-    while best < k < ceiling and len(verifications) < max_verifications:
+    # the furthest point that met the goal; the nearest that failed
+    best, ceiling = (0 if lowest == 0 else None), len(predicted)
+    if goal.limit is None:
+        k = lowest
+    else:
+        k = max(furthest_within(predicted, goal.limit), lowest)
+        if k == 0 and path and goal.limit > 0:
+            k = 1
+    while (best is None or best < k) and lowest <= k < ceiling and len(verifications) < max_verifications:
         plan = plan_at(path, k, nodes)
         measured, faster = measure(plan, k)
-        met = measured <= goal.limit + SLACK and faster
+        met = faster and (goal.limit is None or measured <= goal.limit + SLACK)
         verifications.append(Verification(k, plan, predicted[k], measured, met, faster))
         log.info("verified %d moves: predicted %s, measured %s: %s", k, goal.describe(predicted[k]),
-                 goal.describe(measured), "met" if met else "over the target" if faster else "not faster")
+                 goal.describe(measured), "met" if met else "over the target" if faster else
+                 "not faster" if goal.max_multiplications is None else "over the multiplication budget")
         if not met:  # back off: revert the last move
             ceiling, k = k, k - 1
             continue
         best = k
+        if goal.limit is None:
+            break
         scale = max(measured, floor, 1e-12) / max(predicted[k], floor, 1e-12)
         k = min(furthest_within([p * scale for p in predicted], goal.limit), ceiling - 1)
     return best, verifications
 
 
-def candidate_choices(targets: list[frontend.TargetNode], options: BudgetOptions) -> dict[str, list[int]]:
-    """{node: the codebook counts the search tries for it}: the candidates up to its input
-    width D, and ceil(D / S) for each S of options.subvectors."""
-    if not options.candidates or any(int(C) != C or C < 1 for C in options.candidates):
+def candidate_choices(targets: list[frontend.TargetNode], options: BudgetOptions) -> dict[str, list[Option]]:
+    """{node: the options the search tries for it}: lookups at the candidates up to its input
+    width D and at ceil(D / S) for each S of options.subvectors, then sum-product layers of width
+    round(f M), at least 1, for each f of options.spn_widths."""
+    if any(int(C) != C or C < 1 for C in options.candidates):
         raise OptionsError(f"candidates must be positive codebook counts, got {options.candidates}")
     if any(int(S) != S or S < 1 for S in options.subvectors):
         raise OptionsError(f"candidate sub-vectors must be positive input counts, got {options.subvectors}")
+    if any(not 0 < f < float("inf") for f in options.spn_widths):
+        raise OptionsError(f"candidate spn widths must be positive multiples of M, got {options.spn_widths}")
+    if not options.candidates and not options.spn_widths:
+        raise OptionsError("the budget search needs candidates: codebook counts or spn widths")
     return {t.name: sorted({int(C) for C in options.candidates if C <= t.D}
-                           | {-(-t.D // int(S)) for S in options.subvectors}) for t in targets}
+                           | {-(-t.D // int(S)) for S in options.subvectors})
+            + sorted({SumProduct(max(1, round(f * t.M))) for f in options.spn_widths}) for t in targets}
 
 
 def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode], data: CalibrationData,
            goal: Goal, options: BudgetOptions, compile_options: CompileOptions, progress: bool = False,
            seconds: dict | None = None, train_data: CalibrationData | None = None) -> CompileResult:
-    """The fastest plan within the goal, compiled by the pipeline with `compile_options`
+    """The fastest plan within the goal (with a multiplication budget: the plan within it of
+    least loss, or the cheapest within both), compiled by the pipeline with `compile_options`
     (see the module docstring). With `train_data`, each verified plan is trained end to end on
     it before it is scored (the sensitivities stay one-shot fits); training rows equal to one
     of the search's held-out rows are left out, so the scores stay on unseen rows."""
@@ -309,16 +388,23 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
     if train_data is not None:  # the rows that score the plans are trained on by none
         train_data = without_rows(train_data, held_out)
     choices = candidate_choices(targets, options)
+    count = None
+    if goal.max_multiplications is not None:  # a budget no plan reaches fails before any timing or fitting
+        count = count_multiplications(analysis.model, targets, choices)
+        if count.least > goal.max_multiplications:
+            raise OptionsError(f"no plan meets {goal.max_multiplications:,} multiplications per inference: the "
+                               f"candidates reach {count.least:,} at the fewest ({count.fixed:,} of them in products "
+                               f"the search does not replace)")
     # too few rows for the largest candidate fail here, before any timing or fitting
-    check_enough_rows(analysis.model, fit_data, targets, lambda t: max(choices[t.name], default=1),
+    check_enough_rows(analysis.model, fit_data, targets,
+                      lambda t: max((C for C in choices[t.name] if isinstance(C, int)), default=1),
                       compile_options.calibrate)
     with timed(seconds, "cost model"):
         cost = options.cost_model or measure_costs(analysis.model, targets, choices, fit_data, options.cost_batch,
                                                    options.repetitions, bar(progress, "cost model"))
         missing = [(n, C) for n, cs in choices.items() for C in [None, *cs] if C not in cost.seconds.get(n, {})]
         if missing:
-            raise OptionsError(f"the cost model has no time for {missing[0][0]} at "
-                             f"{'exact' if missing[0][1] is None else f'C={missing[0][1]}'}")
+            raise OptionsError(f"the cost model has no time for {missing[0][0]} at {describe(missing[0][1])}")
     with timed(seconds, "sensitivity"):
         scorer = Scorer(analysis.model, held_out, goal.metric)
         sensitivity = options.sensitivity or measure_sensitivity(
@@ -326,33 +412,49 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
         if sensitivity.metric != goal.metric or any(C not in sensitivity.scores.get(n, {})
                                                     for n, cs in choices.items() for C in cs):
             raise OptionsError(f"the given sensitivities do not cover every node and candidate for {goal.metric}")
-    path = budget_path(cost, sensitivity, choices, goal.limit)
+    path = budget_path(cost, sensitivity, choices, goal.limit, count)
     for i, m in enumerate(path, 1):
-        log.info("path %d: %s %s -> C=%d saves %.1f us, adds %s (predicted %s)", i, m.node,
-                 "exact" if m.before is None else f"C={m.before}", m.after, 1e6 * m.seconds_saved,
-                 goal.describe(m.score_added), goal.describe(m.predicted))
+        log.info("path %d: %s %s -> %s saves %.1f us, adds %s (predicted %s)%s", i, m.node, describe(m.before),
+                 describe(m.after), 1e6 * m.seconds_saved, goal.describe(m.score_added), goal.describe(m.predicted),
+                 "" if m.multiplications is None else f", {m.multiplications:,} multiplications")
+    lowest = 0 if count is None else first_within_count(path, count, goal.max_multiplications)
     compiled: dict[int, CompileResult] = {}
+    counted: dict[int, int] = {}  # with a multiplication budget: each verified model's count
 
     timing_rows = {k: v[:options.cost_batch] for k, v in fit_data.inputs.items()}
+    positions = counting.conv_positions(analysis.model) if count is not None else {}
 
     def measure(plan: dict[str, Option], moves: int) -> tuple[float, bool]:
-        compiled[moves] = pipeline.run(analysis, targets, fit_data, {n: C for n, C in plan.items() if C is not None},
-                                       compile_options, progress, train_data=train_data)
+        chosen = {n: o for n, o in plan.items() if o is not None}
+        methods = replace(compile_options, method="lut", node_methods={n: method_of(o) for n, o in chosen.items()})
+        compiled[moves] = pipeline.run(analysis, targets, fit_data, {n: size_of(o) for n, o in chosen.items()},
+                                       methods, progress, train_data=train_data)
+        score = scorer(compiled[moves].model)
+        if count is not None:  # multiplications are the budget, not time
+            counted[moves] = counting.multiplications(compiled[moves].model, positions)
+            return score, counted[moves] <= goal.max_multiplications
         if not options.time_whole_model:
-            return scorer(compiled[moves].model), True
+            return score, True
         times = model_latencies({"original": analysis.model, "compiled": compiled[moves].model}, timing_rows,
                                 threads=1, repetitions=options.repetitions)
-        return scorer(compiled[moves].model), times["compiled"] < times["original"]
+        return score, times["compiled"] < times["original"]
 
     with timed(seconds, "verify"):
-        best, verifications = verify_path(path, choices, goal, sensitivity.floor, measure, options.max_verifications)
+        best, verifications = verify_path(path, choices, goal, sensitivity.floor, measure, options.max_verifications,
+                                          lowest)
+    for v in verifications:
+        v.multiplications = counted.get(v.moves)
+    if best is None:
+        tried = ", ".join(f"{v.moves} moves {goal.describe(v.measured)}" for v in verifications)
+        raise OptionsError(f"no plan within {goal.describe()} meets {goal.max_multiplications:,} multiplications per "
+                           f"inference (verified: {tried or 'none, out of verifications'})")
     plan = plan_at(path, best, choices)
     result = compiled[best] if best else _exact_result(analysis, fit_data, compile_options)
     result.skipped = list(analysis.skipped) + [
         frontend.SkippedNode(t.name, t.op_type, _kept_reason(t.name, cost, goal))
         for t in targets if plan[t.name] is None]
     result.seconds = seconds
-    used = dict(metric=goal.metric, limit=goal.limit,
+    used = dict(metric=goal.metric, limit=goal.limit, max_multiplications=goal.max_multiplications,
                 **{f.name: getattr(options, f.name) for f in fields(options)
                    if f.name not in ("cost_model", "sensitivity")})
     result.options = {**result.options, "budget": used}
@@ -360,7 +462,7 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
         goal, plan, path[best - 1].predicted if best else 0.0,
         next((v.measured for v in verifications if v.moves == best), 0.0),
         cost.total({}), cost.total(plan), path, verifications, cost, sensitivity, fit_idx, held_idx,
-        scorer.baseline, None if scorer.baseline is None else scorer.accuracy(result.model), used)
+        scorer.baseline, None if scorer.baseline is None else scorer.accuracy(result.model), used, count)
     return result
 
 
@@ -374,31 +476,37 @@ def _exact_result(analysis: frontend.ModelAnalysis, fit_data: CalibrationData,
 
 def _kept_reason(node: str, cost: CostModel, goal: Goal) -> str:
     times = cost.seconds[node]
-    if all(t >= times[None] for t in times.values()):
-        return f"kept exact by the budget search: lookups are not faster here (batch {cost.batch})"
-    return f"kept exact by the budget search: lookups would not fit within the {goal.metric.replace('_', ' ')} target"
+    if goal.max_multiplications is None and all(t >= times[None] for t in times.values()):
+        return f"kept exact by the budget search: no candidate is faster here (batch {cost.batch})"
+    what = "the multiplication budget" if goal.limit is None else f"the {goal.metric.replace('_', ' ')} target"
+    return f"kept exact by the budget search: replacing it would not fit within {what}"
 
 
 def format_budget(budget: BudgetResult) -> str:
     """The search, step by step, for the terminal."""
-    goal, us = budget.goal, (lambda s: f"{1e6 * s:.1f} us")
+    goal, us, count = budget.goal, (lambda s: f"{1e6 * s:.1f} us"), budget.multiplications
     what = "held-out top-1 accuracy drop" if goal.metric == "accuracy" else "held-out relative output error"
-    lines = [f"budget: {what} at most {goal.describe()}, on {len(budget.held_out_rows)} held-out calibration "
-             f"rows (fitted on {len(budget.fit_rows)})",
+    lines = [f"budget: {what} at most {goal.describe()}"
+             + ("" if count is None else f", at most {goal.max_multiplications:,} multiplications per inference")
+             + f", on {len(budget.held_out_rows)} held-out calibration rows (fitted on {len(budget.fit_rows)})",
              f"cost model: each node timed alone in onnxruntime, 1 thread, batch {budget.cost.batch}; "
-             f"all exact {us(budget.seconds_exact)}",
-             "path (greedy, most time saved per predicted loss first):"]
+             f"all exact {us(budget.seconds_exact)}"
+             + ("" if count is None else f"; {count.total({}):,} multiplications per inference all exact"),
+             f"path (greedy, most {'time' if count is None else 'multiplications'} saved per predicted loss first):"]
     for i, m in enumerate(budget.path, 1):
-        before = "exact" if m.before is None else f"C={m.before}"
-        lines.append(f"  {i:>2}  {m.node}  {before} -> C={m.after}: saves {us(m.seconds_saved)}, "
-                     f"+{goal.describe(m.score_added)}; nodes {us(m.seconds)}, predicted {goal.describe(m.predicted)}")
+        lines.append(f"  {i:>2}  {m.node}  {describe(m.before)} -> {describe(m.after)}: saves {us(m.seconds_saved)}, "
+                     f"+{goal.describe(m.score_added)}; nodes {us(m.seconds)}, predicted {goal.describe(m.predicted)}"
+                     + ("" if m.multiplications is None else f", {m.multiplications:,} multiplications"))
     for v in budget.verifications:
         lines.append(f"verified after {v.moves} move(s): predicted {goal.describe(v.predicted)}, "
-                     f"measured {goal.describe(v.measured)}: {'met' if v.met else 'over the target'}")
-    chosen = ", ".join(f"{n} {'exact' if C is None else f'C={C}'}" for n, C in budget.plan.items())
+                     f"measured {goal.describe(v.measured)}"
+                     + ("" if v.multiplications is None else f", {v.multiplications:,} multiplications")
+                     + f": {'met' if v.met else 'over the target'}")
+    chosen = ", ".join(f"{n} {describe(option)}" for n, option in budget.plan.items())
     lines.append(f"chosen: {chosen}; nodes {us(budget.seconds_exact)} -> {us(budget.seconds)} "
                  f"({budget.seconds_exact / max(budget.seconds, 1e-12):.2f}x), "
-                 f"measured {goal.describe(budget.measured)}")
+                 f"measured {goal.describe(budget.measured)}"
+                 + ("" if count is None else f"; {count.total(budget.plan):,} multiplications per inference"))
     if budget.accuracy_before is not None:
         lines.append(f"held-out calibration accuracy: original {budget.accuracy_before:.2%}, "
                      f"chosen {budget.accuracy_after:.2%}")

@@ -1,6 +1,7 @@
-"""The budget's sensitivities: each node alone replaced at each C, scored on held-out rows.
+"""The budget's sensitivities: each node alone replaced by each option, scored on held-out rows.
 
-Each node alone is fitted at each C (one-shot, no fine-tuning, the fit the pipeline uses) and
+Each node alone is fitted at each option, lookups at C or a sum-product layer at width r
+(one-shot, no fine-tuning or training, the fit the pipeline uses) and
 the model with only that node replaced is scored on the held-out rows: its top-1 accuracy
 drop, or the relative error ||Y - Y0|| / ||Y0|| of its first output Y against the original's
 Y0. A plan's predicted score is the sum of its nodes' scores (an approximation: it ignores how
@@ -21,7 +22,7 @@ from ..compile.methods import get_method
 from ..compile.pipeline import CompileOptions, first_output
 from ..compile.rewrite import rewrite
 from ..onnx_io.sessions import accuracy
-from .cost import Option
+from .cost import Option, describe, method_of, size_of
 from ..errors import OptionsError
 
 log = logging.getLogger("lutcompile")
@@ -31,10 +32,10 @@ METRICS = ("accuracy", "output_error")
 
 @dataclass
 class Sensitivity:
-    """Held-out score of the model with one node replaced at C: scores[node][C]."""
+    """Held-out score of the model with one node replaced by an option: scores[node][option]."""
 
     metric: str
-    scores: dict[str, dict[int, float]]
+    scores: dict[str, dict[Option, float]]
     floor: float  # the least a replaced node is charged
 
     def charge(self, node: str, option: Option) -> float:
@@ -64,16 +65,16 @@ class Scorer:
 
 
 def measure_sensitivity(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
-                        choices: dict[str, list[int]], fit_data: CalibrationData, scorer: Scorer,
+                        choices: dict[str, list[Option]], fit_data: CalibrationData, scorer: Scorer,
                         options: CompileOptions, progress=None) -> Sensitivity:
-    """Each node alone fitted at each C (one-shot, on fit_data) and scored on the held-out rows."""
-    method = get_method(options.method)
+    """Each node alone fitted at each option (one-shot, on fit_data) and scored on the held-out rows."""
     rows = target_rows(analysis.model, fit_data, targets, options.calibrate)
-    scores: dict[str, dict[int, float]] = {t.name: {} for t in targets}
-    for target, C in (progress or list)([(t, C) for t in targets for C in choices[t.name]]):
-        fitted = method.fit(target, rows[target.name], C, options.fit,
-                            target.output_name in analysis.output_names and target.activation is None)
-        scores[target.name][C] = scorer(rewrite(analysis.model, [fitted.replacement]))
-        log.info("sensitivity of %s at C=%d: %.4f", target.name, C, scores[target.name][C])
+    scores: dict[str, dict[Option, float]] = {t.name: {} for t in targets}
+    for target, option in (progress or list)([(t, o) for t in targets for o in choices[t.name]]):
+        fitted = get_method(method_of(option)).fit(
+            target, rows[target.name], size_of(option), options.fit,
+            target.output_name in analysis.output_names and target.activation is None)
+        scores[target.name][option] = scorer(rewrite(analysis.model, [fitted.replacement]))
+        log.info("sensitivity of %s at %s: %.4f", target.name, describe(option), scores[target.name][option])
     floor = 1.0 / scorer.held_out.rows if scorer.metric == "accuracy" else 0.0
     return Sensitivity(scorer.metric, scores, floor)

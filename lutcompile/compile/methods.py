@@ -117,16 +117,12 @@ class SumProductMethod:
         relu = target.activation == "Relu"
         exact = activate(product, target.activation)
         error = relative_error(spn.kernel_reference(rows, params, relu), exact)
-        count = spn.LayerCount.of(params)
-        attributes = {**spn.node_attributes(params, relu), "source_op": target.op_type}
-        if target.conv is not None:  # SpnConv: W_b a ternary convolution of the layer's geometry, W_c a 1x1 one
-            attributes.update(node_format.conv_attributes(target.conv))
+        replacement = spn_replacement(target, params)
         report = NodeReport(target.name, target.op_type, target.D, target.M, 0, "-", "-", target.activation, error,
-                            exact_bytes(target), node_format.parameter_bytes(attributes), len(rows), method=self.name,
-                            spn=count)
+                            exact_bytes(target), node_format.parameter_bytes(replacement.attributes), len(rows),
+                            method=self.name, spn=spn.LayerCount.of(params))
         log.info("fitted %s: %dx%d SPN r=%d rel.err %.4f", target.name, target.D, target.M, width, error)
-        op_type = spn.SPN_OP_TYPE if target.conv is None else spn.SPN_CONV_OP_TYPE
-        return FittedNode(Replacement(target, op_type, DOMAIN, attributes), report)
+        return FittedNode(replacement, report)
 
 
 def with_final_counts(reports: list[NodeReport], model: onnx.ModelProto) -> list[NodeReport]:
@@ -144,6 +140,15 @@ def lookup_replacement(target: TargetNode, params: LutParams, info: dict | None 
     if target.conv is not None:
         attributes.update(node_format.conv_attributes(target.conv))
     return Replacement(target, CONV_OP_TYPE if target.conv is not None else OP_TYPE, DOMAIN, attributes)
+
+
+def spn_replacement(target: TargetNode, params: spn.SpnParams) -> Replacement:
+    """The SpnMatMul (or, for a Conv, SpnConv) node carrying `params` in the target's place,
+    fusing the target's Relu if it has one."""
+    attributes = {**spn.node_attributes(params, target.activation == "Relu"), "source_op": target.op_type}
+    if target.conv is not None:  # SpnConv: W_b a ternary convolution of the layer's geometry, W_c a 1x1 one
+        attributes.update(node_format.conv_attributes(target.conv))
+    return Replacement(target, spn.SPN_OP_TYPE if target.conv is None else spn.SPN_CONV_OP_TYPE, DOMAIN, attributes)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (LookupMethod(), SumProductMethod())}

@@ -3,6 +3,7 @@
 
     lutcompile MODEL --calib NPZ -o OUT [--codebooks C] [--eval NPZ] [--report DIR]
     lutcompile MODEL --calib NPZ -o OUT --max-accuracy-drop 0.01   (or --max-output-error REL)
+    lutcompile MODEL --calib NPZ -o OUT --max-multiplications N    (alone or with a target)
     lutcompile diff MODEL_A MODEL_B [--calib NPZ] [--json] [--exit-code]
     lutcompile inspect MODEL [--json]
 
@@ -145,18 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads of the compiler's own onnxruntime sessions and torch (default: every core)")
     budget = p.add_argument_group(
         "automatic budget",
-        "instead of one --codebooks for every node, search per node (exact, or lookups at a count\n"
-        "from --candidates) for the fastest model within a target measured on a held-out 20 % of\n"
-        "the calibration rows; speed comes from timing each node in onnxruntime on this machine")
+        "instead of one --codebooks for every node, search per node (exact, lookups at a count\n"
+        "from --candidates, or a sum-product layer at a width from --candidate-spn-widths) for the\n"
+        "fastest model within a target measured on a held-out 20 % of the calibration rows; speed\n"
+        "comes from timing each node in onnxruntime on this machine. --max-multiplications makes\n"
+        "multiplications the budget instead of time, alone or with a target")
     target = budget.add_mutually_exclusive_group()
     target.add_argument("--max-accuracy-drop", type=float, metavar="FRACTION",
                         help="top-1 accuracy lost at most (0.01 = one point); needs labels in --calib")
     target.add_argument("--max-output-error", type=float, metavar="REL",
                         help="relative error ||Y - Y0|| / ||Y0|| of the first output against the original "
                              "model's at most REL; no labels needed")
-    budget.add_argument("--candidates", type=_counts, default=(4, 8, 16, 32, 64), metavar="C,C,...",
+    budget.add_argument("--max-multiplications", type=int, metavar="N",
+                        help="the whole model's multiplications per inference at most N (StrassenNets' budget): "
+                             "alone, the plan within it of least held-out loss; with a target, the plan within "
+                             "both with the fewest multiplications")
+    budget.add_argument("--candidates", type=_counts_or_none, default=(4, 8, 16, 32, 64), metavar="C,C,...",
                         help="codebook counts to try per node, those not above its input width "
-                             "(default 4,8,16,32,64)")
+                             "(default 4,8,16,32,64; 'none': no lookups)")
+    budget.add_argument("--candidate-spn-widths", type=_multiples, default=(1.0,), metavar="F,F,...",
+                        help="sum-product widths to try per node, as multiples of its output count M "
+                             "(r = round(F M); default 1, the authors' r = M; 'none': no sum-product layers)")
     budget.add_argument("--candidate-subvectors", type=_counts, default=(), metavar="S,S,...",
                         help="inputs per codebook to try as well: a node of input width D also tries "
                              "ceil(D / S) codebooks (default none)")
@@ -174,6 +184,22 @@ def _counts(text: str) -> tuple[int, ...]:
     if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"the counts must be positive, got '{text}'")
     return counts
+
+
+def _counts_or_none(text: str) -> tuple[int, ...]:
+    return () if text.strip().lower() == "none" else _counts(text)
+
+
+def _multiples(text: str) -> tuple[float, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(float(f) for f in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not all(0 < f < float("inf") for f in values):
+        raise argparse.ArgumentTypeError(f"the multiples must be positive, got '{text}'")
+    return values
 
 
 def build_diff_parser() -> argparse.ArgumentParser:
@@ -321,7 +347,9 @@ def main_compile(argv: list[str]) -> int:
                                    progress=False if args.quiet else None,
                                    max_accuracy_drop=args.max_accuracy_drop,
                                    max_output_error=args.max_output_error,
+                                   max_multiplications=args.max_multiplications,
                                    budget_options=BudgetOptions(candidates=args.candidates,
+                                                                spn_widths=args.candidate_spn_widths,
                                                                 subvectors=args.candidate_subvectors,
                                                                 cost_batch=args.cost_batch))
         if not world().writes:  # under torchrun, rank 0 alone reports
