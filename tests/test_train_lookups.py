@@ -51,7 +51,7 @@ def trained(digits_model, digits_split):
     Xtr, ytr, _, _ = digits_split
     return {trees: lutcompile.compile_model(digits_model, None, {"input": Xtr, "labels": ytr}, finetune=False,
                                             finetune_tables=True, finetune_trees=trees,
-                                            finetune_options=FinetuneOptions(table_epochs=30), **FAST)
+                                            finetune_options=FinetuneOptions(table_epochs=50), **FAST)
             for trees in (False, True)}
 
 
@@ -63,7 +63,8 @@ def test_training_the_trees_raises_held_out_accuracy(untrained, trained, digits_
     trees = lutcompile.evaluate_accuracy(trained[True].model, held_out)
     # measured: 71.6 % -> 85.4 % (tables alone 73.6 %) at 30 epochs on an AMD EPYC with AVX-512; at 20
     # epochs 86.2 % on the machine this test was written on but 80.8 % there: the short run follows
-    # the float paths torch takes on each CPU, and 30 epochs leave the margin on both
+    # the float paths torch takes on each CPU. On an Intel Xeon (Sapphire Rapids class) 30 epochs
+    # gave 80.8 %, 40 82.6 %, 50 86.4 %, 60 85.8 %: 50 leave the margin on all three
     assert trees >= before + 0.10, (before, tables, trees)
     assert trees >= tables + 0.05, (before, tables, trees)
     moved = [not np.array_equal(params_from_node(a).thresholds, params_from_node(b).thresholds)
