@@ -10,7 +10,7 @@ import sys
 from setuptools import Extension, setup
 
 sys.path.insert(0, "custom_ops")
-from build_ffi import COMPILE_ARGS, KERNEL_SOURCES, ORT_SOURCES, INCLUDE_DIRS  # noqa: E402
+from build_ffi import COMPILE_ARGS, KERNEL_SOURCES, LIBRARIES, ORT_SOURCES, INCLUDE_DIRS  # noqa: E402
 
 setup(
     cffi_modules=["custom_ops/build_ffi.py:ffibuilder"],
@@ -20,6 +20,7 @@ setup(
             sources=KERNEL_SOURCES + ORT_SOURCES,
             include_dirs=INCLUDE_DIRS,
             extra_compile_args=COMPILE_ARGS,
+            libraries=LIBRARIES,
         )
     ],
 )

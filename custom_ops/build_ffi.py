@@ -30,6 +30,9 @@ COMPILE_ARGS = [
     "-Wextra",
     "-Wno-unused-parameter",
 ]
+# the sum-product kernel rounds with nearbyintf: a host that is not Python (custom_ops/host)
+# loads the op library without libm, so the library names it itself
+LIBRARIES = ["m"]
 
 HEADER = "custom_ops/lutkernel.h"
 

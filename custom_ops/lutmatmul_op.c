@@ -129,22 +129,34 @@ static OrtStatus *read_ints(const OrtApi *api, const OrtKernelInfo *info, const 
     return NULL;
 }
 
-/* An ints attribute the node may leave out: *out stays NULL when it is absent.  onnxruntime
- * reports a missing attribute and one of another type alike; only the second names the type
- * ("don't match"), and that one is an error. */
+/* The error st of reading an optional attribute: NULL (st released) when the attribute is
+ * absent, else our error.  onnxruntime reports a missing attribute and one of another type
+ * alike; only the second names the type ("don't match"), and that one is an error. */
+static OrtStatus *optional_attr_error(const OrtApi *api, const char *label, const char *name, const char *kind,
+                                      OrtStatus *st) {
+    if (strstr(api->GetErrorMessage(st), "don't match")) return attr_error(api, label, name, kind, st);
+    api->ReleaseStatus(st);
+    return NULL;
+}
+
+/* An ints attribute the node may leave out: *out stays NULL when it is absent. */
 static OrtStatus *read_optional_ints(const OrtApi *api, const OrtKernelInfo *info, const char *label,
                                      const char *name, int64_t **out, size_t *count) {
     size_t n = 0;
     *out = NULL;
     *count = 0;
     OrtStatus *st = api->KernelInfoGetAttributeArray_int64(info, name, NULL, &n); /* [163] */
-    if (st) {
-        const int wrong_type = strstr(api->GetErrorMessage(st), "don't match") != NULL;
-        if (wrong_type) return attr_error(api, label, name, "ints", st);
-        api->ReleaseStatus(st);
-        return NULL;
-    }
+    if (st) return optional_attr_error(api, label, name, "ints", st);
     return read_ints(api, info, label, name, out, count);
+}
+
+/* An int attribute the node may leave out: `fallback` when it is absent. */
+static OrtStatus *read_optional_int(const OrtApi *api, const OrtKernelInfo *info, const char *label,
+                                    const char *name, int64_t fallback, int64_t *out) {
+    OrtStatus *st = api->KernelInfoGetAttribute_int64(info, name, out); /* [86] */
+    if (!st) return NULL;
+    *out = fallback;
+    return optional_attr_error(api, label, name, "int", st);
 }
 
 static OrtStatus *read_floats(const OrtApi *api, const OrtKernelInfo *info, const char *label,
@@ -777,14 +789,15 @@ static OrtStatus *build_spn_conv(SpnKernel *k, const OrtKernelInfo *info) {
 static OrtStatus *build_spn(SpnKernel *k, const OrtKernelInfo *info) {
     const OrtApi *api = k->api;
     const char *label = k->label;
-    int64_t relu = 0;
+    int64_t relu = 0, activations = 0;
     float *a = NULL, *bias = NULL;
     size_t n_a = 0, n_bias = 0;
     OrtValue *wb = NULL, *wc = NULL;
     const void *wb_data = NULL, *wc_data = NULL;
     OrtStatus *st = NULL;
     if ((st = read_int(api, info, label, "D", &k->D)) || (st = read_int(api, info, label, "M", &k->M)) ||
-        (st = read_int(api, info, label, "R", &k->R)) || (st = read_int(api, info, label, "relu", &relu)))
+        (st = read_int(api, info, label, "R", &k->R)) || (st = read_int(api, info, label, "relu", &relu)) ||
+        (st = read_optional_int(api, info, label, "activations", 0, &activations)))
         return st;
     if (k->D < 1 || k->M < 1 || k->R < 1 || k->D > INT32_MAX || k->M > INT32_MAX || k->R > INT32_MAX)
         return make_status(api, ORT_INVALID_ARGUMENT, "%s: D, M and R must lie in [1, 2^31 - 1], got %lld, %lld, %lld",
@@ -796,7 +809,7 @@ static OrtStatus *build_spn(SpnKernel *k, const OrtKernelInfo *info) {
         !(st = read_u8_tensor(api, info, label, "wc", "[M, ceil(R / 4)]", want_c, 2, &wc, &wc_data))) {
         const int rc = spn_plan_create(&k->plan, k->D, k->M, k->R, (const uint8_t *)wb_data, want_b[0] * want_b[1], a,
                                        (int64_t)n_a, (const uint8_t *)wc_data, want_c[0] * want_c[1], bias,
-                                       (int64_t)n_bias, relu, err, sizeof err);
+                                       (int64_t)n_bias, relu, activations, err, sizeof err);
         if (rc != LUT_OK)
             st = make_status(api, rc == LUT_ENOMEM ? ORT_FAIL : ORT_INVALID_ARGUMENT, "%s: %s", label, err);
     }

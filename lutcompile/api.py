@@ -76,6 +76,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
                   mask_input: str | bool | None = None,
                   method: str | dict[str, str] | None = None,
                   spn_width: int | dict[str, int] | None = None,
+                  spn_activations: str | None = None,
                   portable: bool = False) -> CompileResult:
     """Replace the model's constant-weight matrix products by lookup nodes.
 
@@ -134,7 +135,10 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     method: "lut" (lookups, the default) or "spn" (StrassenNets' ternary sum-product layers,
     SpnMatMul) for every replaced node, or {node name: method} with "lut" for the others.
     spn_width: the spn nodes' hidden width r, their multiplications per row, one for every node
-    or {node name: r} (None, or a node not named: r = M).
+    or {node name: r} (None, or a node not named: r = M). spn_activations: "float32" (default) or
+    "uint8": each spn product's input rows quantised to 8 bits on the fly, so the kernel sums
+    integers (int8 dot products; docs/lutmatmul.md), at the cost of the quantisation's
+    multiplications and error (FitOptions.spn_activations).
     portable: write the spn nodes as standard ONNX ops (ops.spn.lower_to_standard_ops), so the
     model runs in any onnxruntime without lutcompile's library; every replaced node must then
     be spn.
@@ -142,7 +146,7 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
     if progress is None:
         progress = sys.stderr.isatty()
     options = _resolve_options(options or CompileOptions(), partition=partition, table_loss=table_loss,
-                               split_bins=split_bins, split_lines=split_lines,
+                               split_bins=split_bins, split_lines=split_lines, spn_activations=spn_activations,
                                finetune=finetune, finetune_tables=finetune_tables, finetune_trees=finetune_trees,
                                nodes_to_include=nodes_to_include if nodes_to_include is not None
                                else list(codebooks) if isinstance(codebooks, dict) else None,
@@ -191,6 +195,9 @@ def compile_model(model_input: str | os.PathLike | onnx.ModelProto,
             if budgeted and method is not None:
                 raise OptionsError("the budget search chooses each node's method from its candidates "
                                    "(--candidates, --candidate-spn-widths): leave out method (--method)")
+            if portable and options.fit.spn_activations != "float32":
+                raise OptionsError("portable writes float sum-product layers: uint8 activations (quantised per row, "
+                                   "per patch in a convolution) have no standard-op form here")
             if portable and (budgeted or any(options.method_of(t.name) != "spn" for t in targets if t.name in plan)):
                 raise OptionsError("portable writes spn nodes as standard ops, and lookup nodes have no such form: "
                                    "use method 'spn' for every replaced node (and no budget search)")
@@ -255,14 +262,16 @@ def _plan(codebooks, targets: list[frontend.TargetNode]) -> dict[str, int]:
     return {t.name: int(counts[t.name]) for t in targets}
 
 
-def _resolve_options(options: CompileOptions, *, partition, table_loss, split_bins, split_lines, finetune, finetune_tables, finetune_trees,
+def _resolve_options(options: CompileOptions, *, partition, table_loss, split_bins, split_lines, spn_activations,
+                     finetune, finetune_tables, finetune_trees,
                      nodes_to_include, nodes_to_exclude, op_types, fuse_activation, seed, batch_size,
                      fit_options, finetune_options, epochs, augment=None) -> CompileOptions:
     """`options` with the fields the keyword arguments name overridden (None: not given)."""
     def given(**fields):
         return {k: v for k, v in fields.items() if v is not None}
     fit = replace(fit_options or options.fit, **given(partition=partition, table_loss=table_loss, seed=seed,
-                                                       split_bins=split_bins, split_lines=split_lines))
+                                                       split_bins=split_bins, split_lines=split_lines,
+                                                       spn_activations=spn_activations))
     tune = replace(finetune_options or options.finetune, **given(enabled=finetune, tables=finetune_tables,
                                                                   trees=finetune_trees, seed=seed))
     if tune.trees:  # the trees train in the end-to-end stage

@@ -205,11 +205,12 @@ def trained_table_info(trained_from: Path, name: str, v: Variant, folder: Path) 
 
 def trained_configs(name: str, family: str = "trained") -> list[tuple[str, dict]]:
     """The trained configurations of scripts/train_table.py (or, family "spn", of
-    scripts/spn_table.py, the MLP's only) for one model: (label, compile_model keywords)."""
+    scripts/spn_table.py, but its lookups) for one model: (label, compile_model keywords)."""
     import train_table
     if family == "spn":
         import spn_table
-        return spn_table.configs(spn_table.WIDTHS) if name == "mnist_mlp" else []
+        return [run for run in spn_table.model_runs("mlp" if name == "mnist_mlp" else "cnn")
+                if run != spn_table.LOOKUPS]
     return train_table.MLP_CONFIGS if name == "mnist_mlp" else train_table.CNN_CONFIGS
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "custom_ops")]
 
-from build_ffi import COMPILE_ARGS, INCLUDE_DIRS, KERNEL_SOURCES, ORT_SOURCES  # noqa: E402
+from build_ffi import COMPILE_ARGS, INCLUDE_DIRS, KERNEL_SOURCES, LIBRARIES, ORT_SOURCES  # noqa: E402
 from fuzz_cases import CASES, build_base_models, run_isolated  # noqa: E402
 from readme_tables import update_readme  # noqa: E402
 
@@ -54,7 +54,7 @@ __attribute__((visibility("default"))) void *RegisterCustomOps(void *options, co
 
 def compile_command(sources: list[str], output: Path) -> list[str]:
     return ["gcc", "-shared", "-fPIC", *COMPILE_ARGS, *SANITIZE_FLAGS, *(f"-I{d}" for d in INCLUDE_DIRS),
-            *sources, "-o", str(output)]
+            *sources, *(f"-l{lib}" for lib in LIBRARIES), "-o", str(output)]
 
 
 def gcc_library(name: str) -> str:

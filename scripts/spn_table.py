@@ -26,6 +26,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from lutcompile.budget.search import BudgetOptions  # noqa: E402
 from lutcompile.compile import frontend  # noqa: E402
 from lutcompile.ops.counting import conv_positions, multiplications  # noqa: E402
 from pareto import machine  # noqa: E402
@@ -95,6 +96,22 @@ def configs(factors) -> list[tuple[str, dict]]:
     return [(f"SPN r = {'' if k == 1 else k}M", spn_widths(k)) for k in factors]
 
 
+# uint8 activations (ops/spn.py): the same layers, each product's input rows quantised on the fly
+UINT8 = ("SPN r = M, uint8 activations", {"method": "spn", "spn_activations": "uint8"})
+# StrassenNets' budget through the search (budget/search.py), lookups at C and SPN at r = M/2 or
+# M per node: 500 multiplications per inference are under the 610 of every layer at C or r = M
+BUDGET = ("budget: at most 500 multiplications", {"max_multiplications": 500,
+                                                  "budget_options": BudgetOptions(spn_widths=(0.5, 1.0))})
+
+
+def model_runs(name: str, factors=WIDTHS) -> list[tuple[str, dict]]:
+    """Each model's configurations, in the order their files lut_0.onnx, lut_1.onnx, ... are
+    written (pareto.py takes all but the lookups from there)."""
+    if name == "mlp":
+        return configs(factors) + [UINT8, BUDGET, LOOKUPS]
+    return [("SPN r = M", {"method": "spn"}), UINT8]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--widths", default=",".join(map(str, WIDTHS)), metavar="K,K,...",
@@ -105,10 +122,10 @@ def main() -> None:
     args = ap.parse_args()
     started = time.perf_counter()
     factors = [int(k) for k in args.widths.split(",")]
-    plans = {"mlp": (dict(MLP, build=BUILD), configs(factors) + [LOOKUPS],
+    plans = {"mlp": (dict(MLP, build=BUILD), model_runs("mlp", factors),
                      "MNIST MLP 784-200-200-200-10, every layer replaced, 2,000 held-out rows; trained on rows "
                      f"augmented by `--augment {MLP['augment']}`"),
-             "cnn": (dict(cnn_spec(args.cnn_epochs), build=BUILD), [("SPN r = M", {"method": "spn"})],
+             "cnn": (dict(cnn_spec(args.cnn_epochs), build=BUILD), model_runs("cnn"),
                      "Fashion-MNIST CNN, every Conv and Gemm SpnConv / SpnMatMul but the first conv (9 inputs a "
                      "patch: kept exact for every method), official 10,000 test rows; trained on the 60,000")}
     results, parts, lines = {}, [], ["Targets (issue 16):", ""]
@@ -127,6 +144,8 @@ def main() -> None:
         results[name] = {"rows": rows, "extra": extra}
         parts.append(table(title, rows, extra))
         lines += targets(name, rows, extra, [label for label, w in runs if w.get("method") == "spn"])
+        lines += [f"- {TITLES[name]}, {label}: chose {', '.join(f'{n} {c}' for n, c in rows[label]['plan'].items())}"
+                  for label, w in runs if "max_multiplications" in w]
     command = "python scripts/spn_table.py" + (f" --only {args.only}" if args.only else "")
     footer = (f"Machine: {machine()}; one thread; latencies are medians of interleaved runs in one process. "
               f"Produced by `{command}` in {time.perf_counter() - started:.0f} s.")

@@ -107,7 +107,7 @@ def measure(spec: dict, configs: list, repetitions: int) -> dict:
                        "compile_seconds": time.perf_counter() - start,
                        "train_seconds": result.seconds.get("train"),
                        "best_epoch": curve.best_epoch, "epochs": len(curve.epochs) - 1,
-                       "plan": {n.name: n.codebooks for n in result.nodes},
+                       "plan": {n.name: n.codebooks if n.spn is None else f"r={n.spn.width}" for n in result.nodes},
                        "kept_exact": [s.name for s in result.skipped]}
         compiled[label] = str(out)
     feeds_of = {b: {test_input: test.inputs[test_input][:b] for test_input in test.inputs} for b in (1, 256)}

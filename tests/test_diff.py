@@ -100,7 +100,7 @@ def check_schema(value, schema, where="$"):
 
 LUT = {"C": int, "relu": bool, "partition": (str, None), "table_loss": (str, None), "source_op": (str, None)}
 COUNT = {"width": int, "multiplications": int, "additions": int, "exact_multiplications": int,
-         "exact_additions": int, "wb_zeros": float, "wc_zeros": float}
+         "exact_additions": int, "wb_zeros": float, "wc_zeros": float, "activations": str}
 SIDE = {"op_type": str, "domain": str, "inputs": [str], "outputs": [str], "D": (int, None), "M": (int, None),
         "param_bytes": int, "lut": (None, LUT), "spn": (None, COUNT), "multiplications": (int, None)}
 DIFF_SCHEMA = {

@@ -4,6 +4,7 @@ run in onnxruntime equals the numpy reference on real activations."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ from lutcompile.ops.spec import DOMAIN
 from lutcompile.errors import OptionsError
 from lutcompile.onnx_io.sessions import make_session
 from lutcompile.ops import spn
+from lutcompile.compile.torch_program import SpnModule
 
 from conftest import numpy_mlp
 
@@ -62,6 +64,59 @@ def test_operations_by_hand():
     assert spn.operations(params) == spn.OperationCount(multiplications=3, additions=5)
     assert spn.exact_operations(3, 2) == spn.OperationCount(multiplications=6, additions=6)
     assert params.sparsity == (pytest.approx(4 / 9), pytest.approx(4 / 6))
+
+
+def test_uint8_quantisation_by_hand():
+    """quantize_rows (docs/lutmatmul.md, activations = 1): lo the row's minimum, step (max - lo)
+    / 255, rint half to even; a constant row's step is 1; a non-finite row is marked bad."""
+    v = np.array([[0.0, 1.0, 2.55, 0.005], [3.0, 3.0, 3.0, 3.0], [-1.0, np.nan, 0.0, 1.0],
+                  [-3e38, 3e38, 0.0, 0.0]], np.float32)
+    q, lo, step, bad = spn.quantize_rows(v)
+    assert lo[:2].tolist() == [0.0, 3.0] and bad.tolist() == [False, False, True, True]
+    assert step[0] == np.float32(2.55) / np.float32(255) and step[1] == 1.0
+    # 1 / 0.01 = 100, 2.55 / 0.01 = 255, 0.005 / 0.01 = 0.5 -> 0 (half to even)
+    assert q[0].tolist() == [0, 100, 255, 0] and q[1].tolist() == [0, 0, 0, 0]
+    params = spn.SpnParams(np.array([[1, -1, 0, 1]], np.int8), np.ones(1, np.float32), np.ones((1, 1), np.int8),
+                           np.zeros(1, np.float32), uint8_activations=True)
+    y = spn.kernel_reference(v, params)
+    assert np.isnan(y[2:]).all()  # non-finite, or a span past float32: NaN
+    # the constant row is exact: 0 * 1 + 3 * (1 - 1 + 1) = 3, quantised again as a constant row
+    assert y[1, 0] == 3.0
+
+
+def test_uint8_activations_cost_their_quantisation(first_layer):
+    """Counted by hand: D + R divisions and 2 (R + M) multiplications besides the R products
+    with a, D + R subtractions and R + M additions besides the sums; on real activations the
+    layer stays within about 1 % of the float one."""
+    params = spn.SpnParams(np.array([[1, 0, -1], [0, 0, 0], [1, 1, 1]], np.int8), np.ones(3, np.float32),
+                           np.array([[1, -1, 0], [0, 0, 0]], np.int8), np.zeros(2, np.float32), True)
+    assert spn.operations(params) == spn.OperationCount(multiplications=3 + 6 + 10, additions=5 + 6 + 5)
+    assert spn.multiplications(3, 2, 3, True) == 19 and spn.multiplications(3, 2, 3) == 3
+    W, b, X = first_layer
+    fitted = spn.fit_layer(X, W, b, 48)
+    quantized = spn.kernel_reference(X, replace(fitted, uint8_activations=True))
+    exact = spn.kernel_reference(X, fitted)
+    assert 0 < np.linalg.norm(quantized - exact) / np.linalg.norm(exact) < 0.02
+    with pytest.raises(OptionsError, match="at most 2\\^23"):
+        replace(fitted, wb=np.zeros((1, 2**23 + 1), np.int8), a=np.ones(1, np.float32), wc=np.zeros((48, 1), np.int8),
+                uint8_activations=True)
+
+
+def test_the_torch_layer_with_uint8_activations_is_the_kernel_reference(first_layer):
+    """SpnModule fake-quantises each product's input rows as the kernel quantises them, so its
+    forward is the exported layer's kernel_reference within float rounding, and gradients flow
+    to the latent weights through the rounding (straight through)."""
+    W, b, X = first_layer
+    module = SpnModule.from_params(spn.fit_layer(X, W, b, 48, uint8_activations=True), relu=True)
+    with torch.no_grad():
+        module.wb.add_(0.01 * torch.randn_like(module.wb))
+    out = module(torch.as_tensor(X))
+    params = module.params()
+    assert params.uint8_activations
+    expected = spn.kernel_reference(X, params, relu=True)
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    out.sum().backward()
+    assert module.wb.grad.abs().sum() > 0 and module.a.grad.abs().sum() > 0
 
 
 def test_ternary_init_folds_both_scales_into_a(first_layer):

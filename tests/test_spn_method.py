@@ -47,19 +47,23 @@ def test_fit_scales_solve_the_least_squares_problem(digits_mlp, digits_split):
     assert error(fitted) < error(start)
 
 
-def test_the_spn_method_fits_trains_and_exports_the_digits_mlp(digits_model, digits_mlp, digits_split, tmp_path):
+@pytest.mark.parametrize("activations", ["float32", "uint8"])
+def test_the_spn_method_fits_trains_and_exports_the_digits_mlp(digits_model, digits_mlp, digits_split, tmp_path,
+                                                               activations):
     """Every layer SpnMatMul at r = M: training through the straight-through forward raises
     held-out accuracy well over the untrained ternarised layers; the exported nodes, run in
     onnxruntime with our kernel, equal the numpy reference of their own parameters on the
-    activations they receive (from the exact first layers' outputs onwards)."""
+    activations they receive (from the exact first layers' outputs onwards). With uint8
+    activations too: the training fake-quantises as the kernel quantises."""
     Xtr, ytr, Xte, yte = digits_split
     test = load_calibration({"input": Xte, "labels": yte}, digits_model)
     out = tmp_path / "spn.onnx"
     result = lutcompile.compile_model(digits_model, out, {"input": Xtr, "labels": ytr},
-                                      train={"input": Xtr, "labels": ytr}, method="spn", epochs=25, **FAST)
+                                      train={"input": Xtr, "labels": ytr}, method="spn", epochs=25,
+                                      spn_activations=activations, **FAST)
     before, after = evaluate_accuracy(result.before_training, test), evaluate_accuracy(str(out), test)
     exact = float((numpy_mlp(digits_mlp, Xte).argmax(1) == yte).mean())
-    print(f"spn digits MLP: untrained {before:.3f}, trained {after:.3f}, exact {exact:.3f}")
+    print(f"spn digits MLP, {activations}: untrained {before:.3f}, trained {after:.3f}, exact {exact:.3f}")
     assert after >= before + 0.1 and after >= exact - 0.05, (before, after, exact)
     model = onnx.load(out)
     nodes = spn_nodes(model)
@@ -77,6 +81,7 @@ def test_the_spn_method_fits_trains_and_exports_the_digits_mlp(digits_model, dig
     values = dict(zip(names, sess.run(None, {"input": Xte})))
     for n in nodes:
         params, relu = spn.params_from_node(n)
+        assert params.uint8_activations == (activations == "uint8")
         np.testing.assert_array_equal(values[n.output[0]], spn.kernel_reference(values[n.input[0]], params, relu))
         # the report's count is the node's: r multiplications, one addition per nonzero but the first
         report = next(r for r in result.nodes if r.name == n.name)
@@ -134,6 +139,8 @@ def test_methods_per_node_inspect_and_diff(digits_model, digits_split, tmp_path)
     (dict(method={"nonesuch": "spn"}), "method for node 'nonesuch'"),
     (dict(method="spn", spn_width=0), "spn_width must be a whole number >= 1"),
     (dict(portable=True), "portable writes spn nodes as standard ops"),
+    (dict(method="spn", spn_activations="int4"), "unknown spn activations 'int4'"),
+    (dict(method="spn", spn_activations="uint8", portable=True), "uint8 activations .* have no standard-op form"),
 ])
 def test_bad_method_options_are_one_line_errors(digits_model, digits_split, kwargs, message):
     with pytest.raises(OptionsError, match=message):

@@ -93,16 +93,18 @@ class MultiplicationCount:
 
 
 def count_multiplications(model: onnx.ModelProto, targets: list[frontend.TargetNode],
-                          choices: dict[str, list[Option]]) -> MultiplicationCount:
+                          choices: dict[str, list[Option]], uint8_activations: bool = False) -> MultiplicationCount:
     """Each target's options counted as ops/counting.py counts the written nodes: D x M per row
-    exact, M as lookups (the table scale), r as a sum-product layer; a Conv's rows are its output
-    positions. The other products are the model's whole count less the targets' exact ones."""
+    exact, M as lookups (the table scale), r as a sum-product layer (more with uint8 activations:
+    ops.spn.multiplications); a Conv's rows are its output positions. The other products are the
+    model's whole count less the targets' exact ones."""
     positions = counting.conv_positions(model)
     per_option: dict[str, dict[Option, int]] = {}
     for t in targets:
         rows = positions.get(t.name, 1)
-        per_option[t.name] = {None: t.D * t.M * rows,
-                              **{o: rows * (o.width if isinstance(o, SumProduct) else t.M) for o in choices[t.name]}}
+        per_option[t.name] = {None: t.D * t.M * rows, **{
+            o: rows * (spn.multiplications(t.D, t.M, o.width, uint8_activations) if isinstance(o, SumProduct)
+                       else t.M) for o in choices[t.name]}}
     fixed = counting.multiplications(model, positions) - sum(c[None] for c in per_option.values())
     return MultiplicationCount(per_option, fixed)
 
@@ -145,15 +147,17 @@ def random_params(target: frontend.TargetNode, codebooks: int, rng: np.random.Ge
                      relu=target.activation == "Relu")
 
 
-def replacement_for_timing(target: frontend.TargetNode, option: Option, rng: np.random.Generator):
+def replacement_for_timing(target: frontend.TargetNode, option: Option, rng: np.random.Generator,
+                           uint8_activations: bool = False):
     """A node of the option's kind and shape in the target's place, for timing alone."""
     if isinstance(option, SumProduct):
-        return spn_replacement(target, spn.ternary_init(target.weight, target.bias, option.width))
+        return spn_replacement(target, spn.ternary_init(target.weight, target.bias, option.width, uint8_activations))
     return lookup_replacement(target, random_params(target, option, rng))
 
 
 def measure_costs(model: onnx.ModelProto, targets: list[frontend.TargetNode], choices: dict[str, list[Option]],
-                  data: CalibrationData, batch: int = 256, repetitions: int = 15, progress=None) -> CostModel:
+                  data: CalibrationData, batch: int = 256, repetitions: int = 15, progress=None,
+                  uint8_activations: bool = False) -> CostModel:
     """Time each target node, exact and at each option of choices[node], as one-node models in
     onnxruntime: one thread, on the node's real input for `batch` calibration rows (repeated
     if there are fewer), options interleaved, medians of `repetitions`."""
@@ -168,7 +172,7 @@ def measure_costs(model: onnx.ModelProto, targets: list[frontend.TargetNode], ch
         alone = exact.targets[0]
         models = {"exact": exact.model}
         for option in choices[target.name]:
-            models[option] = rewrite(exact.model, [replacement_for_timing(alone, option, rng)])
+            models[option] = rewrite(exact.model, [replacement_for_timing(alone, option, rng, uint8_activations)])
         X = inputs[target.name] if target.conv is not None else target.rows(inputs[target.name])
         times = model_latencies(models, {"X": np.ascontiguousarray(X)}, threads=1, repetitions=repetitions)
         seconds[target.name] = {(None if k == "exact" else k): v for k, v in times.items()}

@@ -164,7 +164,9 @@ class Verification:
     predicted: float
     measured: float  # on the held-out rows, after the end-to-end compile
     met: bool  # within the goal, and the whole compiled model faster than the original
-    faster: bool = True  # the whole compiled model, timed against the original
+    # the whole compiled model, timed against the original (with a multiplication budget: its
+    # counted multiplications within the budget, which takes the place of time)
+    faster: bool = True
     multiplications: int | None = None  # with a multiplication budget: the compiled model's, counted
 
 
@@ -388,9 +390,10 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
     if train_data is not None:  # the rows that score the plans are trained on by none
         train_data = without_rows(train_data, held_out)
     choices = candidate_choices(targets, options)
+    uint8 = compile_options.fit.spn_activations == "uint8"  # of the sum-product options
     count = None
     if goal.max_multiplications is not None:  # a budget no plan reaches fails before any timing or fitting
-        count = count_multiplications(analysis.model, targets, choices)
+        count = count_multiplications(analysis.model, targets, choices, uint8)
         if count.least > goal.max_multiplications:
             raise OptionsError(f"no plan meets {goal.max_multiplications:,} multiplications per inference: the "
                                f"candidates reach {count.least:,} at the fewest ({count.fixed:,} of them in products "
@@ -401,7 +404,7 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
                       compile_options.calibrate)
     with timed(seconds, "cost model"):
         cost = options.cost_model or measure_costs(analysis.model, targets, choices, fit_data, options.cost_batch,
-                                                   options.repetitions, bar(progress, "cost model"))
+                                                   options.repetitions, bar(progress, "cost model"), uint8)
         missing = [(n, C) for n, cs in choices.items() for C in [None, *cs] if C not in cost.seconds.get(n, {})]
         if missing:
             raise OptionsError(f"the cost model has no time for {missing[0][0]} at {describe(missing[0][1])}")

@@ -21,6 +21,7 @@ from ..errors import OptionsError
 
 
 TABLE_LOSSES = ("ridge", "mse", "kl")
+SPN_ACTIVATIONS = ("float32", "uint8")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class FitOptions:
     # on the columns of the L aligned 16-float lines (64-byte cache lines) of the row that carry
     # the most of the product's energy, so the encoder reads L lines of each row, not all of them
     split_lines: int = 0
+    # the spn method's activations (ops/spn.py): "float32", or "uint8", each product's input rows
+    # quantised to 8 bits on the fly so that the ternary products are integer dot products
+    spn_activations: str = "float32"
     seed: int = 0
 
     def check(self) -> None:
@@ -62,6 +66,9 @@ class FitOptions:
         if isinstance(self.split_lines, bool) or not isinstance(self.split_lines, (int, np.integer)) \
                 or self.split_lines < 0:
             raise OptionsError(f"split_lines must be 0 (anywhere) or a number of lines >= 1, got {self.split_lines}")
+        if self.spn_activations not in SPN_ACTIVATIONS:
+            raise OptionsError(f"unknown spn activations '{self.spn_activations}', choose from "
+                               f"{', '.join(SPN_ACTIVATIONS)}")
 
 
 @dataclass

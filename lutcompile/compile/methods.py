@@ -113,7 +113,8 @@ class SumProductMethod:
             raise OptionsError(f"node {target.name}: SpnMatMul fuses only a Relu, not {target.activation}")
         bias = np.zeros(target.M) if target.bias is None else target.bias
         product = np.asarray(rows, np.float64) @ target.weight + bias  # fitted to, and the error's reference
-        params = spn.fit_layer(rows, target.weight, target.bias, width, product)
+        params = spn.fit_layer(rows, target.weight, target.bias, width, product,
+                               options.spn_activations == "uint8")
         relu = target.activation == "Relu"
         exact = activate(product, target.activation)
         error = relative_error(spn.kernel_reference(rows, params, relu), exact)

@@ -160,17 +160,31 @@ def _ternary(w: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(t.astype(np.float32)), torch.from_numpy(np.expand_dims(scale, axis).astype(np.float32))
 
 
+def fake_quantize_rows(v: torch.Tensor) -> torch.Tensor:
+    """ops.spn.quantize_rows in torch, dequantised (lo + step q), with an identity straight-through
+    gradient: what a product with uint8 activations sees of each row of v [..., K]."""
+    with torch.no_grad():
+        lo = v.amin(dim=-1, keepdim=True)
+        step = (v.amax(dim=-1, keepdim=True) - lo) / 255
+        step = torch.where(step == 0, torch.ones_like(step), step)
+        seen = lo + step * torch.clamp(torch.round((v - lo) / step), 0, 255)
+    return v + (seen - v).detach()
+
+
 class SpnModule(torch.nn.Module):
     """StrassenNets' sum-product layer (ops/spn.py) in torch, trained as the authors do: latent
     real weights ternarised by TWN in every forward, with an identity straight-through gradient,
     and `a` real. The forward is y = ((x (sb tb)^T) a) (tc sc)^T + b, which `params()` writes as
-    the exported layer's ternary tb, tc with both scales folded into a."""
+    the exported layer's ternary tb, tc with both scales folded into a. With uint8 activations
+    each product's input rows are fake-quantised (fake_quantize_rows) as the kernel quantises
+    them: x, and the exported layer's hidden row (x tb^T) (a sb sc)."""
 
     def __init__(self, wb: np.ndarray, a: np.ndarray, wc: np.ndarray, bias: np.ndarray, relu: bool = False,
-                 trainable: bool = True, scales_only: bool = False):
+                 trainable: bool = True, scales_only: bool = False, uint8_activations: bool = False):
         """trainable: every parameter trains; scales_only: `a` alone (the authors' last phase,
         the ternary pattern frozen)."""
         super().__init__()
+        self.uint8_activations = uint8_activations
         self.wb = torch.nn.Parameter(torch.as_tensor(np.asarray(wb, np.float32)), requires_grad=trainable)
         self.a = torch.nn.Parameter(torch.as_tensor(np.asarray(a, np.float32)), requires_grad=trainable or scales_only)
         self.wc = torch.nn.Parameter(torch.as_tensor(np.asarray(wc, np.float32)), requires_grad=trainable)
@@ -189,7 +203,7 @@ class SpnModule(torch.nn.Module):
         sb = 1.0 / np.sqrt(np.maximum(np.count_nonzero(params.wb, axis=1), 1))
         sc = 1.0 / np.sqrt(np.maximum(np.count_nonzero(params.wc, axis=0), 1))
         return cls(params.wb * sb[:, None], params.a / (sb * sc), params.wc * sc[None, :], params.bias, relu,
-                   trainable, scales_only)
+                   trainable, scales_only, params.uint8_activations)
 
     @classmethod
     def from_layer(cls, weight: np.ndarray, bias: np.ndarray | None, width: int) -> "SpnModule":
@@ -202,7 +216,12 @@ class SpnModule(torch.nn.Module):
         tc, sc = _ternary(self.wc, 0)
         wb = self.wb + (sb * tb - self.wb).detach()  # the ternary value, the latent's gradient
         wc = self.wc + (tc * sc - self.wc).detach()
-        y = ((x @ wb.T) * self.a) @ wc.T + self.bias
+        if self.uint8_activations:  # the exported hidden row (a sb sc) is what the kernel quantises
+            sc_safe = torch.where(sc == 0, torch.ones_like(sc), sc)
+            s = fake_quantize_rows((fake_quantize_rows(x) @ wb.T) * (self.a * sc_safe))
+            y = s @ (wc / sc_safe).T + self.bias
+        else:
+            y = ((x @ wb.T) * self.a) @ wc.T + self.bias
         return torch.relu(y) if self.relu else y
 
     def params(self) -> SpnParams:
@@ -212,7 +231,7 @@ class SpnModule(torch.nn.Module):
             tc, sc = _ternary(self.wc, 0)
             a = self.a * sb[:, 0] * sc[0, :]
         return SpnParams(tb.numpy().astype(np.int8), a.numpy().astype(np.float32), tc.numpy().astype(np.int8),
-                         self.bias.detach().numpy().astype(np.float32))
+                         self.bias.detach().numpy().astype(np.float32), self.uint8_activations)
 
 
 def _pads(attrs: dict, x: torch.Tensor, kernel) -> list[int]:

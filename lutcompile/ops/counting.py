@@ -3,7 +3,8 @@ products multiply, exact or replaced, per row of the model's input.
 
 A product multiplies D x M per row it computes (an int8 QDQ product too: its weight is a
 DequantizeLinear of a constant, the product as many int8 multiply-adds); a lookup node M, its
-summed tables by the table scale; a sum-product node r, its hidden units by `a`. A Conv (and a
+summed tables by the table scale; a sum-product node r, its hidden units by `a` (with uint8
+activations, its quantisation's too: ops.spn.multiplications). A Conv (and a
 LutConv or SpnConv) computes one row per output position, counted from onnx's shape inference;
 a MatMul over a sequence counts one row per model input row.
 """
@@ -40,7 +41,8 @@ def node_multiplications(node: onnx.NodeProto, constant_dims) -> int:
     """One node's multiplications per row it computes (0 for a node that is no product);
     constant_dims(name) gives a constant input's dims, None for a computed one."""
     if spn.is_spn(node):
-        return int(attributes(node)["R"])
+        a = attributes(node)
+        return spn.multiplications(int(a["D"]), int(a["M"]), int(a["R"]), bool(a.get("activations", 0)))
     if is_lookup(node):
         return int(attributes(node)["M"])
     if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1:

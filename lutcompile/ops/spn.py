@@ -10,10 +10,15 @@ A layer y = x W + b (x [n, D], W [D, M], the ONNX row convention) becomes
 with Wb in {-1, 0, 1}^{r x D}, a in R^r and Wc in {-1, 0, 1}^{M x r}. The r products with `a`
 are the only multiplications: the hidden width r is the multiplication budget; the ternary
 products are additions and subtractions.
+
+With `uint8_activations`, each product's input row is quantised on the fly to 8 bits (per row:
+its minimum, and a step of (max - min) / 255) and the ternary products are integer sums, which
+a CPU computes as int8 dot products (docs/lutmatmul.md, `activations = 1`); the quantisation
+costs D + R divisions and 2 (R + M) multiplications per row more (operations()).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -27,14 +32,20 @@ from .spec import DOMAIN, SPN_CONV_OP_TYPE, SPN_OP_TYPE, SPN_OP_TYPES, ConvGeome
 TWN_THRESHOLD = 0.7  # Li & Liu's ternary weight networks: keep |w| > 0.7 mean |w|, as the authors' code
 
 
+# with uint8 activations, D and R are at most this: 255 * 2^23 sums in int32
+UINT8_MAX_INPUTS = 1 << 23
+
+
 @dataclass(frozen=True)
 class SpnParams:
-    """One sum-product layer: wb int8 [r, D], a float32 [r], wc int8 [M, r], bias float32 [M]."""
+    """One sum-product layer: wb int8 [r, D], a float32 [r], wc int8 [M, r], bias float32 [M];
+    uint8_activations: each product's input rows quantised to 8 bits (quantize_rows)."""
 
     wb: np.ndarray
     a: np.ndarray
     wc: np.ndarray
     bias: np.ndarray
+    uint8_activations: bool = False
 
     def __post_init__(self):
         r, D = self.wb.shape
@@ -46,6 +57,8 @@ class SpnParams:
             values = getattr(self, name)
             if not np.isin(values, (-1, 0, 1)).all():
                 raise OptionsError(f"sum-product {name} must be ternary (-1, 0, 1)")
+        if self.uint8_activations and max(D, r) > UINT8_MAX_INPUTS:
+            raise OptionsError(f"with uint8 activations D and r are at most 2^23, got {D} and {r}")
 
     @property
     def width(self) -> int:
@@ -73,12 +86,24 @@ class OperationCount:
 
 def operations(params: SpnParams) -> OperationCount:
     """The sum-product layer's count: each hidden unit adds its nonzero inputs (k nonzeros, k - 1
-    additions), multiplies once by a; each output adds its nonzero hidden units and the bias."""
+    additions), multiplies once by a; each output adds its nonzero hidden units and the bias.
+    With uint8 activations, quantize_rows and dequantize: per row a subtraction and a division
+    per input of each product (D + R), and per output of each product two multiplications and
+    an addition (R + M)."""
     per_hidden = np.count_nonzero(params.wb, axis=1)
     per_output = np.count_nonzero(params.wc, axis=1)
     # an output of j nonzeros: j - 1 additions, and one for the bias (none when j = 0: y = b)
     additions = int(np.maximum(per_hidden - 1, 0).sum()) + int(per_output.sum())
-    return OperationCount(multiplications=params.width, additions=additions)
+    (r, D), M = params.wb.shape, params.wc.shape[0]
+    quantized = params.uint8_activations
+    return OperationCount(multiplications=multiplications(D, M, r, quantized),
+                          additions=additions + ((D + r) + (r + M) if quantized else 0))
+
+
+def multiplications(D: int, M: int, r: int, uint8_activations: bool = False) -> int:
+    """A sum-product layer's multiplications per row: r, and with uint8 activations the
+    quantisation's D + r divisions and the dequantisation's 2 (r + M) multiplications."""
+    return r + ((D + r) + 2 * (r + M) if uint8_activations else 0)
 
 
 def exact_operations(D: int, M: int) -> OperationCount:
@@ -111,7 +136,8 @@ def full_precision_init(weight: np.ndarray, width: int) -> tuple[np.ndarray, np.
     return wb, a, wc
 
 
-def ternary_init(weight: np.ndarray, bias: np.ndarray | None, width: int) -> SpnParams:
+def ternary_init(weight: np.ndarray, bias: np.ndarray | None, width: int,
+                 uint8_activations: bool = False) -> SpnParams:
     """The SVD initialisation ternarised: Wb per hidden unit (row), Wc per hidden unit (column);
     both scales fold into `a`, so the layer stays y = Wc (a * Wb x) + b with ternary Wb, Wc."""
     wb, a, wc = full_precision_init(weight, width)
@@ -119,7 +145,7 @@ def ternary_init(weight: np.ndarray, bias: np.ndarray | None, width: int) -> Spn
     tc, sc = ternarize(wc, axis=0)
     M = np.asarray(weight).shape[1]
     return SpnParams(tb, (a * sb * sc).astype(np.float32), tc,
-                     np.zeros(M, np.float32) if bias is None else np.asarray(bias, np.float32))
+                     np.zeros(M, np.float32) if bias is None else np.asarray(bias, np.float32), uint8_activations)
 
 
 def fit_scales(X: np.ndarray, params: SpnParams, target: np.ndarray, ridge: float = 1e-6) -> SpnParams:
@@ -133,14 +159,15 @@ def fit_scales(X: np.ndarray, params: SpnParams, target: np.ndarray, ridge: floa
     rhs = np.sum(H * ((np.asarray(target, np.float64) - params.bias) @ wc), axis=0)
     lam = ridge * max(float(np.mean(np.diag(gram))), 1e-30)
     a = scipy.linalg.solve(gram + lam * np.eye(len(gram)), rhs, assume_a="pos")
-    return SpnParams(params.wb, a.astype(np.float32), params.wc, params.bias)
+    return replace(params, a=a.astype(np.float32))
 
 
 def fit_layer(X: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, width: int,
-              target: np.ndarray | None = None) -> SpnParams:
+              target: np.ndarray | None = None, uint8_activations: bool = False) -> SpnParams:
     """The untrained sum-product layer of y = x W + b at hidden width `width`: the ternarised
-    SVD (ternary_init), its `a` refitted on the rows X to `target` (default x W + b)."""
-    params = ternary_init(weight, bias, width)
+    SVD (ternary_init), its `a` refitted on the rows X to `target` (default x W + b) as a float
+    layer (the least squares see no quantisation)."""
+    params = ternary_init(weight, bias, width, uint8_activations)
     if target is None:
         target = np.asarray(X, np.float64) @ np.asarray(weight, np.float64) + params.bias
     return fit_scales(X, params, target)
@@ -157,12 +184,13 @@ class LayerCount:
     exact_additions: int
     wb_zeros: float  # the fraction of zeros in Wb and in Wc
     wc_zeros: float
+    activations: str = "float32"  # or "uint8": quantised per row, counted in the operations
 
     @classmethod
     def of(cls, params: SpnParams) -> "LayerCount":
         ops, exact = operations(params), exact_operations(params.wb.shape[1], params.wc.shape[0])
         return cls(params.width, ops.multiplications, ops.additions, exact.multiplications, exact.additions,
-                   *params.sparsity)
+                   *params.sparsity, "uint8" if params.uint8_activations else "float32")
 
 
 
@@ -205,14 +233,45 @@ def _fold(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     return h
 
 
+def quantize_rows(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each row of v [n, K] float32 as 8 bits (docs/lutmatmul.md, activations = 1): lo = its
+    minimum, step = (max - lo) / 255 (1 where that is 0), q = rint((v - lo) / step) clipped to
+    [0, 255], every step a float32 operation. Returns (q int64, lo, step, bad): bad marks rows
+    holding a non-finite value or whose max - lo is not finite, whose outputs are NaN."""
+    v = np.asarray(v, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(v).all(axis=1)
+        safe = np.where(finite[:, None], v, np.float32(0))
+        lo, hi = safe.min(axis=1), safe.max(axis=1)
+        span = hi - lo
+        bad = ~finite | ~np.isfinite(span)
+        step = span / np.float32(255)
+        step = np.where((step == 0) | bad, np.float32(1), step).astype(np.float32)
+        q = np.rint((safe - lo[:, None]) / step[:, None])
+    return np.clip(np.where(bad[:, None], 0, q), 0, 255).astype(np.int64), lo, step, bad
+
+
+def _quantized_product(v: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """v [n, K] times ternary t [J, K]^T through quantize_rows: the integer sums acc = q t^T,
+    then step * float(acc) + lo * float(sum of each row of t), each a float32 operation; NaN on
+    bad rows."""
+    q, lo, step, bad = quantize_rows(v)
+    acc = (q @ t.T.astype(np.int64)).astype(np.float32)
+    sums = t.astype(np.int64).sum(axis=1).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = step[:, None] * acc + lo[:, None] * sums[None, :]
+    return np.where(bad[:, None], np.float32(np.nan), out).astype(np.float32)
+
+
 def kernel_reference(x: np.ndarray, params: SpnParams, relu: bool = False) -> np.ndarray:
     """SpnMatMul in numpy, bit for bit the kernel's float32 arithmetic (docs/lutmatmul.md)."""
     x = np.asarray(x, np.float32)
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
+    product = _quantized_product if params.uint8_activations else _fold
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN here as in the kernel
-        s = _fold(flat, params.wb) * params.a.astype(np.float32)
-        y = _fold(s, params.wc) + params.bias.astype(np.float32)
+        s = product(flat, params.wb) * params.a.astype(np.float32)
+        y = product(s, params.wc) + params.bias.astype(np.float32)
     if relu:
         y = np.where(y > 0, y, np.float32(0))
     return y.astype(np.float32).reshape(*lead, params.wc.shape[0])
@@ -232,7 +291,8 @@ def node_attributes(params: SpnParams, relu: bool = False) -> dict:
     r, D = params.wb.shape
     return {"D": int(D), "M": int(params.wc.shape[0]), "R": int(r), "wb": pack_ternary(params.wb),
             "a": [float(v) for v in params.a], "wc": pack_ternary(params.wc),
-            "bias": [float(v) for v in params.bias], "relu": int(relu)}
+            "bias": [float(v) for v in params.bias], "relu": int(relu),
+            "activations": int(params.uint8_activations)}
 
 
 def params_from_node(node: onnx.NodeProto) -> tuple[SpnParams, bool]:
@@ -241,7 +301,8 @@ def params_from_node(node: onnx.NodeProto) -> tuple[SpnParams, bool]:
     D, R = int(a["D"]), int(a["R"])
     wb = unpack_ternary(numpy_helper.to_array(a["wb"]), D)
     wc = unpack_ternary(numpy_helper.to_array(a["wc"]), R)
-    return SpnParams(wb, np.array(a["a"], np.float32), wc, np.array(a["bias"], np.float32)), bool(a.get("relu", 0))
+    return (SpnParams(wb, np.array(a["a"], np.float32), wc, np.array(a["bias"], np.float32),
+                      bool(a.get("activations", 0))), bool(a.get("relu", 0)))
 
 
 def portable_nodes(params: SpnParams, x: str, y: str, prefix: str, relu: bool = False,
@@ -291,6 +352,9 @@ def lower_to_standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in out.graph.node:
         if is_spn(node):
             params, relu = params_from_node(node)
+            if params.uint8_activations:
+                raise OptionsError(f"node {node.name}: uint8 activations (quantised per row) have no standard-op "
+                                   f"form here; only float sum-product layers lower")
             lowered, initializers = portable_nodes(params, node.input[0], node.output[0], node.name, relu,
                                                    geometry_from_node(node))
             nodes += lowered

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "sum-product layers, SpnMatMul); NODE=METHOD sets one node's (repeatable)")
     p.add_argument("--spn-width", type=int, default=None, metavar="R",
                    help="the spn nodes' hidden width r, their multiplications per row (default: r = M)")
+    p.add_argument("--spn-activations", choices=("float32", "uint8"), default=None,
+                   help="uint8: each spn product's input rows quantised to 8 bits on the fly, the ternary "
+                        "products int8 dot products (faster; adds the quantisation's multiplications and "
+                        "error); default float32")
     p.add_argument("--portable", action="store_true",
                    help="write the spn nodes as standard ONNX ops (MatMul by ternary constants, Mul, Add), "
                         "so that any onnxruntime runs the model without lutcompile; every node must be spn")
@@ -335,6 +339,7 @@ def main_compile(argv: list[str]) -> int:
                                    codebooks=args.codebooks, subvector=args.subvector,
                                    partition=args.partition, table_loss=args.table_loss,
                                    split_bins=args.split_bins, split_lines=args.split_lines,
+                                   spn_activations=args.spn_activations,
                                    method=parse_methods(args.method), spn_width=args.spn_width,
                                    portable=args.portable,
                                    finetune=args.finetune, finetune_tables=args.finetune_tables,

@@ -90,9 +90,11 @@ JSON schema (`--json`; `ModelDiff.to_json()`), version "lutcompile.diff/1":
       "lut": null | {"C": int, "relu": bool, "partition": str | null,
                      "table_loss": str | null, "source_op": str | null},
       "spn": null | {"width": int, "multiplications": int, "additions": int,   # SpnMatMul, per row
-                     "exact_multiplications": int, "exact_additions": int, "wb_zeros": float, "wc_zeros": float},
+                     "exact_multiplications": int, "exact_additions": int, "wb_zeros": float, "wc_zeros": float,
+                     "activations": "float32" | "uint8"},
       "multiplications": int | null      # per row (per output position of a Conv): D x M for an
                                          # exact product, M for a lookup (its scale), r for an SpnMatMul
+                                         # (more with uint8 activations: ops.spn.multiplications)
     }
 """
 from __future__ import annotations

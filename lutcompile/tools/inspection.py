@@ -54,7 +54,8 @@ JSON schema (`--json`; `inspect_model(...).to_json()`), version "lutcompile.insp
          "relu": bool | null, "param_bytes": int,    # packed wb, wc (2 bits a weight) + a, bias
          "count": null | {"width": int, "multiplications": int, "additions": int,   # per row
                           "exact_multiplications": int, "exact_additions": int,
-                          "wb_zeros": float, "wc_zeros": float},             # fractions
+                          "wb_zeros": float, "wc_zeros": float,              # fractions
+                          "activations": "float32" | "uint8"},
          "problems": [str]}
       ],
       "exact_nodes": [{"name": str, "op_type": str}],  # MatMul / Gemm / Conv nodes left exact, all
@@ -447,12 +448,12 @@ def format_inspection(result: Inspection) -> str:
     elif not result.spn_nodes:
         lines.append("no LutMatMul, LutConv or SpnMatMul nodes: this model is not compiled by lutcompile")
     if result.spn_nodes:
-        rows = [("sum-product node", "op", "D x M", "r", "relu", "mults/row", "vs exact", "adds/row", "vs exact",
-                 "zeros Wb / Wc", "bytes", "status")]
+        rows = [("sum-product node", "op", "D x M", "r", "relu", "activations", "mults/row", "vs exact", "adds/row",
+                 "vs exact", "zeros Wb / Wc", "bytes", "status")]
         for n in result.spn_nodes:
             c = n.count
-            rows.append((n.name, n.op_type, f"{_s(n.D)} x {_s(n.M)}") + (("-",) * 7 if c is None else (
-                str(c.width), {True: "yes", False: "no", None: "-"}[n.relu], f"{c.multiplications:,}",
+            rows.append((n.name, n.op_type, f"{_s(n.D)} x {_s(n.M)}") + (("-",) * 8 if c is None else (
+                str(c.width), {True: "yes", False: "no", None: "-"}[n.relu], c.activations, f"{c.multiplications:,}",
                 f"{c.exact_multiplications:,}", f"{c.additions:,}", f"{c.exact_additions:,}",
                 f"{100 * c.wb_zeros:.0f} % / {100 * c.wc_zeros:.0f} %")) + (
                 human_bytes(n.param_bytes), "ok" if not n.problems else "INCONSISTENT"))

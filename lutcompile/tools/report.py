@@ -24,7 +24,7 @@
                  "relative_error": float, "bytes_before": int, "bytes_after": int,
                  "method": "lut" | "spn", "spn": null | {"width": int, "multiplications": int,
                  "additions": int, "exact_multiplications": int, "exact_additions": int,
-                 "wb_zeros": float, "wc_zeros": float}, ...}],   # per row; ops.spn.LayerCount
+                 "wb_zeros": float, "wc_zeros": float, "activations": str}, ...}],  # per row; ops.spn.LayerCount
                                                # every NodeReport field, as the API reports it
       "skipped": [{"name": str, "op_type": str, "reason": str}],   # nodes kept exact, and why
       "totals": {"nodes": int, "skipped": int, "bytes_before": int, "bytes_after": int},
