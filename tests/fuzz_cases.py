@@ -624,7 +624,8 @@ def _spn_valid_mutations() -> list[Callable]:
         _put(node, "relu", int(rng.integers(2)))
         return "new a and relu", "any"  # the next node may not take what this one now gives
 
-    return _applies_to(SPNS, [valid_weights, valid_scales])
+    # uint8 activations (docs/lutmatmul.md, activations = 1): the integer path, checked against the reference
+    return _applies_to(SPNS, [valid_weights, valid_scales, _setting("ok", "uint8 activations", activations=1)])
 
 
 def _spn_mutations() -> list[Callable]:
@@ -653,7 +654,10 @@ def _spn_mutations() -> list[Callable]:
             _setting("error", "wb a column short", wb=lambda n, rng: _packed(n, "wb")[:, :-1].copy()),
             _setting("error", "wb as int8", wb=lambda n, rng: _packed(n, "wb").astype(np.int8)),
             _setting("error", "wc flattened", wc=lambda n, rng: _packed(n, "wc").reshape(-1)),
-            _setting("error", "wb as a float", wb=1.5)]
+            _setting("error", "wb as a float", wb=1.5),
+            _setting("error", "activations = 2", activations=2),
+            _setting("error", "activations = -1", activations=-1),
+            _setting("error", "activations as a float", activations=1.0)]
     return _applies_to(SPNS, out + _graph_mutations())
 
 
