@@ -253,16 +253,18 @@ def us(seconds: float) -> str:
 
 
 def plan_text(v: Variant) -> str:
-    if v.family == "budget":
+    if v.family == "budget":  # a plan's option: C, or "spn:r" (budget.cost.option_json)
         replaced = {n: C for n, C in v.info["budget"]["plan"].items() if C is not None}
-        return ", ".join(f"{n} C={C}" for n, C in replaced.items()) or "all exact"
+        return ", ".join(f"{n} {C}" if isinstance(C, str) else f"{n} C={C}" for n, C in replaced.items()) or "all exact"
     if v.family == "lut":
         return f"{len(v.info['replaced'])} nodes at C={v.info['codebooks']}"
     if v.family == "trained":
         return (f"C = {', '.join(map(str, v.info['replaced'].values()))}, trained "
                 f"{v.info['train_seconds']:.0f} s")
-    if v.family == "spn":
-        return f"every node SpnMatMul, trained {v.info['train_seconds']:.0f} s"
+    if v.family == "spn":  # each node's r (or C, where a budget kept lookups); a budget trains within its search
+        seconds = v.info["train_seconds"]
+        return (", ".join(f"{n} {size if isinstance(size, str) else f'C={size}'}" for n, size in v.info["replaced"].items())
+                + ("" if seconds is None else f", trained {seconds:.0f} s"))
     return ""
 
 
