@@ -340,7 +340,7 @@ def test_greedy_path_on_multiplications_takes_the_most_saved_per_loss_first():
     sens = Sensitivity("accuracy", {"A": {16: 0.01, SumProduct(10): 0.04}, "B": {16: 0.02, SumProduct(5): 0.03}},
                        floor=0.004)
     count = MultiplicationCount({"A": {None: 1000, 16: 40, SumProduct(10): 10},
-                                 "B": {None: 300, 16: 20, SumProduct(5): 5}}, fixed=7)
+                                 "B": {None: 300, 16: 20, SumProduct(5): 5}}, fixed=7, positions={})
     choices = {"A": [16, SumProduct(10)], "B": [16, SumProduct(5)]}
     path = budget.greedy_path(cost, sens, choices, count=count)
     # from all exact: A->16 960/0.01, A->r 990/0.04, B->16 280/0.02, B->r 295/0.03; then A 16->r

@@ -77,10 +77,12 @@ class CostModel:
 @dataclass
 class MultiplicationCount:
     """Multiplications per inference (ops/counting.py) of each target node's options, and of the
-    model's other products, which every plan keeps (`fixed`)."""
+    model's other products, which every plan keeps (`fixed`); `positions`, each Conv's output
+    positions (ops.counting.conv_positions), count a compiled model the same way."""
 
     per_option: dict[str, dict[Option, int]]
     fixed: int
+    positions: dict[str, int]
 
     def total(self, plan: dict[str, Option]) -> int:
         """The whole model's count under `plan` (nodes it does not name: exact)."""
@@ -106,7 +108,7 @@ def count_multiplications(model: onnx.ModelProto, targets: list[frontend.TargetN
             o: rows * (spn.multiplications(t.D, t.M, o.width, uint8_activations) if isinstance(o, SumProduct)
                        else t.M) for o in choices[t.name]}}
     fixed = counting.multiplications(model, positions) - sum(c[None] for c in per_option.values())
-    return MultiplicationCount(per_option, fixed)
+    return MultiplicationCount(per_option, fixed, positions)
 
 
 def node_model(target: frontend.TargetNode) -> onnx.ModelProto:

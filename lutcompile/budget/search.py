@@ -425,7 +425,6 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
     counted: dict[int, int] = {}  # with a multiplication budget: each verified model's count
 
     timing_rows = {k: v[:options.cost_batch] for k, v in fit_data.inputs.items()}
-    positions = counting.conv_positions(analysis.model) if count is not None else {}
 
     def measure(plan: dict[str, Option], moves: int) -> tuple[float, bool]:
         chosen = {n: o for n, o in plan.items() if o is not None}
@@ -434,7 +433,7 @@ def search(analysis: frontend.ModelAnalysis, targets: list[frontend.TargetNode],
                                        methods, progress, train_data=train_data)
         score = scorer(compiled[moves].model)
         if count is not None:  # multiplications are the budget, not time
-            counted[moves] = counting.multiplications(compiled[moves].model, positions)
+            counted[moves] = counting.multiplications(compiled[moves].model, count.positions)
             return score, counted[moves] <= goal.max_multiplications
         if not options.time_whole_model:
             return score, True
